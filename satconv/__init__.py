@@ -1,0 +1,7 @@
+"""satconv: self-attention and convolution, executable (Cordonnier, Loukas & Jaggi, ICLR 2020, arXiv 1911.03584).
+
+Modules: :mod:`satconv.attention` (mechanisms), :mod:`satconv.models`, :mod:`satconv.theory`
+(conv -> attention), :mod:`satconv.config`, :mod:`satconv.data`, :mod:`satconv.train`,
+:mod:`satconv.viz`, :mod:`satconv.timing`.
+"""
+__version__ = "0.1.0"

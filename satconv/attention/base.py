@@ -1,0 +1,167 @@
+"""Shared pieces of every attention mechanism: the interface, relative offsets, head combination.
+
+Every mechanism in :mod:`satconv.attention` maps an image-shaped token tensor
+``x: (batch, height, width, dim)`` to ``(batch, height, width, out_dim)`` and, when asked,
+also returns its attention probabilities as a dense ``(batch or 1, heads, N, N)`` tensor with
+``N = height * width`` (row ``q`` = query pixel, column ``k`` = key pixel, both flattened row-major).
+
+Multi-head self-attention of arXiv 1911.03584, eq. (2)::
+
+    MHSA(X) = concat_h [ softmax(A^(h)) X W_val^(h) ] W_out + b_out
+
+Heads are *concatenated*.  With ``head_dim == dim`` and no value projection (the paper's
+choice, epfml/attention-cnn ``models/bert.py``) every head attends over the raw ``X`` and ``W_out``
+stacks the per-head filters; with any other ``head_dim`` a value projection
+``dim -> num_heads * head_dim`` gives each head its own values.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Offsets ``delta = key - query`` between all pixel pairs of a grid.
+
+    Args:
+        height, width: grid size; pixels are flattened row-major, ``n = row * width + col``.
+
+    Returns:
+        ``(N, N, 2)`` tensor, ``[q, k] = (row_k - row_q, col_k - col_q)``, ``N = height * width``.
+    """
+    rows = torch.arange(height, device=device, dtype=dtype)
+    cols = torch.arange(width, device=device, dtype=dtype)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)  # (N, 2)
+    return grid[None, :, :] - grid[:, None, :]  # (N, N, 2): key - query
+
+
+def relative_index(height: int, width: int, max_position: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer row and column offsets shifted to index embedding tables of ``2 * max_position - 1`` rows.
+
+    Args:
+        height, width: grid size, each at most ``max_position``.
+        max_position: largest supported side; offsets range over ``-(max_position-1) .. max_position-1``.
+
+    Returns:
+        ``(row_index, col_index)``, each ``(N, N)`` long, ``delta + max_position - 1``.
+    """
+    if height > max_position or width > max_position:
+        raise ValueError(
+            f"grid {height}x{width} exceeds max_position={max_position}; "
+            f"relative embeddings cover sides up to {max_position}"
+        )
+    delta = relative_offsets(height, width, device=device, dtype=torch.long)
+    return delta[..., 0] + max_position - 1, delta[..., 1] + max_position - 1
+
+
+class AttentionBase(nn.Module):
+    """Base class: head bookkeeping, values, dropout on probabilities, output projection.
+
+    Subclasses that are "dense" (every query may attend to every key) implement
+    :meth:`scores`; the base class then does softmax, dropout, the weighted sum and the
+    projection.  Local mechanisms override :meth:`forward` entirely but keep its signature.
+
+    Args:
+        dim: input channels ``D_in`` (last axis of ``x``).
+        num_heads: number of heads ``N_h``.
+        head_dim: per-head value size ``D_h``; ``None`` means ``dim`` (heads concatenated, the paper).
+        out_dim: output channels ``D_out``; ``None`` means ``dim``.
+        dropout: dropout on the attention probabilities.
+        value_proj: apply a value projection ``dim -> num_heads * head_dim``.  ``None`` chooses
+            the paper's convention: no projection when ``head_dim == dim``, one otherwise.
+        bias: bias of the output projection ``W_out`` (``b_out``).
+    """
+
+    #: ``True`` when the probabilities are a softmax over keys (rows sum to 1).
+    row_stochastic: bool = True
+    #: ``True`` when the probabilities do not depend on the input (position-only attention).
+    input_independent: bool = False
+
+    def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, out_dim: int | None = None,
+                 dropout: float = 0.0, value_proj: bool | None = None, bias: bool = True):
+        super().__init__()
+        if dim < 1 or num_heads < 1:
+            raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim if head_dim is None else head_dim
+        self.out_dim = dim if out_dim is None else out_dim
+        if value_proj is None:
+            value_proj = self.head_dim != dim
+        if not value_proj and self.head_dim != dim:
+            raise ValueError(f"without a value projection head_dim must equal dim ({dim}), got {self.head_dim}")
+        self.value = nn.Linear(dim, num_heads * self.head_dim) if value_proj else None
+        self.attn_drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(num_heads * self.head_dim, self.out_dim, bias=bias)
+
+    # -- pieces subclasses reuse ---------------------------------------------------------------
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head values.
+
+        Args:
+            x: ``(B, N, dim)``.
+
+        Returns:
+            ``(B, num_heads, N, head_dim)``, or ``(B, 1, N, dim)`` shared by all heads when there is
+            no value projection.
+        """
+        if self.value is None:
+            return x[:, None]  # (B, 1, N, D): every head reads the raw input
+        b, n, _ = x.shape
+        return self.value(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+
+    def combine(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of values per head, heads concatenated, then ``W_out``.
+
+        Args:
+            probs: ``(B or 1, H, N, N)`` attention weights (after dropout).
+            v: ``(B, H or 1, N, Dh)`` values.
+
+        Returns:
+            ``(B, N, out_dim)``.
+        """
+        out = torch.matmul(probs, v)  # (B, H, N, Dh)
+        b, h, n, d = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))  # (B, N, H*Dh) -> (B, N, out_dim)
+
+    def scores(self, x: torch.Tensor, height: int, width: int, key_source: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention logits ``A``.
+
+        Args:
+            x: ``(B, N, dim)`` flattened tokens.
+            height, width: grid size, ``N = height * width``.
+            key_source: ``(B, N, dim)`` tokens to compute keys from (hierarchical sharing), or ``None``.
+
+        Returns:
+            ``(B or 1, num_heads, N, N)`` logits.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
+        """Apply the attention layer.
+
+        Args:
+            x: ``(B, H, W, dim)``.
+            return_attention: also return the probabilities (before dropout).
+            key_source: ``(B, H, W, dim)`` input the keys are computed from (the [Re]'s hierarchical
+                variant reuses the first pass's keys); ``None`` uses ``x``.  Ignored by mechanisms
+                without keys.
+
+        Returns:
+            ``(B, H, W, out_dim)``, or ``(out, probs)`` with ``probs`` ``(B or 1, heads, N, N)``.
+        """
+        b, height, width, d = x.shape
+        tokens = x.reshape(b, height * width, d)
+        ks = None if key_source is None else key_source.reshape(b, height * width, -1)
+        logits = self.scores(tokens, height, width, key_source=ks)
+        probs = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+        out = self.combine(self.attn_drop(probs), self.values(tokens))
+        out = out.reshape(b, height, width, self.out_dim)
+        return (out, probs) if return_attention else out
+
+
+def scaled(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Divide dot-product logits by ``sqrt(dim)`` (eq. 1 of Vaswani et al.)."""
+    return logits / math.sqrt(dim)
