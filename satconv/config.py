@@ -338,6 +338,10 @@ def _validate(obj, data: dict, source: str, prefix: str) -> None:
         if obj.arch == "vit" and obj.attention.kind not in ("content", "learned_relative", "quadratic"):
             raise ConfigError(source, p + "attention.kind", obj.attention.kind,
                               "ViT allows content, learned_relative or quadratic")
+        if obj.arch == "vit" and obj.vit.pool == "cls" and obj.attention.kind != "content":
+            raise ConfigError(source, p + "attention.kind", obj.attention.kind,
+                              "with vit.pool 'cls' the tokens are not a grid: only content attention is allowed "
+                              "(use vit.pool: mean for positional attention)")
         if obj.arch == "san" and obj.attention.kind not in ("san_pairwise", "san_patchwise"):
             raise ConfigError(source, p + "attention.kind", obj.attention.kind,
                               "the SAN network allows san_pairwise or san_patchwise")
