@@ -156,8 +156,130 @@ class AttentionBase(nn.Module):
         tokens = x.reshape(b, height * width, d)
         ks = None if key_source is None else key_source.reshape(b, height * width, -1)
         logits = self.scores(tokens, height, width, key_source=ks)
-        probs = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+        probs = softmax_keys(logits).to(x.dtype)
         out = self.combine(self.attn_drop(probs), self.values(tokens))
+        out = out.reshape(b, height, width, self.out_dim)
+        return (out, probs) if return_attention else out
+
+
+def softmax_keys(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys (last axis), in float32 at least (half-precision logits are upcast).
+
+    Args:
+        logits: ``(..., N)``.
+
+    Returns:
+        ``(..., N)`` probabilities in ``float32`` or ``logits.dtype`` if wider.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.softmax(logits, dim=-1)
+
+
+class InputIndependentAttention(AttentionBase):
+    """Base for attention whose probabilities depend only on the grid (and the parameters).
+
+    Subclasses implement :meth:`position_scores`.  The probabilities are computed once per call
+    and shared by the whole batch (``(1, H, N, N)`` @ ``(B, 1, N, D)``, one batched GEMM, §6.4).
+    In eval mode they are cached per ``(height, width, device, dtype)``; an entry is reused while
+    the ``_version`` counters (and storages) of :meth:`position_parameters` are unchanged, so an
+    optimizer step or ``load_state_dict`` invalidates it.  Changes made behind autograd's back
+    (``p.data.copy_(...)``) are not seen: call :meth:`clear_cache` after those.  The cache is
+    bypassed when gradients to the positional parameters are being recorded, and cleared by
+    :meth:`train`.
+
+    Attributes:
+        input_independent: ``True`` when :meth:`forward` takes the cached position-only path.
+    """
+
+    input_independent = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._probs_cache: dict = {}
+
+    # -- to implement ----------------------------------------------------------------------------
+    def position_scores(self, height: int, width: int) -> torch.Tensor:
+        """Position-only logits ``(1, num_heads, N, N)`` on the parameters' device and dtype."""
+        raise NotImplementedError
+
+    def position_parameters(self) -> list[nn.Parameter]:
+        """The parameters the probabilities depend on (default: all but values and projection)."""
+        skip = {id(p) for m in (self.value, self.proj) if m is not None for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    # -- shared machinery ------------------------------------------------------------------------
+    def _grid_table(self, name: str, height: int, width: int, build) -> torch.Tensor:
+        """A non-persistent buffer ``name`` built by ``build(height, width, device)`` for this grid."""
+        table = getattr(self, name)
+        device = self.proj.weight.device
+        if getattr(self, "_grid_" + name, None) != (height, width) or table.device != device:
+            table = build(height, width, device)
+            setattr(self, name, table)  # registered buffer: stays out of the state dict
+            object.__setattr__(self, "_grid_" + name, (height, width))
+        return table
+
+    def clear_cache(self) -> None:
+        """Forget the cached eval-mode probabilities."""
+        self._probs_cache.clear()
+
+    def train(self, mode: bool = True):
+        """Switch train/eval mode and clear the probability cache."""
+        self.clear_cache()
+        return super().train(mode)
+
+    def _compute_probs(self, height: int, width: int, device, dtype) -> torch.Tensor:
+        device_type = torch.device(device).type if device is not None else self.proj.weight.device.type
+        with torch.autocast(device_type=device_type, enabled=False):  # logits need full precision
+            logits = self.position_scores(height, width)
+        probs = softmax_keys(logits)
+        return probs.to(device=device, dtype=dtype or probs.dtype)
+
+    def attention_probs(self, height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+        """Softmax of :meth:`position_scores`, cached in eval mode.
+
+        Args:
+            height, width: grid size, ``N = height * width``.
+            device, dtype: of the result; ``None`` keeps the parameters' (at least float32).
+
+        Returns:
+            ``(1, num_heads, N, N)`` probabilities (rows sum to 1).  The cached tensor is shared:
+            do not modify it in place.
+        """
+        params = self.position_parameters()
+        recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if self.training or recording:
+            return self._compute_probs(height, width, device, dtype)
+        key = (height, width, str(device), dtype)
+        version = tuple((p.data_ptr(), p._version) for p in params)
+        hit = self._probs_cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        # a plain (non-inference) tensor without graph, usable later outside inference_mode
+        with torch.inference_mode(False), torch.no_grad():
+            probs = self._compute_probs(height, width, device, dtype)
+        self._probs_cache[key] = (version, probs)
+        return probs
+
+    def scores(self, x: torch.Tensor, height: int, width: int, key_source: torch.Tensor | None = None) -> torch.Tensor:
+        """Position-only logits ``(1, num_heads, N, N)``; ``x`` and ``key_source`` are not used."""
+        return self.position_scores(height, width)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
+        """Apply the layer (same contract as :meth:`AttentionBase.forward`; ``key_source`` is ignored).
+
+        Args:
+            x: ``(B, H, W, dim)``.
+            return_attention: also return the probabilities ``(1, heads, N, N)`` (before dropout).
+            key_source: ignored (no keys).
+
+        Returns:
+            ``(B, H, W, out_dim)``, or ``(out, probs)``.
+        """
+        b, height, width, d = x.shape
+        tokens = x.reshape(b, height * width, d)  # (B, N, D)
+        probs = self.attention_probs(height, width, device=x.device, dtype=x.dtype)  # (1, H, N, N)
+        out = self.combine(self.attn_drop(probs), self.values(tokens))  # (B, N, out_dim)
         out = out.reshape(b, height, width, self.out_dim)
         return (out, probs) if return_attention else out
 

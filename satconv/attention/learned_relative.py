@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionBase, relative_index, scaled
+from .base import AttentionBase, InputIndependentAttention, relative_index, scaled
 from .content import split_heads
-from .quadratic import InputIndependentAttention
 
 VARIANTS = ("position_only", "query_position", "content_query_position")
 
