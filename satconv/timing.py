@@ -1,0 +1,766 @@
+"""Benchmark harness and FLOP counting (``python -m satconv bench``; issue 5, measurement side).
+
+Two FLOP conventions are kept apart:
+
+- :func:`flops_per_image`: every matrix product the network really runs, counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; linear layers, convs,
+  the attention einsums, and in ``"train"`` mode the backward pass too).  This is the count MFU uses.
+- :func:`paper_convention_flops`: Table 1 of arXiv 1911.03584 recounted the way ``thop==0.0.31``
+  (``profile(model, (1, 3, 32, 32))``, epfml/attention-cnn ``print_flops``) counts: forward hooks on
+  ``nn.Linear`` (``(2 in - 1)`` ops per output element) and ``nn.Conv2d`` (multiply-adds), nothing
+  else.  Paper doc §1.3: the SA models' 6.2B / 15B are ``2 x`` their linear MACs, the ResNet18's
+  0.56B is its conv MACs: the column mixes FLOPs and MACs (hypothesis a) and misses the attention
+  einsums (hypothesis b, returned as ``attention_einsum_macs``).
+
+Timing (:func:`bench_model`) follows paper doc §4.2 B9 and §6.6: warm-up excluded (at least 1),
+at least 3 repeats, ``cudnn.benchmark = True``, one CUDA event pair per repeat and one synchronise
+at the end, medians with p10/p90, device name, precision, batch size and torch version stored with
+every number.  On CPU each repeat is timed with ``time.perf_counter`` (CPU ops are synchronous),
+precision is forced to fp32 and peak memory is ``null`` (the process RSS high-water mark cannot be
+reset between runs, so it would not measure this model).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import config as cfgmod
+from .config import ExperimentConfig
+
+GIB = 2 ** 30
+
+#: Dense (no sparsity) datasheet peaks in TFLOP/s: (name substring, bf16 tensor core, fp32 non-tensor).
+#: Matched in order against ``torch.cuda.get_device_name``; more specific names first.  fp32 is the
+#: plain FP32 rate: PyTorch leaves TF32 matmuls off by default (the JSON records the flag).
+DEVICE_PEAKS: list[tuple[str, float, float, str]] = [
+    ("H200 NVL", 835.5, 60.0, "NVIDIA H200 NVL datasheet, dense"),
+    ("H200", 989.4, 66.9, "NVIDIA H200 SXM datasheet, dense"),
+    ("H100 NVL", 835.5, 60.0, "NVIDIA H100 NVL datasheet (per GPU), dense"),
+    ("H100 PCIe", 756.5, 51.2, "NVIDIA H100 PCIe datasheet, dense"),
+    ("H100", 989.4, 66.9, "NVIDIA H100 SXM datasheet, dense"),
+    ("A100", 312.0, 19.5, "NVIDIA A100 datasheet, dense"),
+    ("L40S", 362.1, 91.6, "NVIDIA L40S datasheet, dense"),
+    ("L4", 121.0, 30.3, "NVIDIA L4 datasheet, dense"),
+]
+
+_MATMUL_PEAK_CACHE: dict[tuple, float] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counting
+# ---------------------------------------------------------------------------------------------
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _in_channels(model: nn.Module) -> int:
+    cfg = getattr(model, "cfg", None)
+    return int(getattr(cfg, "in_channels", 3))
+
+
+def flops_per_image(model: nn.Module, image_size: int = 32, mode: str = "train", device=None,
+                    batch: int = 2) -> int:
+    """FLOPs per image of one forward (``"eval"``) or forward + backward (``"train"``) pass.
+
+    Counted by ``FlopCounterMode`` (2 FLOPs per multiply-add of every mm/bmm/conv/SDPA op) on a
+    batch of ``batch`` random images, divided by ``batch``.  ``"train"`` runs
+    ``cross_entropy(model(x), y).backward()`` inside the counter, so the backward products are
+    counted as autograd runs them (no gradient w.r.t. the input images).  Parameter gradients
+    are reset afterwards and the module's train/eval mode is restored.
+
+    Args:
+        model: ``images (B, C, image_size, image_size) -> logits (B, classes)``.
+        image_size: side of the square input.
+        mode: ``"train"`` or ``"eval"``.
+        device: where the input is made; ``None``: the model's device.  ``"meta"`` counts
+            without computing (build the model under ``torch.device("meta")``).
+        batch: images in the counted batch (>= 1).
+
+    Returns:
+        FLOPs per image (int).
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    device = _model_device(model) if device is None else torch.device(device)
+    x = torch.randn(batch, _in_channels(model), image_size, image_size, device=device)
+    was_training = model.training
+    had_grad = {p: p.grad for p in model.parameters()}
+    model.train(mode == "train")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            if mode == "train":
+                logits = model(x)
+                y = torch.zeros(batch, dtype=torch.long, device=device)
+                F.cross_entropy(logits, y).backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        model.train(was_training)
+        for p, g in had_grad.items():
+            p.grad = g
+    return int(counter.get_total_flops()) // batch
+
+
+def paper_convention_flops(model: nn.Module, image_size: int = 32, device=None) -> dict:
+    """Table 1's FLOP column recounted the ``thop==0.0.31`` way, with the pieces kept apart.
+
+    One eval forward of a single image (as ``thop.profile(model, (1, 3, 32, 32))``) with forward
+    hooks on every ``nn.Linear`` and ``nn.Conv2d``, plus ``FlopCounterMode`` for every product.
+
+    Args:
+        model: ``images (1, C, image_size, image_size) -> logits``; on any device, ``meta`` included.
+        image_size: side of the square input.
+        device: where the input is made; ``None``: the model's device.
+
+    Returns:
+        dict with (all per image)
+
+        - ``linear_macs``: ``sum in_features * out.numel()`` over ``nn.Linear`` calls;
+        - ``conv_macs``: ``sum out.numel() * in_channels/groups * prod(kernel)`` over ``nn.Conv2d``;
+        - ``attention_einsum_macs``: multiply-adds of products outside those modules (the attention
+          einsums ``q k^T``, ``softmax(A) X``, ``q r``): ``FlopCounterMode total / 2 - linear - conv``;
+        - ``total_macs``: ``FlopCounterMode total / 2``;
+        - ``thop_like``: ``2 * linear_macs + conv_macs`` (Table 1's convention: FLOPs for Linear,
+          MACs for conv, no einsums);
+        - ``thop_exact``: thop 0.0.31's own formulas, ``(2 in - 1) * out.numel()`` per Linear and
+          ``out.numel() * (in/groups * prod(kernel) + bias)`` per conv.  It differs from
+          ``thop_like`` by one op per linear output element (``-1/(2 in)`` relative: -0.1% at
+          ``in = 400``), negligible at Table 1's two significant digits.
+    """
+    device = _model_device(model) if device is None else torch.device(device)
+    counts = {"linear_macs": 0, "conv_macs": 0, "thop_exact": 0}
+
+    def linear_hook(m: nn.Linear, inputs, out):
+        counts["linear_macs"] += m.in_features * out.numel()
+        counts["thop_exact"] += (2 * m.in_features - 1) * out.numel()
+
+    def conv_hook(m: nn.Conv2d, inputs, out):
+        k = m.in_channels // m.groups * math.prod(m.kernel_size)
+        counts["conv_macs"] += k * out.numel()
+        counts["thop_exact"] += (k + (m.bias is not None)) * out.numel()
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, _in_channels(model), image_size, image_size, device=device)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    total_macs = int(counter.get_total_flops()) // 2
+    return {
+        "linear_macs": counts["linear_macs"],
+        "conv_macs": counts["conv_macs"],
+        "attention_einsum_macs": total_macs - counts["linear_macs"] - counts["conv_macs"],
+        "total_macs": total_macs,
+        "thop_like": 2 * counts["linear_macs"] + counts["conv_macs"],
+        "thop_exact": counts["thop_exact"],
+    }
+
+
+def _count_model(cfg: ExperimentConfig) -> nn.Module:
+    """The config's network on the ``meta`` device (no memory, no compute) for FLOP counting."""
+    from .models import build_model
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def _config_flops(cfg: ExperimentConfig, model: nn.Module) -> tuple[int, int]:
+    """(train, eval) FLOPs per image; counted on a meta copy, or on ``model`` if meta fails."""
+    size = cfg.model.image_size
+    try:
+        meta = _count_model(cfg)
+        return (flops_per_image(meta, size, "train", device="meta"),
+                flops_per_image(meta, size, "eval", device="meta"))
+    except Exception:  # a module that reads data (.item()) cannot run on meta: count for real
+        return flops_per_image(model, size, "train"), flops_per_image(model, size, "eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, peaks, timing primitives
+# ---------------------------------------------------------------------------------------------
+def resolve_device(device=None) -> torch.device:
+    """``None`` -> ``cuda`` when available, else ``cpu``; strings become ``torch.device``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_name(device) -> str:
+    """GPU name (``torch.cuda.get_device_name``) or the CPU model (``/proc/cpuinfo``, else ``platform``)."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def device_peak_tflops(name: str, precision: str) -> tuple[float | None, str]:
+    """Datasheet dense peak for a device name and ``"bf16"``/``"fp32"``; ``(None, reason)`` if unknown."""
+    for key, bf16, fp32, source in DEVICE_PEAKS:
+        if key.lower() in name.lower():
+            return (bf16 if precision == "bf16" else fp32), f"{source} ({precision})"
+    return None, f"no datasheet entry for {name!r}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_repeats(fn: Callable[[], object], device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``fn`` for each of ``repeats`` calls after ``warmup`` untimed calls.
+
+    CUDA: a ``torch.cuda.Event`` pair around every call, one synchronise after the last (B9);
+    CPU: ``time.perf_counter`` around every call.
+    """
+    device = resolve_device(device)
+    _check_counts(warmup, repeats)
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    s = sorted(xs)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def measure_matmul_peak(device=None, dtype: torch.dtype = torch.bfloat16, n: int = 8192, warmup: int = 3,
+                        repeats: int = 10) -> float:
+    """Achieved TFLOP/s of an ``n x n @ n x n`` GEMM (``2 n^3`` FLOPs), median of ``repeats``.
+
+    The practical ceiling MFU is also reported against (``mfu_measured``); cached per
+    (device, dtype, n, TF32 flag).  On CPU it runs too (use a smaller ``n``).
+    """
+    device = resolve_device(device)
+    key = (str(device), device_name(device), dtype, n, torch.backends.cuda.matmul.allow_tf32)
+    if key not in _MATMUL_PEAK_CACHE:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        times = time_repeats(lambda: torch.mm(a, b), device, warmup, repeats)
+        _MATMUL_PEAK_CACHE[key] = 2 * n ** 3 / statistics.median(times) / 1e12
+        del a, b
+    return _MATMUL_PEAK_CACHE[key]
+
+
+def _check_counts(warmup: int, repeats: int) -> None:
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1 (the first steps include autotuning and compilation, B9), "
+                         f"got {warmup}")
+    if repeats < 3:
+        raise ValueError(f"repeats must be >= 3 (a median needs several samples, B9), got {repeats}")
+
+
+def _resolve_precision(precision: str | None, device: torch.device) -> str:
+    if precision is None:
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return precision if device.type == "cuda" else "fp32"
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train_setup(cfg: ExperimentConfig, device, precision: str, channels_last: bool, compile: bool):
+    """Model on device, the paper's SGD (no decay on Gaussian centres/spreads), and a step function."""
+    from .attention import no_decay_param_groups
+    from .models import build_model
+    model = build_model(cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    t = cfg.train
+    opt = torch.optim.SGD(no_decay_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
+                          nesterov=t.nesterov)
+    run = torch.compile(model, dynamic=False) if compile else model
+    return model, run, opt
+
+
+def _inputs(cfg: ExperimentConfig, batch: int, device, channels_last: bool):
+    m = cfg.model
+    x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, m.num_classes, (batch,), device=device)
+    return x, y
+
+
+def _make_train_step(run, opt, x, y, device, precision):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, precision):
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision: str | None = None,
+                compile: bool = False, warmup: int = 5, repeats: int = 20, channels_last: bool = False,
+                measure_peak: bool = True) -> dict:
+    """Time one config: a training step, an eval forward and batch-1 latency, on random input.
+
+    Args:
+        cfg: the experiment config (model built by ``satconv.models.build_model``).
+        batch: images per training / eval step.
+        device: ``None`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        precision: ``"fp32"`` or ``"bf16"`` (``torch.autocast`` on CUDA); ``None``: bf16 on CUDA,
+            fp32 on CPU.  CPU always runs fp32 (``precision_requested`` keeps what was asked).
+        compile: ``torch.compile(model, dynamic=False)``; compile time falls in the warm-up.
+        warmup: untimed calls before each timed phase (>= 1).
+        repeats: timed calls per phase (>= 3); medians are reported with p10/p90.
+        channels_last: model and input in ``torch.channels_last`` (for the conv networks).
+        measure_peak: on CUDA also time an 8192^3 GEMM for ``mfu_measured``.
+
+    Returns:
+        One JSON-ready dict.  Throughputs: ``train_img_s`` (forward, cross-entropy, backward, SGD
+        step), ``eval_img_s`` (forward under ``inference_mode``), ``latency_ms_b1`` (+ p10/p90).
+        ``peak_mem_gib``: CUDA ``max_memory_allocated`` during training (parameters, optimizer state
+        and activations); ``null`` on CPU.  ``flops_per_image_*``: :func:`flops_per_image`;
+        ``achieved_tflops_train = flops_per_image_train * train_img_s``; ``mfu`` against the
+        datasheet ``peak_tflops`` (``peak_tflops_source``), ``mfu_measured`` against the GEMM rate.
+
+    Raises:
+        ValueError: ``warmup < 1``, ``repeats < 3``, ``batch < 1`` or an unknown precision.
+    """
+    _check_counts(warmup, repeats)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    device = resolve_device(device)
+    requested = precision
+    precision = _resolve_precision(precision, device)
+    is_cuda = device.type == "cuda"
+    prev_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        torch.manual_seed(cfg.train.seed)
+        model, run, opt = _train_setup(cfg, device, precision, channels_last, compile)
+        from .models import count_parameters
+        params = count_parameters(model)
+        flops_train, flops_eval = _config_flops(cfg, model)
+
+        # (a) training step
+        model.train()
+        x, y = _inputs(cfg, batch, device, channels_last)
+        step = _make_train_step(run, opt, x, y, device, precision)
+        if is_cuda:
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t_train = time_repeats(step, device, warmup, repeats)
+        peak_mem = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
+        opt.zero_grad(set_to_none=True)
+
+        # (b) eval forward at the same batch
+        model.eval()
+
+        def forward(inp):
+            def fn():
+                with torch.inference_mode(), _autocast(device, precision):
+                    return run(inp)
+            return fn
+
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t_eval = time_repeats(forward(x), device, warmup, repeats)
+        peak_eval = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
+
+        # (c) batch-1 latency
+        x1, _ = _inputs(cfg, 1, device, channels_last)
+        t_lat = time_repeats(forward(x1), device, warmup, repeats)
+        del model, run, opt, x, y, x1, step
+        if is_cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+        name = device_name(device)
+        peak, source = device_peak_tflops(name, precision) if is_cuda else (None, "no datasheet peak for CPU")
+        measured = None
+        if is_cuda and measure_peak:
+            measured = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    finally:
+        torch.backends.cudnn.benchmark = prev_benchmark
+
+    train_s, eval_s = statistics.median(t_train), statistics.median(t_eval)
+    train_img_s, eval_img_s = batch / train_s, batch / eval_s
+    ach_train = flops_train * train_img_s / 1e12
+    ach_eval = flops_eval * eval_img_s / 1e12
+    m = cfg.model
+    return {
+        "config": cfg.name,
+        "arch": m.arch,
+        "attention": None if m.arch == "resnet18" else m.attention.kind,
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "precision": precision,
+        "precision_requested": requested,
+        "precision_note": None if is_cuda or requested in (None, "fp32") else "CPU runs in fp32",
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if is_cuda else None,
+        "cpu_threads": None if is_cuda else torch.get_num_threads(),
+        "compile": compile,
+        "channels_last": channels_last,
+        "batch": batch,
+        "image_size": m.image_size,
+        "params": params,
+        "warmup": warmup,
+        "repeats": repeats,
+        "train_img_s": train_img_s,
+        "train_step_ms": train_s * 1e3,
+        "train_step_ms_p10": _percentile(t_train, 10) * 1e3,
+        "train_step_ms_p90": _percentile(t_train, 90) * 1e3,
+        "eval_img_s": eval_img_s,
+        "eval_step_ms": eval_s * 1e3,
+        "latency_ms_b1": statistics.median(t_lat) * 1e3,
+        "latency_ms_b1_p10": _percentile(t_lat, 10) * 1e3,
+        "latency_ms_b1_p90": _percentile(t_lat, 90) * 1e3,
+        "peak_mem_gib": peak_mem,
+        "peak_mem_eval_gib": peak_eval,
+        "flops_per_image_train": flops_train,
+        "flops_per_image_eval": flops_eval,
+        "achieved_tflops_train": ach_train,
+        "achieved_tflops_eval": ach_eval,
+        "peak_tflops": peak,
+        "peak_tflops_source": source,
+        "mfu": None if peak is None else ach_train / peak,
+        "measured_matmul_tflops": measured,
+        "mfu_measured": None if measured is None else ach_train / measured,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def largest_batch(cfg: ExperimentConfig, device=None, precision: str | None = None, start: int = 100,
+                  limit_gib: float | None = None, max_batch: int = 1 << 16, channels_last: bool = False) -> int:
+    """Largest training batch that fits: double from ``start`` until a step fails, then bisect.
+
+    A batch fits when two eager training steps run without CUDA OOM and, if ``limit_gib`` is given,
+    their peak allocated memory stays below it.  The search runs eager (``torch.compile`` usually
+    needs less memory, so the answer is conservative for compiled runs).
+
+    Args:
+        cfg: the experiment config.
+        device: CUDA device; on CPU ``start`` is returned unchanged.
+        precision: as in :func:`bench_model`.
+        start: first batch tried.
+        limit_gib: optional memory cap in GiB.
+        max_batch: stop doubling here.
+
+    Returns:
+        The largest fitting batch (exact, not rounded).
+
+    Raises:
+        RuntimeError: not even batch 1 fits.
+    """
+    device = resolve_device(device)
+    if device.type != "cuda":
+        return start
+    if start < 1:
+        raise ValueError(f"start must be >= 1, got {start}")
+    precision = _resolve_precision(precision, device)
+    torch.manual_seed(cfg.train.seed)
+    model, run, opt = _train_setup(cfg, device, precision, channels_last, compile=False)
+    model.train()
+
+    def fits(b: int) -> bool:
+        ok = True
+        try:
+            x, y = _inputs(cfg, b, device, channels_last)
+            step = _make_train_step(run, opt, x, y, device, precision)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            step()
+            torch.cuda.synchronize(device)
+            if limit_gib is not None and torch.cuda.max_memory_allocated(device) > limit_gib * GIB:
+                ok = False
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _is_oom(exc):
+                raise
+            ok = False
+        x = y = step = None
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return ok
+
+    prev_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        lo, hi, b = 0, None, min(start, max_batch)
+        while True:
+            if fits(b):
+                lo = b
+                if b >= max_batch:
+                    break
+                b = min(2 * b, max_batch)
+            else:
+                hi = b
+                break
+        if hi is not None:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid
+    finally:
+        torch.backends.cudnn.benchmark = prev_benchmark
+        del model, run, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    if lo < 1:
+        raise RuntimeError(f"{cfg.name}: not even batch 1 fits on {device_name(device)}")
+    return lo
+
+
+def with_image_side(cfg: ExperimentConfig, side: int) -> ExperimentConfig:
+    """``cfg`` at input side ``side``; learned relative embeddings are widened to cover the token grid."""
+    overrides = [f"model.image_size={side}"]
+    m = cfg.model
+    if m.arch != "resnet18" and m.attention.kind == "learned_relative":
+        grid = -(-side // m.downsample) if m.arch == "encoder" else side
+        if m.attention.learned_relative.max_position < grid:
+            overrides.append(f"model.attention.learned_relative.max_position={grid}")
+    return cfgmod.override(cfg, overrides, source=f"{cfg.name} at side {side}")
+
+
+def scaling(cfg: ExperimentConfig, sides: Iterable[int] = (16, 32, 64), batch: int | str = 100,
+            **bench_kwargs) -> list[dict]:
+    """:func:`bench_model` at each image side (throughput and memory against side).
+
+    Args:
+        cfg: the experiment config.
+        sides: input sides; ``model.image_size`` is overridden (and ``max_position`` for learned
+            relative attention, so the embeddings cover ``side / downsample`` tokens).
+        batch: images per step, or ``"max"`` for :func:`largest_batch` at each side.
+        bench_kwargs: passed to :func:`bench_model` (device, precision, compile, warmup, ...).
+
+    Returns:
+        One row per side (``side`` added); a side that runs out of CUDA memory gives a row with
+        ``error: "out of memory"`` instead of stopping the sweep.
+    """
+    rows = []
+    for side in sides:
+        c = with_image_side(cfg, side)
+        try:
+            b = batch
+            if batch == "max":
+                b = largest_batch(c, bench_kwargs.get("device"), bench_kwargs.get("precision"),
+                                  channels_last=bench_kwargs.get("channels_last", False))
+            row = bench_model(c, batch=b, **bench_kwargs)
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            row = _oom_row(c, batch, bench_kwargs.get("device"))
+            gc.collect()
+            torch.cuda.empty_cache()
+        row["side"] = side
+        rows.append(row)
+    return rows
+
+
+def _oom_row(cfg: ExperimentConfig, batch, device) -> dict:
+    device = resolve_device(device)
+    return {"config": cfg.name, "arch": cfg.model.arch, "image_size": cfg.model.image_size, "batch": batch,
+            "device": device_name(device), "torch": torch.__version__, "error": "out of memory"}
+
+
+def epoch_time_projection(img_s: float, epochs: int, train_images: int = 45000) -> float:
+    """Hours for ``epochs`` passes over ``train_images`` images at ``img_s`` training images/s.
+
+    45,000 = CIFAR-10's 50,000 training images minus the 5,000 held out for validation.
+    """
+    if img_s <= 0:
+        raise ValueError(f"img_s must be > 0, got {img_s}")
+    return epochs * train_images / img_s / 3600
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def _batch_arg(text: str):
+    if text == "max":
+        return "max"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'max', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'max', got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def append_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
+    """Append rows to a JSON-lines file by atomically rewriting it (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    text = old + "".join(json.dumps(r) + "\n" for r in rows)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bench`` command's argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m satconv bench",
+        description="Time training, evaluation and batch-1 latency of one or more configs on random "
+                    "CIFAR-shaped input; one JSON line per (config, batch[, side]) on stdout.")
+    p.add_argument("--config", nargs="+", required=True, help="YAML config files")
+    p.add_argument("--batch", nargs="+", type=_batch_arg, default=[100],
+                   help="batch sizes; 'max' = the largest training batch that fits (CUDA)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="default: bf16 on CUDA, fp32 on CPU (CPU always runs fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true", help="channels_last model and input")
+    p.add_argument("--warmup", type=_positive_int, default=5, help="untimed steps per phase (>= 1)")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per phase (>= 3)")
+    p.add_argument("--profile", choices=sorted(cfgmod.PROFILES), default=None, help="config profile overlay")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--sides", nargs="+", type=_positive_int, default=None,
+                   help="scaling mode: bench at these image sides (e.g. 16 32 64)")
+    p.add_argument("--out", default=None, help="also append the rows to this .jsonl file")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--no-gemm-peak", action="store_true", help="skip the 8192^3 GEMM used for mfu_measured")
+    return p
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``python -m satconv bench ...``: parse ``argv``, bench every (config, batch[, side]).
+
+    Prints one JSON line per row to stdout (and appends them to ``--out``).  Bad arguments print
+    the usage and exit with status 2 (``SystemExit``).  Returns 0, or 1 if some row ran out of memory.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error(f"--repeats must be >= 3, got {args.repeats}")
+    try:
+        device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        parser.error(f"--device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    configs = []
+    for path in args.config:
+        try:
+            configs.append(cfgmod.load(path, args.set, args.profile))
+        except (FileNotFoundError, cfgmod.ConfigError) as exc:
+            parser.error(str(exc))
+    kw = dict(device=device, precision=args.precision, compile=args.compile, warmup=args.warmup,
+              repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak)
+    status = 0
+    for cfg in configs:
+        for batch in args.batch:
+            if args.sides:
+                rows = scaling(cfg, args.sides, batch=batch, **kw)
+            else:
+                try:
+                    b = batch if batch != "max" else largest_batch(cfg, device, args.precision,
+                                                                   channels_last=args.channels_last)
+                    rows = [bench_model(cfg, batch=b, **kw)]
+                except RuntimeError as exc:
+                    if not _is_oom(exc):
+                        raise
+                    rows = [_oom_row(cfg, batch, device)]
+            for row in rows:
+                if batch == "max":
+                    row["batch_mode"] = "max"
+                status |= int("error" in row)
+                print(json.dumps(row), flush=True)
+            if args.out:
+                append_jsonl(args.out, rows)
+    return status
+
+
+__all__ = ["flops_per_image", "paper_convention_flops", "bench_model", "largest_batch", "scaling",
+           "with_image_side", "measure_matmul_peak", "device_peak_tflops", "device_name", "resolve_device",
+           "time_repeats", "epoch_time_projection", "append_jsonl", "build_parser", "bench_main", "DEVICE_PEAKS"]
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main(sys.argv[1:]))

@@ -1,0 +1,179 @@
+"""Timing harness and FLOP counting (satconv.timing): analytic counts, Table 1's convention, B9 rules, the CLI."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from satconv import config as C
+from satconv import timing
+from satconv.models import build_model
+
+paper = lambda name: C.load(C.REPO_ROOT / "configs" / f"{name}.yaml")  # noqa: E731
+QUADRATIC_YAML = str(C.REPO_ROOT / "configs" / "paper_quadratic.yaml")
+
+#: Table 1 is printed to two significant digits; paper.md §1.3 asks for agreement within 1%.
+TABLE1_TOL = 0.01
+#: thop's (2 in - 1) per linear output vs 2 in: relative gap 1/(2 in), at most ~0.1% for these models.
+THOP_EXACT_TOL = 0.002
+
+
+def _build_for_counting(cfg):
+    """The network on the meta device (free) when every module supports it, else on the CPU."""
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg)
+        timing.paper_convention_flops(model)
+        return model
+    except Exception:
+        return build_model(cfg)
+
+
+class MLP(nn.Module):
+    """(B, 3, 4, 4) -> flatten 48 -> Linear(48, 16) -> ReLU -> Linear(16, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_flops_of_linear_layers_equal_analytic_count():
+    m = MLP()
+    fwd = 2 * (48 * 16 + 16 * 10)
+    assert timing.flops_per_image(m, image_size=4, mode="eval") == fwd
+    # backward: both weight gradients, plus the input gradient of the second layer only
+    # (the images do not require grad, so autograd skips layer 1's input gradient)
+    bwd = 2 * (48 * 16 + 16 * 10) + 2 * (16 * 10)
+    assert timing.flops_per_image(m, image_size=4, mode="train") == fwd + bwd
+    assert all(p.grad is None for p in m.parameters()), "counting must not leave gradients behind"
+    assert m.training, "train/eval mode must be restored"
+
+
+def test_flops_of_tiny_quadratic_encoder_equal_analytic_count():
+    cfg = C.load(QUADRATIC_YAML, profile="quick")
+    m = cfg.model
+    d, f, h, L = m.hidden_dim, m.ffn_dim, m.attention.num_heads, m.num_layers
+    n = (m.image_size // m.downsample) ** 2
+    macs = 12 * d * n + d * m.num_classes  # embedding Linear(12 -> D) per token, classifier once
+    macs += L * (h * n * n * d  # softmax(A) X per head, heads concatenated (D_h = D)
+                 + h * d * d * n  # proj: Linear(H*D -> D)
+                 + d * d * n  # BertSelfOutput.dense
+                 + 2 * d * f * n)  # FFN
+    model = build_model(cfg)
+    assert timing.flops_per_image(model, m.image_size, mode="eval") == 2 * macs
+    conv = timing.paper_convention_flops(model)
+    assert conv["attention_einsum_macs"] == L * h * n * n * d
+    assert conv["total_macs"] == macs
+
+
+@pytest.mark.parametrize("name,table1", [("paper_quadratic", 6.18e9), ("paper_learned", 6.18e9),
+                                         ("paper_learned_content", 15.02e9), ("paper_resnet18", 0.56e9)])
+def test_paper_convention_reproduces_table1(name, table1):
+    c = timing.paper_convention_flops(_build_for_counting(paper(name)))
+    assert abs(c["thop_like"] - table1) / table1 < TABLE1_TOL, c
+    assert abs(c["thop_exact"] - c["thop_like"]) / c["thop_like"] < THOP_EXACT_TOL, c
+    if name == "paper_resnet18":
+        assert c["linear_macs"] == 512 * 10 and c["attention_einsum_macs"] == 0  # conv MACs only
+    else:
+        assert c["conv_macs"] == 0
+        # hypothesis (b): the einsums thop misses, H N^2 D per layer (+ q k^T with content)
+        einsum = 6 * 9 * 256 ** 2 * 400
+        if name == "paper_learned_content":
+            assert c["attention_einsum_macs"] >= 2 * einsum
+        else:
+            assert abs(c["attention_einsum_macs"] - einsum) / einsum < TABLE1_TOL
+
+
+def test_bench_rejects_bad_warmup_and_repeats():
+    cfg = C.load(QUADRATIC_YAML, profile="quick")
+    with pytest.raises(ValueError, match="warmup"):
+        timing.bench_model(cfg, batch=2, device="cpu", warmup=0)
+    with pytest.raises(ValueError, match="repeats"):
+        timing.bench_model(cfg, batch=2, device="cpu", repeats=1)
+
+
+def test_time_repeats_counts_calls():
+    calls = []
+    times = timing.time_repeats(lambda: calls.append(1), "cpu", warmup=2, repeats=4)
+    assert len(calls) == 6 and len(times) == 4 and all(t >= 0 for t in times)
+
+
+KEYS = ["config", "arch", "attention", "device", "torch", "precision", "batch", "image_size", "params",
+        "train_img_s", "eval_img_s", "latency_ms_b1", "latency_ms_b1_p10", "latency_ms_b1_p90", "peak_mem_gib",
+        "flops_per_image_train", "flops_per_image_eval", "achieved_tflops_train", "mfu", "peak_tflops",
+        "peak_tflops_source", "mfu_measured"]
+
+
+def test_bench_model_on_cpu_returns_every_key():
+    cfg = C.load(QUADRATIC_YAML, profile="quick")
+    row = timing.bench_model(cfg, batch=4, device="cpu", precision="bf16", warmup=1, repeats=3)
+    assert set(KEYS) <= set(row)
+    assert row["train_img_s"] > 0 and row["eval_img_s"] > 0 and row["latency_ms_b1"] > 0
+    assert row["latency_ms_b1_p10"] <= row["latency_ms_b1"] <= row["latency_ms_b1_p90"]
+    assert row["precision"] == "fp32" and row["precision_requested"] == "bf16"  # CPU forces fp32
+    assert row["peak_mem_gib"] is None and row["mfu"] is None
+    assert row["batch"] == 4 and row["attention"] == "quadratic" and row["config"] == "paper_quadratic"
+    assert row["flops_per_image_train"] > row["flops_per_image_eval"] > 0
+    assert row["achieved_tflops_train"] == pytest.approx(row["flops_per_image_train"] * row["train_img_s"] / 1e12)
+    json.dumps(row)
+
+
+def test_bench_main_prints_json_lines(capsys, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    argv = ["--config", QUADRATIC_YAML, "--profile", "quick", "--batch", "4", "--warmup", "1", "--repeats", "3",
+            "--out", str(out)]
+    assert timing.bench_main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert row["batch"] == 4 and row["device_type"] == "cpu" and row["train_img_s"] > 0
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [row]
+
+
+def test_append_jsonl_appends(tmp_path):
+    out = tmp_path / "sub" / "rows.jsonl"
+    timing.append_jsonl(out, [{"a": 1}])
+    timing.append_jsonl(out, [{"b": 2}, {"c": 3}])
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert list(out.parent.iterdir()) == [out]  # no temp files left
+
+
+@pytest.mark.parametrize("argv", [
+    [],  # --config is required
+    ["--config", QUADRATIC_YAML, "--batch", "0"],
+    ["--config", QUADRATIC_YAML, "--batch", "many"],
+    ["--config", QUADRATIC_YAML, "--warmup", "0"],
+    ["--config", QUADRATIC_YAML, "--repeats", "1"],
+    ["--config", QUADRATIC_YAML, "--precision", "fp16"],
+    ["--config", "configs/does_not_exist.yaml"],
+    ["--config", QUADRATIC_YAML, "--set", "model.num_layers=zero"],
+])
+def test_bench_main_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        timing.bench_main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_scaling_widens_learned_embeddings():
+    cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned.yaml", profile="quick")
+    assert timing.with_image_side(cfg, 16).model.attention.learned_relative.max_position == 16
+    wide = timing.with_image_side(cfg, 48)
+    assert wide.model.image_size == 48 and wide.model.attention.learned_relative.max_position == 24
+    rows = timing.scaling(cfg, sides=(8, 36), batch=2, device="cpu", warmup=1, repeats=3)
+    assert [(r["side"], r["image_size"]) for r in rows] == [(8, 8), (36, 36)]
+    # 18x18 = 324 tokens at side 36 (max_position widened to 18), 16 at side 8: the linear layers
+    # cost 324/16 = 20x more per image, the N^2 attention products more still
+    assert rows[1]["flops_per_image_eval"] > 20 * rows[0]["flops_per_image_eval"]
+
+
+def test_helpers():
+    assert timing.largest_batch(C.load(QUADRATIC_YAML, profile="quick"), "cpu", start=37) == 37
+    assert timing.epoch_time_projection(1000.0, 300) == pytest.approx(300 * 45000 / 1000 / 3600)
+    assert timing.device_peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4
+    assert timing.device_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.5
+    assert timing.device_peak_tflops("NVIDIA H200", "fp32")[0] == 66.9
+    assert timing.device_peak_tflops("Some CPU", "fp32")[0] is None
