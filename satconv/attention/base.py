@@ -122,6 +122,12 @@ class AttentionBase(nn.Module):
         Returns:
             ``(B, N, out_dim)``.
         """
+        if probs.shape[0] == 1 and v.shape[1] == 1 and v.shape[0] > 1:
+            # one (H*N, N) @ (N, B*D) GEMM for probabilities shared by the batch and values shared by
+            # the heads (input-independent attention without value projection, paper.md §6.4)
+            out = torch.einsum("hnm,bmd->bnhd", probs[0], v[:, 0])  # (B, N, H, D)
+            b, n, h, d = out.shape
+            return self.proj(out.reshape(b, n, h * d))  # (B, N, H*D) -> (B, N, out_dim)
         out = torch.matmul(probs, v)  # (B, H, N, Dh)
         b, h, n, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, h * d))  # (B, N, H*Dh) -> (B, N, out_dim)

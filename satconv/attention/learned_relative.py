@@ -109,20 +109,35 @@ class LearnedRelativeAttention(InputIndependentAttention):
     def query_position_scores(self, q: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unscaled ``q.r`` term ``q[:Dk/2] . e_row[d1] + q[Dk/2:] . e_col[d2]``.
 
+        ``q . e`` is computed once for every offset (``(B, H, N, 2M-1)``).  The row term depends on
+        the key only through the key's row and the column term only through its column, so each
+        is gathered into a small ``(B, H, N, height)`` / ``(B, H, N, width)`` table and the two are
+        broadcast-added into the ``(height, width)`` key grid: no ``(B, H, N, N)`` index tensor
+        and, in the backward pass, a scatter into ``N * height`` slots instead of ``N * N``.
+
         Args:
             q: ``(B, H, N, Dk)`` queries.
 
         Returns:
             ``(B, H, N, N)``.
         """
-        row_index, col_index = self.position_index(height, width)  # (N, N) each
+        b, h, n, _ = q.shape
+        m = self.max_position
+        if height > m or width > m:
+            raise ValueError(f"grid {height}x{width} exceeds max_position={m}; relative embeddings cover "
+                             f"sides up to {m}")
         half = self.head_dim // 2
         row_table = q[..., :half] @ self.row_embeddings.weight.t()  # (B, H, N, 2M-1): every row offset
         col_table = q[..., half:] @ self.col_embeddings.weight.t()  # (B, H, N, 2M-1): every column offset
-        b, h, n, _ = q.shape
-        row = row_table.gather(-1, row_index.expand(b, h, n, n))  # (B, H, N, N)
-        col = col_table.gather(-1, col_index.expand(b, h, n, n))  # (B, H, N, N)
-        return row + col
+        rows = torch.arange(height, device=q.device)
+        cols = torch.arange(width, device=q.device)
+        row_idx = (rows[None, :] - rows[:, None] + m - 1)[:, None, :]  # (height_q, 1, height_k): d1 + M - 1
+        col_idx = (cols[None, :] - cols[:, None] + m - 1)[None, :, :]  # (1, width_q, width_k): d2 + M - 1
+        row_table = row_table.view(b, h, height, width, -1)
+        col_table = col_table.view(b, h, height, width, -1)
+        row = row_table.gather(-1, row_idx.expand(height, width, height).expand(b, h, -1, -1, -1))  # (B,H,h,w,h)
+        col = col_table.gather(-1, col_idx.expand(height, width, width).expand(b, h, -1, -1, -1))  # (B,H,h,w,w)
+        return (row[..., :, None] + col[..., None, :]).reshape(b, h, n, n)  # (B, H, N, N): keys (row, col)
 
     def scores(self, x: torch.Tensor, height: int, width: int, key_source: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the chosen variant.

@@ -145,8 +145,12 @@ def test_grid_change_and_state_dict_has_no_index_buffer():
     out = m(x)  # a new grid rebuilds the index
     torch.testing.assert_close(out, ref_output(m, ref_softmax(reference_logits(m, x, height=3, width=3)), x),
                                atol=BASE_SOFTMAX_ATOL, rtol=0)
-    assert dict(m.named_buffers())["relative_position_index"].shape == (2, 9, 9)
     assert not any("index" in k for k in m.state_dict())
+    pos = make("position_only")  # the position-only variant keeps its (2, N, N) index as a buffer
+    pos(torch.randn(1, HEIGHT, WIDTH, DIM, dtype=torch.float64))
+    pos(x)
+    assert dict(pos.named_buffers())["relative_position_index"].shape == (2, 9, 9)
+    assert not any("index" in k for k in pos.state_dict())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
