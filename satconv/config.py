@@ -179,6 +179,9 @@ class DataConfig:
     std: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     device_resident: bool = True  # keep the uint8 dataset on the training device
+    split_seed: int = 0  # seed of the validation split, the subsets and the synthetic images (fixed across runs)
+    synthetic_train: int = positive(default=2000)  # source synthetic: generated training pool (val held out of it)
+    synthetic_test: int = positive(default=500)  # source synthetic: generated test images
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,774 @@
+"""Training, evaluation and the run directory (arXiv 1911.03584 App. B; epfml/attention-cnn ``train.py``).
+
+The default recipe is the paper's: SGD (lr 0.1, momentum 0.9, weight decay 1e-4, none on the
+Gaussian centres and spreads, bug B3), linear warm-up over 5% of the steps then a per-step
+half-cosine to 0 (B6), 300 epochs of batch 100.  ResNet18 configs use the original's MultiStepLR.
+Evaluation runs in eval mode under ``no_grad`` (B5); the model is selected on a validation split
+held out of the training set, never on the test set.
+
+A run directory (``runs/<name>/`` by default) holds::
+
+    config.yaml        the resolved config
+    run.json           provenance (versions, device, git commit, data) and the final results
+    metrics.jsonl      one line per epoch (see METRIC_KEYS; test_* every train.test_every epochs)
+    last.pt            the full training state, written atomically (every checkpoint_every epochs,
+                       at the end, and on Ctrl-C)
+    best.pt            the weights with the best validation accuracy
+    snapshots/epoch_XXXX.pt   per-epoch attention parameters and centre-query attention
+    atlas.pt           attention probabilities of every layer for fixed test images (float16)
+
+Starting a run in a directory holding ``last.pt`` resumes it exactly: model, optimizer, step,
+every random state and the metrics so far are restored (bug B7).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from . import __version__
+from .config import REPO_ROOT, ExperimentConfig, TrainConfig, apply_profile, from_dict, load, override, to_dict
+from .data import DataBundle, DataError, DeviceLoader, load_data, normalize
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s",
+               "epoch_time_s")
+#: config keys that may change between a run and its resumption (they do not affect the numbers)
+RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
+                    "train.compile", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
+                    "train.eval_batch_size", "data.root", "data.cache_dir", "data.device_resident"}
+SNAPSHOT_NAMES = ("attention_centers", "attention_spreads", "embedding")
+ATLAS_MAX_BYTES = 5 * 2 ** 20
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the batch size to lower."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns.
+
+    Args:
+        run_dir: the run directory.
+        config: the resolved config.
+        metrics: one dict per finished epoch (as in ``metrics.jsonl``).
+        results: ``{"final": {...}, "best": {...}}`` test/val numbers of the last and the best
+            (validation) weights; empty when the run stopped early.
+        completed: all epochs ran.
+    """
+
+    run_dir: Path
+    config: ExperimentConfig
+    metrics: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+    completed: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration, paths, small helpers
+# ---------------------------------------------------------------------------------------------
+def resolve_config(cfg: ExperimentConfig | str | Path, overrides=(), profile: str | None = None) -> ExperimentConfig:
+    """A validated config from a path or a config: the profile first, then the ``--set`` overrides
+    (so they win over the profile), then ``$SATCONV_DATA_ROOT`` (which replaces ``data.root``)."""
+    if isinstance(cfg, (str, Path)):
+        cfg = load(cfg)
+    if profile is not None:
+        cfg = apply_profile(cfg, profile)
+    if overrides:
+        cfg = override(cfg, overrides)
+    env = os.environ.get("SATCONV_DATA_ROOT")
+    if env:
+        cfg = replace(cfg, data=replace(cfg.data, root=env))
+    return cfg
+
+
+def run_dir_for(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> Path:
+    """``out_dir`` (relative to the current directory), else ``train.out_dir``, else ``runs/<name>``;
+    the latter two relative to the repository root in a source checkout."""
+    if out_dir is not None:
+        return Path(out_dir).expanduser().resolve()
+    p = Path(cfg.train.out_dir).expanduser() if cfg.train.out_dir else Path("runs") / cfg.name
+    base = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def lr_at(step: int, steps_per_epoch: int, t: TrainConfig) -> float:
+    """Learning rate of optimisation step ``step`` (0-based).
+
+    ``cosine`` (epfml/attention-cnn ``get_cosine_schedule_with_warmup``): ``lr * step / warmup`` during
+    warm-up (``warmup = int(warmup_ratio * total)``), then ``lr * (1 + cos(pi * progress)) / 2`` with
+    ``progress = (step - warmup) / (total - warmup)``, per step.  ``multistep``: the same warm-up,
+    then ``lr * gamma ** (milestones passed)`` where a milestone ``m`` is passed from epoch ``m`` on
+    (0-based epochs, as ``MultiStepLR`` stepped after each epoch).
+    """
+    total = t.epochs * steps_per_epoch
+    warmup = int(t.warmup_ratio * total)
+    if step < warmup:
+        return t.lr * step / max(1, warmup)
+    if t.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    epoch = step // steps_per_epoch
+    return t.lr * t.gamma ** sum(epoch >= m for m in t.milestones)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _derived_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(file)`` to a temporary file, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save(obj, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _progress_enabled(progress: bool) -> bool:
+    """Bars only for a terminal or a notebook kernel."""
+    if not progress:
+        return False
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    return in_kernel or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The epochs of ``metrics.jsonl`` as dicts (keys :data:`METRIC_KEYS`, plus test_loss/test_acc)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """SGD groups: ``weight_decay`` everywhere except the Gaussian centres and spreads (bug B3)."""
+    from .attention import no_decay_param_groups
+    return no_decay_param_groups(model, weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, snapshots, the atlas
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy over a loader, in eval mode.
+
+    Args:
+        model: ``(B, 3, H, W) -> (B, classes)``; its train/eval mode is restored afterwards.
+        loader: unaugmented batches.
+        bf16: autocast to bfloat16 (CUDA).
+    """
+    was_training = model.training
+    model.eval()
+    device = loader.device
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = max(1, len(loader.split))
+    return loss.item() / n, correct.item() / n
+
+
+def attention_snapshot(model: nn.Module, image: torch.Tensor | None = None) -> dict:
+    """Small per-epoch record of the attention: parameters named ``*attention_centers*``,
+    ``*attention_spreads*`` or ``*embedding*`` (float32; float16 above 4096 elements) and, given a
+    normalised ``image: (1, 3, H, W)``, each layer's attention of the centre query ``(heads, N)`` float16."""
+    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if any(k in n for k in SNAPSHOT_NAMES)}
+    params = {n: (p.half() if p.numel() > 4096 else p.float()) for n, p in params.items()}
+    out = {"params": params, "centre_probs": []}
+    if image is not None:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            _, probs = model(image, return_attention=True)
+        model.train(was)
+        for p in probs:
+            side = _grid(p.shape[-1])
+            out["centre_probs"].append(p[0, :, _query_pixels(*side, 1)[0]].half().cpu())  # (heads, N)
+    return out
+
+
+def _grid(n: int) -> tuple[int, int]:
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else (1, n)
+
+
+def _query_pixels(height: int, width: int, count: int) -> list[int]:
+    """Flat indices of ``count`` query pixels: the centre ``(H//2, W//2)`` first, then the four
+    quarter points, then seeded random pixels."""
+    points = [(height // 2, width // 2), (height // 4, width // 4), (height // 4, 3 * width // 4),
+              (3 * height // 4, width // 4), (3 * height // 4, 3 * width // 4)]
+    flat = list(dict.fromkeys(r * width + c for r, c in points))
+    extra = torch.randperm(height * width, generator=torch.Generator().manual_seed(0)).tolist()
+    flat += [q for q in extra if q not in flat]
+    return flat[:count]
+
+
+def _atlas_images(labels: torch.Tensor, count: int) -> list[int]:
+    """The first test image of each class in turn (class 0, 1, ..., then again), ``count`` in all."""
+    labels = labels.cpu()
+    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in torch.unique(labels).tolist()]
+    out, k = [], 0
+    while len(out) < min(count, len(labels)):
+        for idx in per_class:
+            if k < len(idx) and len(out) < count:
+                out.append(idx[k])
+        k += 1
+    return out
+
+
+@torch.no_grad()
+def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, queries: int, device,
+                average_over: int = 100, chunk: int = 10) -> dict | None:
+    """Attention probabilities of every layer and head for fixed test images and query pixels.
+
+    Returns ``None`` for networks without attention, else a dict of:
+        ``images``: ``(I, 3, H, W)`` uint8 test images, ``labels``, ``test_index``, ``classes``;
+        ``probs``: per layer ``(I, heads, Q, N)`` float16, rows = the query pixels ``query_index[l]``;
+        ``query_index``: per layer ``(Q,)`` flat pixel indices (centre first); ``grid``: per layer ``(h, w)``;
+        ``centre_mean``: per layer ``(heads, N)`` float16, the centre query averaged over the first
+        ``average_over`` test images (the paper's Fig. 6 protocol);
+        ``query_mean``: per layer ``(I, heads, N)`` float16, the map averaged over all queries ([Re] ``viz``);
+        ``input_independent``: per layer bool.
+    """
+    model.eval()
+    test = data.test
+    idx = _atlas_images(test.labels, images)
+    if not idx:
+        return None
+    x = normalize(test.images[torch.tensor(idx, device=test.images.device)].to(device), mean, std)
+    _, probs = model(x, return_attention=True)
+    if not probs:
+        return None
+    atlas = {"images": test.images[idx].cpu(), "labels": test.labels[idx].cpu(), "test_index": test.index[idx].cpu(),
+             "classes": list(data.classes), "probs": [], "query_index": [], "grid": [], "centre_mean": [],
+             "query_mean": [], "input_independent": []}
+    for p in probs:
+        grid = _grid(p.shape[-1])
+        q = torch.tensor(_query_pixels(*grid, queries), device=p.device)
+        full = p.float().expand(len(idx), -1, -1, -1)  # (I, heads, N, N)
+        atlas["probs"].append(full[:, :, q].half().cpu())  # (I, heads, Q, N)
+        atlas["query_index"].append(q.cpu())
+        atlas["grid"].append(grid)
+        atlas["query_mean"].append(full.mean(-2).half().cpu())  # (I, heads, N)
+        atlas["input_independent"].append(p.shape[0] == 1)
+    n_avg = min(average_over, len(test))
+    sums = None
+    for start in range(0, n_avg, chunk):
+        xs = normalize(test.images[start:min(n_avg, start + chunk)].to(device), mean, std)
+        _, probs = model(xs, return_attention=True)
+        centre = [p[:, :, _query_pixels(*_grid(p.shape[-1]), 1)[0]].float().expand(len(xs), -1, -1).sum(0)
+                  for p in probs]  # per layer (heads, N)
+        sums = centre if sums is None else [a + b for a, b in zip(sums, centre)]
+    atlas["centre_mean"] = [(s / n_avg).half().cpu() for s in sums]
+    return atlas
+
+
+def load_atlas(run_dir: str | Path) -> dict:
+    """``atlas.pt`` of a run; adds ``probs_stacked: (I, layers, heads, Q, N)`` when all layers agree in shape."""
+    atlas = torch.load(Path(run_dir) / "atlas.pt", weights_only=True)
+    if len({tuple(p.shape) for p in atlas["probs"]}) == 1:
+        atlas["probs_stacked"] = torch.stack(atlas["probs"], 1)
+    return atlas
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+class _Run:
+    """State of one training run; :meth:`fit` trains, resumes and writes the run directory."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool,
+                 model_factory: Callable | None):
+        self.cfg, self.dir, self.device, self.progress = cfg, run_dir, device, progress
+        t = cfg.train
+        _seed_all(t.seed)
+        data = load_data(cfg)
+        if data.image_size != (cfg.model.image_size, cfg.model.image_size):
+            raise ValueError(f"model.image_size={cfg.model.image_size} but the data's images are "
+                             f"{data.image_size[0]}x{data.image_size[1]}")
+        self.data = data.to(device if cfg.data.device_resident else "cpu")
+        if model_factory is None:
+            from .models import build_model as model_factory
+        self.model_factory = model_factory
+        self.model = model_factory(cfg.model).to(device)
+        self.cuda = device.type == "cuda"
+        self.bf16 = t.precision == "bf16" and self.cuda
+        self.forward = torch.compile(self.model) if t.compile and self.cuda else self.model
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+        self.opt = torch.optim.SGD(param_groups(self.model, t.weight_decay), lr=t.lr, momentum=t.momentum,
+                                   nesterov=t.nesterov)
+        mean, std = cfg.data.mean, cfg.data.std
+        self.train_loader = DeviceLoader(self.data.train, t.batch_size, device, mean, std, cfg.data.augment)
+        self.val_loader = DeviceLoader(self.data.val, t.eval_batch_size, device, mean, std)
+        self.test_loader = DeviceLoader(self.data.test, t.eval_batch_size, device, mean, std)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.epoch = self.step = self.step_in_epoch = 0
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "lr": 0.0}
+        self.aug_state = None
+        self.metrics: list[dict] = []
+        self.best: dict | None = None
+        self.best_state: dict | None = None
+        self.interrupted = False
+        self.phase = "train"
+        self.snapshot_image = None
+        if len(self.data.test):
+            self.snapshot_image = normalize(self.data.test.images[:1].to(device), mean, std)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint(self) -> dict:
+        return {"format": "satconv-checkpoint-1", "config": to_dict(self.cfg), "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
+                "step_in_epoch": self.step_in_epoch, "sums": dict(self.sums), "aug_state": self.aug_state,
+                "rng": _rng_state(), "metrics": self.metrics, "best": self.best,
+                "best_model": self.best_state if self.best and self.best["epoch"] != self.epoch else None}
+
+    def save_checkpoint(self) -> None:
+        _save(self._checkpoint(), self.dir / "last.pt")
+
+    def _save_best(self, state: dict) -> None:
+        _save({"model": state, **self.best, "config": to_dict(self.cfg)}, self.dir / "best.pt")
+
+    def resume(self) -> bool:
+        """Restore ``last.pt`` if present; rewrite metrics.jsonl and best.pt to match it."""
+        path = self.dir / "last.pt"
+        if not path.is_file():
+            return False
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        old, new = _flat(ck["config"]), _flat(to_dict(self.cfg))
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+        if diff:
+            raise ValueError(f"{self.dir} holds a checkpoint of a different config ({'; '.join(diff)}); "
+                             f"resume with the same config, or choose another output directory (--out)")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.epoch, self.step, self.step_in_epoch = ck["epoch"], ck["step"], ck["step_in_epoch"]
+        self.sums, self.aug_state, self.metrics, self.best = ck["sums"], ck["aug_state"], ck["metrics"], ck["best"]
+        _set_rng_state(ck["rng"])
+        if self.best is not None:
+            self.best_state = ck["best_model"] if ck["best_model"] is not None else ck["model"]
+            self._save_best(self.best_state)
+        _write_text(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+        log.info("resumed %s at epoch %d, step %d", self.dir, self.epoch, self.step)
+        return True
+
+    # -- training ------------------------------------------------------------------------------
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float):
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
+        if bool(bad):
+            last = self.dir / "last.pt"
+            kept = (f"the last good checkpoint {last} (epoch {torch.load(last, weights_only=True)['epoch']}) is kept"
+                    if last.is_file() else "no checkpoint was written yet")
+            raise NonFiniteLoss(f"the training loss became NaN or Inf in epoch {epoch + 1} (by step {self.step}, "
+                                f"lr {self.sums['lr']:.4g}); the run stopped and {kept}. Try a lower train.lr, "
+                                f"a longer warm-up (train.warmup_ratio) or train.precision=fp32")
+
+    def _epoch(self, epoch: int, bar, stop_after_steps, save_on_stop) -> bool:
+        """Train one epoch from ``self.step_in_epoch``; returns False when stopped early."""
+        t = self.cfg.train
+        n = len(self.data.train)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_derived_seed(t.seed, epoch, "order")))
+        g = torch.Generator()
+        if self.aug_state is not None:
+            g.set_state(self.aug_state)
+        else:
+            g.manual_seed(_derived_seed(t.seed, epoch, "augment"))
+        dev = self.device
+        loss_sum = torch.tensor(self.sums["loss"], dtype=torch.float64, device=dev)
+        correct = torch.tensor(self.sums["correct"], dtype=torch.int64, device=dev)
+        seen = self.sums["seen"]
+        bad = torch.zeros((), dtype=torch.bool, device=dev)
+        sync_every = 25 if self.cuda else 1
+        start = time.perf_counter()
+        self.model.train()
+        for b in range(self.step_in_epoch, self.steps_per_epoch):
+            idx = perm[b * t.batch_size:(b + 1) * t.batch_size]
+            x, y = self.train_loader.batch(idx, g)
+            lr = lr_at(self.step, self.steps_per_epoch, t)
+            loss, hits = self._train_step(x, y, lr)
+            self.step += 1
+            loss_sum += loss.double() * len(idx)
+            correct += hits
+            seen += len(idx)
+            bad |= ~torch.isfinite(loss)
+            self.sums["lr"] = lr
+            last_step = b + 1 == self.steps_per_epoch
+            stop = stop_after_steps is not None and self.step == stop_after_steps
+            if self.step % sync_every == 0 or last_step or stop or self.interrupted:
+                self._check_finite(bad, epoch)
+                if bar is not None:
+                    elapsed = self.sums["time"] + time.perf_counter() - start
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if (stop or self.interrupted) and not last_step:
+                self.step_in_epoch, self.aug_state = b + 1, g.get_state()
+                self.sums.update(loss=loss_sum.item(), correct=int(correct.item()), seen=seen,
+                                 time=self.sums["time"] + time.perf_counter() - start)
+                if self.interrupted or save_on_stop:
+                    self.save_checkpoint()
+                if self.interrupted:
+                    raise KeyboardInterrupt(f"interrupted; checkpoint saved in {self.dir / 'last.pt'} "
+                                            f"(epoch {epoch + 1}, step {self.step}); run again to resume")
+                return False
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.sums.update(loss=loss_sum.item(), correct=int(correct.item()), seen=seen,
+                         time=self.sums["time"] + time.perf_counter() - start)
+        return True
+
+    def _end_epoch(self, epoch: int, epoch_start: float) -> dict:
+        t, s = self.cfg.train, self.sums
+        self.phase = "eval"
+        row = {"epoch": epoch + 1, "step": self.step, "lr": s["lr"], "train_loss": s["loss"] / s["seen"],
+               "train_acc": s["correct"] / s["seen"], "val_loss": None, "val_acc": None,
+               "images_per_s": s["seen"] / max(s["time"], 1e-9), "epoch_time_s": 0.0}
+        if len(self.data.val):
+            row["val_loss"], row["val_acc"] = evaluate_model(self.forward, self.val_loader, self.bf16)
+            # a NaN gradient in the epoch's last step leaves a finite loss but broken weights
+            self._check_finite(torch.tensor(not math.isfinite(row["val_loss"])), epoch)
+        if (epoch + 1) % t.test_every == 0 or epoch + 1 == t.epochs:
+            row["test_loss"], row["test_acc"] = evaluate_model(self.forward, self.test_loader, self.bf16)
+        row["epoch_time_s"] = time.perf_counter() - epoch_start
+        self.metrics.append(row)
+        if row["val_acc"] is not None and (self.best is None or row["val_acc"] > self.best["val_acc"]):
+            self.best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self._save_best(self.best_state)
+        if t.snapshot_attention:
+            self._snapshot(epoch + 1)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.epoch, self.step_in_epoch, self.aug_state = epoch + 1, 0, None
+        self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "lr": s["lr"]}
+        if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
+            self.save_checkpoint()
+        self.phase = "train"
+        log.info("epoch %d/%d  %s", epoch + 1, t.epochs,
+                 "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        return row
+
+    def _snapshot(self, epoch: int) -> None:
+        snap = attention_snapshot(self.model, self.snapshot_image)
+        if snap["params"] or snap["centre_probs"]:
+            (self.dir / "snapshots").mkdir(exist_ok=True)
+            _save({"epoch": epoch, **snap}, self.dir / "snapshots" / f"epoch_{epoch:04d}.pt")
+
+    @contextlib.contextmanager
+    def _catch_sigint(self):
+        """First Ctrl-C: finish the step, checkpoint, raise KeyboardInterrupt.  Second: stop at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def fit(self, stop_after_steps: int | None = None, save_on_stop: bool = True) -> RunResult:
+        t = self.cfg.train
+        self.dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        if not resumed:  # a fresh start: drop what an attempt that never checkpointed left behind
+            for stale in ("metrics.jsonl", "best.pt", "atlas.pt", "run.json"):
+                (self.dir / stale).unlink(missing_ok=True)
+            for stale in (self.dir / "snapshots").glob("epoch_*.pt"):
+                stale.unlink()
+        _write_text(self.dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        self._write_run_json(resumed, status="running")
+        bar = None
+        if self.epoch < t.epochs and _progress_enabled(self.progress):
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        try:
+            if not resumed and t.snapshot_attention:
+                self.phase = "eval"
+                self._snapshot(0)
+                self.phase = "train"
+            with self._catch_sigint():
+                for epoch in range(self.epoch, t.epochs):
+                    if bar is not None:
+                        bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
+                    epoch_start = time.perf_counter()
+                    if not self._epoch(epoch, bar, stop_after_steps, save_on_stop):
+                        self._write_run_json(True, status="stopped")
+                        return RunResult(self.dir, self.cfg, list(self.metrics), {}, False)
+                    self._end_epoch(epoch, epoch_start)
+                    if stop_after_steps is not None and self.step == stop_after_steps and epoch + 1 < t.epochs:
+                        if save_on_stop and (epoch + 1) % t.checkpoint_every:
+                            self.save_checkpoint()
+                        self._write_run_json(True, status="stopped")
+                        return RunResult(self.dir, self.cfg, list(self.metrics), {}, False)
+                results = self._finish()
+        except KeyboardInterrupt:
+            self._write_run_json(True, status="interrupted")
+            raise
+        except OOM_ERRORS as exc:
+            size = ("train.batch_size", t.batch_size) if self.phase == "train" else \
+                ("train.eval_batch_size", t.eval_batch_size)
+            raise OutOfMemory(f"{self.device.type.upper()} out of memory ({_device_name(self.device)}) at "
+                              f"{size[0]}={size[1]}; try a smaller one, e.g. --set {size[0]}={max(1, size[1] // 2)}"
+                              f"{' (the learning rate is not rescaled)' if self.phase == 'train' else ''}") from exc
+        finally:
+            if bar is not None:
+                bar.close()
+        return RunResult(self.dir, self.cfg, list(self.metrics), results, True)
+
+    def _finish(self) -> dict:
+        """Final and best-on-validation numbers, the atlas, run.json."""
+        t, last = self.cfg.train, self.metrics[-1]
+        self.phase = "eval"
+        results = {"final": {"epoch": last["epoch"], "val_loss": last["val_loss"], "val_acc": last["val_acc"],
+                             "test_loss": last.get("test_loss"), "test_acc": last.get("test_acc")}}
+        if self.best is not None:
+            if self.best["epoch"] == last["epoch"]:
+                results["best"] = dict(results["final"])
+            else:
+                model = copy.deepcopy(self.model)
+                model.load_state_dict(self.best_state)
+                loss, acc = evaluate_model(model, self.test_loader, self.bf16)
+                results["best"] = {**self.best, "test_loss": loss, "test_acc": acc}
+        atlas_path = self.dir / "atlas.pt"
+        if t.atlas_images > 0 and t.atlas_queries > 0 and not atlas_path.is_file():
+            atlas = build_atlas(self.model, self.data, self.cfg.data.mean, self.cfg.data.std, t.atlas_images,
+                                t.atlas_queries, self.device)
+            if atlas is not None:
+                _save(atlas, atlas_path)
+                size = atlas_path.stat().st_size
+                if size > ATLAS_MAX_BYTES:
+                    log.warning("atlas.pt is %.1f MB (> %.0f MB): lower train.atlas_images or train.atlas_queries",
+                                size / 2 ** 20, ATLAS_MAX_BYTES / 2 ** 20)
+        self.phase = "train"
+        self._write_run_json(True, status="completed", results=results)
+        return results
+
+    def _write_run_json(self, resumed: bool, status: str, results: dict | None = None) -> None:
+        path = self.dir / "run.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        if not info:
+            info = {"satconv": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                    "device": _device_name(self.device), "git_commit": _git_commit(), "seed": self.cfg.train.seed,
+                    "data": self.data.info(), "start_time": _now(), "resumes": []}
+        elif resumed and status == "running":
+            info["resumes"].append({"time": _now(), "epoch": self.epoch, "step": self.step,
+                                    "device": _device_name(self.device), "torch": torch.__version__})
+        info["status"] = status
+        if status != "running":
+            info["end_time"] = _now()
+        if results is not None:
+            info["results"] = results
+            info["atlas"] = (self.dir / "atlas.pt").is_file()
+        _write_text(path, json.dumps(info, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+def train(cfg: ExperimentConfig | str | Path, out_dir: str | Path | None = None, overrides=(),
+          profile: str | None = None, device: str | torch.device | None = None, progress: bool = True, *,
+          model_factory: Callable | None = None, stop_after_steps: int | None = None,
+          save_on_stop: bool = True) -> RunResult:
+    """Train (or resume) a run; callable from a notebook and behind ``python -m satconv train``.
+
+    Args:
+        cfg: an :class:`ExperimentConfig` or the path of a YAML config.
+        out_dir: run directory; ``None``: ``train.out_dir`` or ``runs/<name>``.  A directory holding
+            ``last.pt`` is resumed.
+        overrides: ``"a.b=value"`` strings.
+        profile: a named overlay such as ``"quick"``.
+        device: ``"cpu"``, ``"cuda"``, ...; ``None``: CUDA when available.
+        progress: tqdm bars (only shown in a terminal or a notebook).
+        model_factory: ``ModelConfig -> nn.Module``; ``None``: :func:`satconv.models.build_model`.
+        stop_after_steps: stop once this many optimisation steps are done in all (tests of resume).
+        save_on_stop: checkpoint when stopping that way (``False`` simulates a kill).
+
+    Returns:
+        :class:`RunResult`.
+
+    Raises:
+        NonFiniteLoss, OutOfMemory, DataError, ConfigError, ValueError; KeyboardInterrupt after
+        checkpointing on Ctrl-C.
+    """
+    cfg = resolve_config(cfg, overrides, profile)
+    device = torch.device(device) if device is not None else default_device()
+    run = _Run(cfg, run_dir_for(cfg, out_dir), device, progress, model_factory)
+    return run.fit(stop_after_steps, save_on_stop)
+
+
+def _run_config(run_dir: Path) -> ExperimentConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    return from_dict(yaml.safe_load(path.read_text()), str(path))
+
+
+def load_model(run_dir: str | Path, weights: str = "best", device: str | torch.device = "cpu",
+               model_factory: Callable | None = None) -> tuple[nn.Module, dict]:
+    """The network of a run with its ``best`` (validation) or ``last`` weights, in eval mode.
+
+    Returns:
+        ``(model, info)``; ``info`` has ``weights`` (which file was used) and ``epoch``.  ``best``
+        falls back to ``last`` when the run has no validation split.
+    """
+    run_dir = Path(run_dir)
+    if weights not in ("best", "last"):
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    cfg = _run_config(run_dir)
+    path = run_dir / f"{weights}.pt"
+    if weights == "best" and not path.is_file():
+        path, weights = run_dir / "last.pt", "last"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({path.name})")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if model_factory is None:
+        from .models import build_model as model_factory
+    model = model_factory(cfg.model)
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), {"weights": weights, "epoch": ck["epoch"]}
+
+
+def evaluate(run_dir: str | Path, split: str = "test", weights: str = "best", device=None,
+             model_factory: Callable | None = None) -> dict:
+    """Loss and accuracy of a run's weights on ``split`` (``"val"`` or ``"test"``).
+
+    Returns:
+        ``{"split", "weights", "epoch", "images", "loss", "acc"}``.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    run_dir = Path(run_dir)
+    cfg = resolve_config(_run_config(run_dir))
+    device = torch.device(device) if device is not None else default_device()
+    model, info = load_model(run_dir, weights, device, model_factory)
+    data = load_data(cfg)
+    part = getattr(data, split)
+    loader = DeviceLoader(part.to(device), cfg.train.eval_batch_size, device, cfg.data.mean, cfg.data.std)
+    loss, acc = evaluate_model(model, loader, cfg.train.precision == "bf16" and device.type == "cuda")
+    return {"split": split, **info, "images": len(part), "loss": loss, "acc": acc}
+
+
+__all__ = ["train", "evaluate", "evaluate_model", "read_metrics", "load_model", "load_atlas", "build_atlas",
+           "attention_snapshot", "lr_at", "resolve_config", "run_dir_for", "param_groups", "RunResult",
+           "NonFiniteLoss", "OutOfMemory", "DataError", "METRIC_KEYS"]

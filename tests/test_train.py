@@ -1,0 +1,222 @@
+"""satconv.train: exact resume, the metrics file, the schedule, faults, the run directory's artefacts."""
+import json
+import math
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from satconv import train as T
+from satconv.config import load, override
+from tests.helpers import TinyNet, tiny_config
+
+#: timing keys differ between any two runs; everything else must match bit for bit on CPU
+TIMING_KEYS = {"images_per_s", "epoch_time_s"}
+STEPS_PER_EPOCH = 8  # tiny_config: 128 training images, batch 16
+
+
+def numbers(metrics):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in metrics]
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def run(out, *overrides, factory=TinyNet, progress=False, **kw):
+    return T.train(tiny_config(*overrides), out_dir=out, device="cpu", progress=progress, model_factory=factory, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted tiny run (3 epochs, 24 steps), shared by the tests below."""
+    out = tmp_path_factory.mktemp("ref")
+    return run(out)
+
+
+def assert_same_run(a, b):
+    assert numbers(T.read_metrics(a)) == numbers(T.read_metrics(b))
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_stop_mid_epoch_is_exact(reference, tmp_path):
+    stopped = run(tmp_path, stop_after_steps=11)  # epoch 2, step 3 of 8
+    assert not stopped.completed and len(stopped.metrics) == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 11
+    resumed = run(tmp_path)
+    assert resumed.completed and resumed.results == reference.results
+    assert_same_run(reference.run_dir, tmp_path)
+    assert len(json.loads((tmp_path / "run.json").read_text())["resumes"]) == 1
+
+
+def test_resume_after_kill_is_exact(reference, tmp_path):
+    # a kill after step 19 (epoch 3): nothing saved since the epoch-2 checkpoint, metrics.jsonl ahead of it
+    run(tmp_path, stop_after_steps=19, save_on_stop=False)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    (tmp_path / ".last.pt.tmp-12345").write_bytes(b"half a checkpoint")  # an interrupted atomic write
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_loss": 99}\n')  # a line the checkpoint does not know
+    run(tmp_path)
+    assert_same_run(reference.run_dir, tmp_path)
+    assert [m["epoch"] for m in T.read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_ctrl_c_checkpoints_then_resumes_exactly(reference, tmp_path):
+    class InterruptedNet(TinyNet):
+        calls = 0
+
+        def forward(self, x, return_attention=False):
+            if self.training:
+                InterruptedNet.calls += 1
+                if InterruptedNet.calls == 6:
+                    os.kill(os.getpid(), signal.SIGINT)  # the handler lets step 6 finish
+            return super().forward(x, return_attention)
+
+    with pytest.raises(KeyboardInterrupt, match="checkpoint saved"):
+        run(tmp_path, factory=InterruptedNet)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 6
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    run(tmp_path)
+    assert_same_run(reference.run_dir, tmp_path)
+
+
+def test_metrics_file_content(reference):
+    rows = T.read_metrics(reference.run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [8, 16, 24]
+    for r in rows:
+        assert set(T.METRIC_KEYS) <= set(r) and all(r[k] is not None for k in T.METRIC_KEYS)
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["val_acc"] <= 1 and r["images_per_s"] > 0
+    assert ["test_acc" in r for r in rows] == [False, True, True]  # test_every=2, and the last epoch
+    cfg = tiny_config()
+    assert [r["lr"] for r in rows] == [T.lr_at(r["step"] - 1, STEPS_PER_EPOCH, cfg.train) for r in rows]
+    best = torch.load(reference.run_dir / "best.pt", weights_only=True)
+    val = [r["val_acc"] for r in rows]
+    assert best["epoch"] == val.index(max(val)) + 1  # selected on validation
+    assert reference.results["final"]["test_acc"] == rows[-1]["test_acc"]
+    saved = load(reference.run_dir / "config.yaml")
+    assert saved.train == cfg.train and saved.data == cfg.data
+
+
+def test_cosine_schedule_follows_the_paper():
+    t = load("configs/paper_quadratic.yaml").train  # 300 epochs; CIFAR's 500 steps of 100 per epoch
+    steps, total = 500, 300 * 500
+    lrs = [T.lr_at(s, steps, t) for s in range(total)]
+    warm = int(0.05 * total)
+    assert lrs[0] == 0 and lrs[warm] == pytest.approx(0.1) and max(lrs) == pytest.approx(0.1)
+    assert all(b <= a for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # never increases after warm-up
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))
+    assert lrs[-1] < 1e-7
+    m = load("configs/paper_resnet18.yaml").train
+    by_epoch = {e: T.lr_at(e * 10, 10, m) for e in (0, 79, 80, 149, 150, 249, 250, 299)}
+    assert by_epoch == pytest.approx({0: 0.1, 79: 0.1, 80: 0.01, 149: 0.01, 150: 1e-3, 249: 1e-3, 250: 1e-4,
+                                      299: 1e-4})
+
+
+def test_tiny_run_lowers_the_loss(reference):
+    # the synthetic classes differ in colour: 3 epochs take the validation loss well below chance, ln(10)
+    rows = T.read_metrics(reference.run_dir)
+    assert rows[-1]["val_loss"] < 0.7 * math.log(10)  # measured: 1.11
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]  # measured: 1.56 vs 2.34
+    assert rows[-1]["val_acc"] > 0.4  # chance: 0.1; measured: 0.53
+
+
+def test_snapshots_and_atlas(reference):
+    snaps = sorted((reference.run_dir / "snapshots").glob("epoch_*.pt"))
+    assert [p.name for p in snaps] == [f"epoch_{e:04d}.pt" for e in range(4)]
+    s0, s3 = (torch.load(p, weights_only=True) for p in (snaps[0], snaps[-1]))
+    assert set(s0["params"]) == {"attn.attention_centers", "attn.attention_spreads"}
+    assert not torch.equal(s0["params"]["attn.attention_centers"], s3["params"]["attn.attention_centers"])
+    assert s3["centre_probs"][0].shape == (2, 16)
+
+    path = reference.run_dir / "atlas.pt"
+    assert path.stat().st_size < T.ATLAS_MAX_BYTES
+    atlas = T.load_atlas(reference.run_dir)
+    probs = atlas["probs"][0]
+    assert probs.dtype == torch.float16 and probs.shape == (3, 2, 2, 16)  # (images, heads, queries, N)
+    assert atlas["probs_stacked"].shape == (3, 1, 2, 2, 16)
+    assert atlas["query_index"][0][0] == 2 * 4 + 2  # the centre pixel (row 2, col 2) of the 4x4 grid comes first
+    assert torch.allclose(probs.float().sum(-1), torch.ones(3, 2, 2), atol=1e-2)  # float16 rows
+    assert atlas["images"].dtype == torch.uint8 and atlas["labels"].tolist() == [0, 1, 2]
+    # the toy attention is input-independent: its centre_mean equals the centre row of any image
+    assert torch.allclose(atlas["centre_mean"][0].float(), probs[0, :, 0].float(), atol=1e-3)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    class NaNNet(TinyNet):
+        calls = 0
+
+        def forward(self, x, return_attention=False):
+            out = super().forward(x, return_attention)
+            if self.training:
+                NaNNet.calls += 1
+                if NaNNet.calls > 10:
+                    out = out * float("nan")
+            return out
+
+    with pytest.raises(T.NonFiniteLoss, match=r"NaN or Inf in epoch 2 .*last good checkpoint .*last\.pt \(epoch 1\)"):
+        run(tmp_path, factory=NaNNet)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("phase, key, smaller", [("train", "train.batch_size=16", "train.batch_size=8"),
+                                                  ("eval", "train.eval_batch_size=64", "train.eval_batch_size=32")])
+def test_out_of_memory_names_the_batch_size(tmp_path, phase, key, smaller):
+    class OOMNet(TinyNet):
+        def forward(self, x, return_attention=False):
+            if self.training == (phase == "train"):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return super().forward(x, return_attention)
+
+    with pytest.raises(T.OutOfMemory, match=re.escape(f"at {key}; try a smaller one, e.g. --set {smaller}")):
+        run(tmp_path, factory=OOMNet)
+
+
+def test_evaluation_is_in_eval_mode_and_repeatable(reference):
+    cfg = tiny_config()
+    model = TinyNet(cfg.model)
+    model.train()
+    data = T.load_data(cfg)
+    loader = T.DeviceLoader(data.val, 64, "cpu", cfg.data.mean, cfg.data.std)
+    stats = model.bn.running_mean.clone(), model.bn.running_var.clone()
+    first, second = T.evaluate_model(model, loader), T.evaluate_model(model, loader)
+    assert first == second and model.training  # dropout off; mode restored
+    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
+    res = T.evaluate(reference.run_dir, "test", "last", "cpu", model_factory=TinyNet)
+    assert res["acc"] == T.read_metrics(reference.run_dir)[-1]["test_acc"] and res["images"] == 40
+
+
+def test_no_weight_decay_on_centres_and_spreads():
+    model = TinyNet(tiny_config().model)
+    groups = T.param_groups(model, 1e-4)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert no_decay == {id(model.attn.attention_centers), id(model.attn.attention_spreads)}
+
+
+def test_resume_refuses_another_config(reference, tmp_path):
+    run(tmp_path, stop_after_steps=3)
+    with pytest.raises(ValueError, match=r"different config \(train\.lr: 0\.2 -> 0\.01\)"):
+        run(tmp_path, "train.lr=0.01")
+
+
+def test_build_model_quick_profile(tmp_path):
+    cfg = load("configs/paper_quadratic.yaml", profile="quick")
+    cfg = override(cfg, ["data.source=synthetic", "data.synthetic_train=48", "data.synthetic_test=16",
+                         "data.val_size=16", "model.image_size=8", "train.batch_size=16", "train.atlas_images=1"])
+    result = T.train(cfg, out_dir=tmp_path, device="cpu", progress=False)
+    assert result.completed and len(result.metrics) == 1
+    atlas = T.load_atlas(tmp_path)
+    assert atlas["probs_stacked"].shape == (1, 2, 4, 2, 16)  # images, layers, heads, queries, N = 4x4 tokens
+
+
+def test_progress_bar_only_when_asked_for_and_in_a_terminal(tmp_path, monkeypatch, capsys):
+    assert not T._progress_enabled(True)  # pytest's captured stderr is no terminal: quiet
+    assert not T._progress_enabled(False)
+    monkeypatch.setattr(T, "_progress_enabled", lambda progress: progress)
+    run(tmp_path, "train.epochs=1", progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "acc=" in err and "img_s=" in err
