@@ -382,6 +382,9 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         and activations); ``null`` on CPU.  ``flops_per_image_*``: :func:`flops_per_image`;
         ``achieved_tflops_train = flops_per_image_train * train_img_s``; ``mfu`` against the
         datasheet ``peak_tflops`` (``peak_tflops_source``), ``mfu_measured`` against the GEMM rate.
+        In fp32 PyTorch leaves TF32 off for matmuls but on for cuDNN convolutions
+        (``tf32_matmul``/``tf32_cudnn``), so a conv network's fp32 MFU can exceed the plain-FP32
+        peak (the H200's ResNet18 reached ``mfu_measured`` 1.01): compare fp32 conv MFU with care.
 
     Raises:
         ValueError: ``warmup < 1``, ``repeats < 3``, ``batch < 1`` or an unknown precision.
@@ -459,6 +462,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "precision_requested": requested,
         "precision_note": None if is_cuda or requested in (None, "fp32") else "CPU runs in fp32",
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if is_cuda else None,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32 if is_cuda else None,
         "cpu_threads": None if is_cuda else torch.get_num_threads(),
         "compile": compile,
         "channels_last": channels_last,
