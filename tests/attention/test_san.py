@@ -1,0 +1,201 @@
+"""SAN pairwise / patchwise attention against explicit per-(query, key) loops (Zhao et al. 2020, eq. 2-4)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from satconv.attention.san import SANPairwiseAttention, SANPatchwiseAttention
+
+#: float64 reference vs vectorised module: only summation order differs
+ATOL = 1e-10
+
+
+def assert_close(actual, expected, atol=ATOL):
+    """Same shape, max abs difference <= atol (plain check: torch.testing imports torch.distributed, ~5 s)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert err <= atol, f"max abs difference {err:.3g} > {atol:.3g}"
+BN_EPS = 1e-5
+
+
+def randomise_batchnorms(module, gen):
+    """Non-trivial running statistics and affine parameters, so eval-mode BN is not the identity."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen, dtype=torch.float64) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen, dtype=torch.float64))
+
+
+def make(cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = cls(kw.pop("dim", 16), kw.pop("num_heads", 4), **kw).double()
+    randomise_batchnorms(m, torch.Generator().manual_seed(seed))
+    return m
+
+
+def linear(x, layer):
+    return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def batchnorm(f, bn, train):
+    """BatchNorm over the rows of ``f: (M, C)``: batch statistics (biased variance) or running ones."""
+    mean, var = (f.mean(0), f.var(0, unbiased=False)) if train else (bn.running_mean, bn.running_var)
+    return (f - mean) / torch.sqrt(var + BN_EPS) * bn.weight + bn.bias
+
+
+def gamma_ref(f, seq, train):
+    """hszhao/SAN ``conv_w``: BN-ReLU-Linear-BN-ReLU-Linear, applied to all rows at once."""
+    bn1, _, lin1, bn2, _, lin2 = seq
+    f = linear(torch.relu(batchnorm(f, bn1, train)), lin1)
+    return linear(torch.relu(batchnorm(f, bn2, train)), lin2)
+
+
+def coords(height, width):
+    """Normalised (row, col) in [-1, 1], computed per pixel."""
+    def c(i, n):
+        return -1.0 if n == 1 else -1.0 + 2.0 * i / (n - 1)
+    return {(r, s): torch.tensor([c(r, height), c(s, width)], dtype=torch.float64)
+            for r in range(height) for s in range(width)}
+
+
+def footprint_pairs(height, width, k):
+    """For every query (r, c): list of (slot, key (kr, kc) or None) in slot order a*k + b."""
+    out = {}
+    for r in range(height):
+        for c in range(width):
+            slots = []
+            for a in range(k):
+                for b in range(k):
+                    kr, kc = r + a - k // 2, c + b - k // 2
+                    slots.append((a * k + b, (kr, kc) if 0 <= kr < height and 0 <= kc < width else None))
+            out[(r, c)] = slots
+    return out
+
+
+def reference(m, x, key_source=None, train=False, pairwise=True):
+    """Explicit SAN: loops over batch, query pixel and every footprint slot."""
+    b, height, width, _ = x.shape
+    ks = x if key_source is None else key_source
+    k, g, c_out = m.kernel_size, m.num_heads, m.out_dim
+    q, kk, v = linear(x, m.query), linear(ks, m.key), linear(x, m.value)
+    pos = coords(height, width)
+    fp = footprint_pairs(height, width, k)
+    feats, owners = [], []
+    for bi in range(b):
+        for (r, c), slots in fp.items():
+            if pairwise:
+                for s, key in slots:
+                    if key is None:
+                        continue  # outside the image: no pair at all
+                    rel = q[bi, r, c] - kk[bi, key[0], key[1]]
+                    p = linear(pos[(r, c)], m.position) - linear(pos[key], m.position)
+                    feats.append(torch.cat([rel, p]))
+                    owners.append((bi, r, c, s, key))
+            else:
+                keys = [kk[bi, key[0], key[1]] if key is not None else torch.zeros_like(q[bi, r, c])
+                        for _, key in slots]
+                feats.append(torch.cat([q[bi, r, c]] + keys))
+                owners.append((bi, r, c))
+    w_all = gamma_ref(torch.stack(feats), m.gamma, train)
+    n = height * width
+    probs = torch.zeros(b, g, n, n, dtype=torch.float64)
+    out = torch.zeros(b, height, width, c_out, dtype=torch.float64)
+    group = torch.tensor([ch % g for ch in range(c_out)])
+    if pairwise:
+        logits = {}
+        for row, (bi, r, c, s, key) in zip(w_all, owners):
+            logits.setdefault((bi, r, c), []).append((key, row))
+        for (bi, r, c), entries in logits.items():
+            z = torch.stack([e[1] for e in entries])  # (valid keys, G)
+            w = torch.softmax(z, dim=0)
+            for (key, _), wj in zip(entries, w):
+                probs[bi, :, r * width + c, key[0] * width + key[1]] = wj
+                out[bi, r, c] += wj[group] * v[bi, key[0], key[1]]  # channel ch uses weight ch % G
+    else:
+        for row, (bi, r, c) in zip(w_all, owners):
+            w = row.view(k * k, g)  # slot s, group g = output s*G + g
+            for s, key in fp[(r, c)]:
+                if key is None:
+                    continue  # zero value: no contribution
+                probs[bi, :, r * width + c, key[0] * width + key[1]] = w[s]
+                out[bi, r, c] += w[s, group] * v[bi, key[0], key[1]]  # channel ch uses weight ch % G
+    return out, probs
+
+
+CASES = [dict(kernel_size=3, out_dim=8, rel_dim=3, grid=(4, 5)),
+         dict(kernel_size=5, out_dim=12, rel_dim=2, grid=(3, 4))]
+
+
+@pytest.mark.parametrize("cls", [SANPairwiseAttention, SANPatchwiseAttention])
+@pytest.mark.parametrize("case", CASES, ids=["k3", "k5_wider_than_grid"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_matches_explicit_loops(cls, case, train):
+    """Output and dense weights equal the per-pair reference; train mode: BN statistics over real pairs only."""
+    case = dict(case)
+    height, width = case.pop("grid")
+    m = make(cls, **case).train(train)
+    x = torch.randn(2, height, width, 16, dtype=torch.float64)
+    ks = torch.randn_like(x)
+    for key_source in (None, ks):
+        out, probs = m(x, return_attention=True, key_source=key_source)
+        ref_out, ref_probs = reference(m, x, key_source, train, pairwise=cls is SANPairwiseAttention)
+        assert probs.shape == (2, 4, height * width, height * width)
+        assert_close(out, ref_out)
+        assert_close(probs, ref_probs)
+    assert cls.row_stochastic == (cls is SANPairwiseAttention)
+
+
+def test_pairwise_rows_sum_to_one_over_real_pixels():
+    """Every row of every group is a distribution over in-image keys of the footprint (corners: 4 keys)."""
+    m = make(SANPairwiseAttention).eval()
+    _, probs = m(torch.randn(2, 4, 5, 16, dtype=torch.float64), return_attention=True)
+    assert_close(probs.sum(-1), torch.ones(2, 4, 20, dtype=torch.float64))
+    assert (probs[:, :, 0] > 0).sum(-1).eq(4).all()  # corner (0, 0): keys (0,0), (0,1), (1,0), (1,1)
+    assert probs[:, :, 0, [0, 1, 5, 6]].sum(-1).sub(1).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("cls", [SANPairwiseAttention, SANPatchwiseAttention])
+def test_gradients_reach_every_parameter(cls):
+    m = make(cls, out_dim=8, rel_dim=3).train()
+    x = torch.randn(2, 4, 5, 16, dtype=torch.float64, requires_grad=True)
+    (m(x) * torch.randn(2, 4, 5, 8, dtype=torch.float64)).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        if name == "position.bias":  # cancels in P(p_i) - P(p_j): its gradient is zero by construction
+            assert p.grad.abs().max() < 1e-9
+        else:
+            assert p.grad.abs().max() > 0, name
+    assert x.grad.abs().max() > 0
+
+
+def test_weights_are_shared_over_channel_groups():
+    """Channel c uses group c % G: with beta = identity-like values, channels c and c + G see the same weights."""
+    m = make(SANPairwiseAttention, out_dim=8, num_heads=4).eval()
+    with torch.no_grad():
+        m.value.weight.zero_()
+        m.value.bias.fill_(1.0)  # every value channel is 1, so y_i[c] = sum_j w[i, j, c % G]
+    out = m(torch.randn(1, 3, 3, 16, dtype=torch.float64))
+    assert_close(out[..., :4], out[..., 4:])
+    assert_close(out, torch.ones_like(out))  # softmax weights sum to 1
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="head_dim"):
+        SANPairwiseAttention(16, 4, head_dim=4)
+    with pytest.raises(ValueError, match="value_proj"):
+        SANPatchwiseAttention(16, 4, value_proj=False)
+    with pytest.raises(ValueError, match="out_dim"):
+        SANPairwiseAttention(16, 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        SANPatchwiseAttention(16, 4, kernel_size=4)
+
+
+def test_runs_in_float32_and_handles_a_single_pixel():
+    """A 1x1 map: the only key is the query itself (pairwise weight exactly 1)."""
+    m = SANPairwiseAttention(16, 4).eval()
+    out, probs = m(torch.randn(3, 1, 1, 16), return_attention=True)
+    assert out.shape == (3, 1, 1, 16) and torch.equal(probs, torch.ones(3, 4, 1, 1))
+    assert math.isfinite(F.mse_loss(out, torch.zeros_like(out)).item())
