@@ -1,0 +1,120 @@
+# satconv: build the book and run the tests.  See README.md and ../shared/docs/toolchain.md.
+#
+#   make book      install, execute the chapters (cached) and build _build/html; fails on any warning
+#   make test      unit tests, strict nbval on chapters/*.ipynb, the book, the browser test
+#   make sync      jupytext --sync chapters/*.py, then re-execute each paired .ipynb in place (CPU);
+#                  CHAPTERS="chapters/a.py" limits it to some chapters
+#   make gpu-runs CONFIGS="configs/a.yaml configs/b.yaml"   papermill chapters/train.ipynb per config
+#                  into book/runs/<stem>.ipynb (on the GPU machine; uses the python found on PATH)
+#
+# Plain pip only (never uv: it ignores the build machines' local wheels and torch cap).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Recipes find the venv's tools (jupyter-book, papermill, the python3 kernel) first.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+CHAPTERS_PY := $(sort $(wildcard chapters/*.py))
+# `make sync CHAPTERS="chapters/intro.py"` syncs and re-executes only those chapters.
+CHAPTERS ?= $(CHAPTERS_PY)
+CHAPTERS_NB := $(sort $(wildcard chapters/*.ipynb))
+STAMP := $(VENV)/.installed
+VENDOR := _static_vendor/widgets/embed-amd.js
+CONFIGS ?=
+NBVAL_SANITIZE := nbval_sanitize.cfg
+
+# pytest exits 5 when it collects nothing; that is not a failure here, but say so.
+# usage: $(call pytest_ok5,<pytest arguments>)
+define pytest_ok5
+rc=0; $(BIN)/pytest $(1) || rc=$$?; \
+if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
+endef
+
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs clean clean-all
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+
+## --- setup --------------------------------------------------------------------------------------
+setup: $(STAMP)
+
+# Re-installs only when requirements.txt or pyproject.toml change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
+	touch $@
+
+# The ipywidgets HTML manager, require.js and MathJax 3, exact versions from package-lock.json,
+# copied into _static_vendor/ (git-ignored; html_static_path in _config.yml).
+vendor: $(VENDOR)
+
+$(VENDOR): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+	rm -rf _static_vendor
+	mkdir -p _static_vendor/widgets _static_vendor/mathjax
+	cp node_modules/requirejs/require.js _static_vendor/widgets/
+	cp node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js _static_vendor/widgets/
+	cp node_modules/@jupyter-widgets/html-manager/dist/*.{woff,woff2,ttf,eot,svg} _static_vendor/widgets/
+	cp node_modules/mathjax/es5/tex-svg.js _static_vendor/mathjax/
+
+# The system Chromium drives the browser test (never `playwright install`: its CDN is unreachable).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	fi
+
+## --- tests --------------------------------------------------------------------------------------
+unit: setup
+	$(call pytest_ok5,tests -m "not browser")
+
+# Strict nbval: every stored output must be reproduced (sanitized by nbval_sanitize.cfg).
+nbval: setup
+	$(if $(CHAPTERS_NB),$(call pytest_ok5,--nbval $(CHAPTERS_NB) --nbval-sanitize-with $(NBVAL_SANITIZE) -p no:cacheprovider),@echo "note: no chapters/*.ipynb to check")
+
+book: setup vendor
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+browser: book chromium
+	SATCONV_REQUIRE_BROWSER=1 $(BIN)/pytest tests/test_book_browser.py -m browser
+
+test: unit nbval book browser
+
+## --- notebooks ----------------------------------------------------------------------------------
+# Pair and re-execute the chapters so the committed .ipynb carry real outputs for nbval.
+sync: setup
+	$(BIN)/jupytext --sync $(CHAPTERS)
+	for nb in $(CHAPTERS:.py=.ipynb); do \
+	  echo "executing $$nb"; \
+	  $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; \
+	done
+
+# On the GPU machine: one executed training notebook per config, rendered by the book as is.
+# Uses papermill and jupytext from PATH (the venv's when there is one); needs chapters/train.ipynb.
+gpu-runs:
+	@test -n "$(strip $(CONFIGS))" || { echo 'usage: make gpu-runs CONFIGS="configs/a.yaml configs/b.yaml"'; exit 2; }
+	@test -f chapters/train.ipynb || { echo "chapters/train.ipynb is missing: run make sync"; exit 2; }
+	mkdir -p book/runs
+	for cfg in $(CONFIGS); do \
+	  test -f "$$cfg" || { echo "no such config: $$cfg"; exit 2; }; \
+	  out="book/runs/$$(basename "$$cfg" .yaml).ipynb"; \
+	  echo "papermill chapters/train.ipynb $$out -p config $$cfg"; \
+	  papermill chapters/train.ipynb "$$out" -p config "$$cfg"; \
+	  jupytext --update-metadata '{"jupytext": null}' "$$out"; \
+	done
+	@echo "now list each book/runs/<stem> in _toc.yml under 'GPU results' and commit the notebooks"
+
+## --- cleaning -----------------------------------------------------------------------------------
+clean:
+	rm -rf _build
+
+clean-all: clean
+	rm -rf _static_vendor node_modules $(VENV)
