@@ -84,19 +84,20 @@ class SASAAttention(AttentionBase):
         fp = footprint(height, width, k, x.device)
         q = self.query(tokens).view(b, n, h, dh)  # (B, N, H, Dh)
         keys = gather_footprint(self.key(ks), fp).view(b, n, k * k, h, dh)  # (B, N, K, H, Dh)
-        content = torch.einsum("bnhd,bnkhd->bhnk", q, keys)  # (B, H, N, K)
-        row = torch.einsum("bnhd,had->bhna", q[..., : dh // 2], self.rel_row)  # (B, H, N, k): q . r_{a-i}
-        col = torch.einsum("bnhd,hcd->bhnc", q[..., dh // 2:], self.rel_col)  # (B, H, N, k): q . r_{b-j}
-        logits = content + (row[..., :, None] + col[..., None, :]).flatten(-2)  # slot s = a*k + b
-        logits = logits.masked_fill(~fp.valid, float("-inf"))
-        probs = softmax(logits, dim=-1)  # (B, H, N, K); the query is always valid
+        # broadcast-multiply-sum, not einsum: einsum becomes B*N*H tiny GEMVs (1.7x slower on an H200)
+        content = (q[:, :, None] * keys).sum(-1)  # (B, N, K, H): q_ij . k_ab
+        row = torch.einsum("bnhd,had->bnah", q[..., : dh // 2], self.rel_row)  # (B, N, k, H): q . r_{a-i}
+        col = torch.einsum("bnhd,hcd->bnch", q[..., dh // 2:], self.rel_col)  # (B, N, k, H): q . r_{b-j}
+        logits = content + (row[:, :, :, None] + col[:, :, None]).flatten(2, 3)  # slot s = a*k + b
+        logits = logits.masked_fill(~fp.valid[..., None], float("-inf"))
+        probs = softmax(logits, dim=2)  # (B, N, K, H); the query itself is always valid
         if self.value is None:
             v = gather_footprint(tokens, fp)[:, :, :, None]  # (B, N, K, 1, D): every head reads raw x
         else:
             v = gather_footprint(self.value(tokens), fp).view(b, n, k * k, h, dh)  # (B, N, K, H, Dh)
-        out = torch.einsum("bhnk,bnkhd->bnhd", self.attn_drop(probs), v.expand(-1, -1, -1, h, -1))
+        out = (self.attn_drop(probs)[..., None] * v).sum(2)  # (B, N, H, Dh)
         out = self.proj(out.reshape(b, n, h * dh)).reshape(b, height, width, self.out_dim)
-        return (out, footprint_to_dense(probs, fp)) if return_attention else out
+        return (out, footprint_to_dense(probs.permute(0, 3, 1, 2), fp)) if return_attention else out
 
 
 __all__ = ["SASAAttention"]
