@@ -203,6 +203,9 @@ class TrainConfig:
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the model (CUDA only)
+    # torch.compile mode; reduce-overhead and max-autotune add CUDA graphs (fixed batch shapes)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = False  # channels_last memory format for convolutional networks (CUDA only)
     checkpoint_every: int = positive(default=10)  # epochs between checkpoints (and one at the end)
     test_every: int = positive(default=10)  # epochs between test evaluations (for curves)
     snapshot_attention: bool = True  # per-epoch snapshots of the attention parameters

@@ -331,8 +331,12 @@ def _train_setup(cfg: ExperimentConfig, device, precision: str, channels_last: b
         model = model.to(memory_format=torch.channels_last)
     t = cfg.train
     opt = torch.optim.SGD(no_decay_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
-                          nesterov=t.nesterov)
-    run = torch.compile(model, dynamic=False) if compile else model
+                          nesterov=t.nesterov, fused=device.type == "cuda")  # one kernel for all parameters
+    if compile:
+        mode = None if compile is True or compile == "default" else compile
+        run = torch.compile(model, mode=mode, dynamic=False)
+    else:
+        run = model
     return model, run, opt
 
 
@@ -699,7 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes; 'max' = the largest training batch that fits (CUDA)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="default: bf16 on CUDA, fp32 on CPU (CPU always runs fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="default", default=False,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the model, optionally naming the mode (CUDA graphs: reduce-overhead, "
+                        "max-autotune)")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and input")
     p.add_argument("--warmup", type=_positive_int, default=5, help="untimed steps per phase (>= 1)")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per phase (>= 3)")

@@ -128,7 +128,12 @@ class AttentionBase(nn.Module):
             out = torch.einsum("hnm,bmd->bnhd", probs[0], v[:, 0])  # (B, N, H, D)
             b, n, h, d = out.shape
             return self.proj(out.reshape(b, n, h * d))  # (B, N, H*D) -> (B, N, out_dim)
-        out = torch.matmul(probs, v)  # (B, H, N, Dh)
+        if v.shape[1] == 1 and probs.shape[0] == v.shape[0]:
+            # values shared by the heads: one (H*N, N) @ (N, D) product per image, x is not expanded
+            b, h, n, _ = probs.shape
+            out = torch.bmm(probs.reshape(b, h * n, n), v[:, 0]).view(b, h, n, -1)  # (B, H, N, D)
+        else:
+            out = torch.matmul(probs, v)  # (B, H, N, Dh)
         b, h, n, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, h * d))  # (B, N, H*Dh) -> (B, N, out_dim)
 
@@ -219,6 +224,10 @@ class InputIndependentAttention(AttentionBase):
         """A non-persistent buffer ``name`` built by ``build(height, width, device)`` for this grid."""
         table = getattr(self, name)
         device = self.proj.weight.device
+        if torch.compiler.is_compiling():
+            # inside torch.compile the table is a cheap constant of the graph; storing it on the module
+            # from within the graph would make it a graph output (CUDA graphs would overwrite it)
+            return build(height, width, device)
         if getattr(self, "_grid_" + name, None) != (height, width) or table.device != device:
             table = build(height, width, device)
             setattr(self, name, table)  # registered buffer: stays out of the state dict
@@ -236,7 +245,10 @@ class InputIndependentAttention(AttentionBase):
 
     def _compute_probs(self, height: int, width: int, device, dtype) -> torch.Tensor:
         device_type = torch.device(device).type if device is not None else self.proj.weight.device.type
-        with torch.autocast(device_type=device_type, enabled=False):  # logits need full precision
+        if device_type in ("cuda", "cpu"):
+            with torch.autocast(device_type=device_type, enabled=False):  # logits need full precision
+                logits = self.position_scores(height, width)
+        else:  # e.g. the meta device (shape-only FLOP counting): no autocast there
             logits = self.position_scores(height, width)
         probs = softmax_keys(logits)
         return probs.to(device=device, dtype=dtype or probs.dtype)
