@@ -28,6 +28,8 @@ CHAPTERS_NB := $(sort $(wildcard chapters/*.ipynb))
 STAMP := $(VENV)/.installed
 VENDOR := _static_vendor/widgets/embed-amd.js
 CONFIGS ?=
+PACKAGE_SRC := $(shell find satconv -name '*.py' 2>/dev/null)
+EXEC_STAMP := _build/.satconv-sources.stamp
 NBVAL_SANITIZE := nbval_sanitize.cfg
 
 # pytest exits 5 when it collects nothing; that is not a failure here, but say so.
@@ -80,8 +82,17 @@ unit: setup
 nbval: setup
 	$(if $(CHAPTERS_NB),$(call pytest_ok5,--nbval $(CHAPTERS_NB) --nbval-sanitize-with $(NBVAL_SANITIZE) -p no:cacheprovider),@echo "note: no chapters/*.ipynb to check")
 
-book: setup vendor
-	$(BIN)/jupyter-book build . -W -n --keep-going
+# --all: a fresh Sphinx environment every time, otherwise an incremental build would not repeat the
+# warnings of unchanged pages and -W would pass after a failed build. Executions stay cached in
+# _build/.jupyter_cache (keyed on each chapter's code); that cache is dropped whenever the package
+# or the pins change, so chapters always show what the current satconv computes.
+book: setup vendor $(EXEC_STAMP)
+	$(BIN)/jupyter-book build . -W -n --keep-going --all
+
+$(EXEC_STAMP): $(PACKAGE_SRC) requirements.txt
+	rm -rf _build/.jupyter_cache
+	mkdir -p $(@D)
+	touch $@
 
 browser: book chromium
 	SATCONV_REQUIRE_BROWSER=1 $(BIN)/pytest tests/test_book_browser.py -m browser
