@@ -106,18 +106,23 @@ def test_quadratic_parameters_from_layers():
 
 
 # ------------------------------------------------------------------ query-irrelevance
-def _tv_reference(probs, height, width, aligned, margin):
-    """Explicit loops: mean over batch and queries of 1/2 sum |p_q - mean_q p_q|, per head."""
-    b_, h_, n, _ = probs.shape
-    queries = [r * width + c for r in range(margin, height - margin) for c in range(margin, width - margin)]
+def _tv_reference(probs, height, width, aligned, margin, queries=None):
+    """Explicit loops: mean over batch and queries of 1/2 sum |p_q - mean_q p_q|, per head.
+
+    ``probs[b, h, i]`` is the map of query ``queries[i]`` (all queries in order by default)."""
+    b_, h_, _, n = probs.shape
+    queries = list(range(n)) if queries is None else list(queries)
+    rows = [i for i, q in enumerate(queries)
+            if margin <= q // width < height - margin and margin <= q % width < width - margin]
     out = np.zeros(h_)
     for b, h in itertools.product(range(b_), range(h_)):
         maps = []
-        for q in queries:
+        for i in rows:
+            q = queries[i]
             m = {}
             for k in range(n):
                 key = (k // width - q // width, k % width - q % width) if aligned else k
-                m[key] = probs[b, h, q, k]
+                m[key] = probs[b, h, i, k]
             maps.append(m)
         keys = set().union(*maps)
         mean = {k: sum(m.get(k, 0.0) for m in maps) / len(maps) for k in keys}
@@ -133,6 +138,19 @@ def test_query_irrelevance_matches_explicit_loops(aligned, margin):
     p /= p.sum(-1, keepdims=True)
     got = viz.query_irrelevance(torch.from_numpy(p), aligned=aligned, margin=margin, grid=(4, 5))
     np.testing.assert_allclose(got, _tv_reference(p, 4, 5, aligned, margin), atol=EXACT)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_query_irrelevance_on_a_subset_of_queries(aligned):
+    """The atlas keeps a few query rows only: scores over those rows, margin applied to them."""
+    rng = np.random.default_rng(2)
+    queries = [7, 0, 12, 18, 6]  # grid 4x5: (1, 2), (0, 0), (2, 2), (3, 3), (1, 1)
+    p = rng.exponential(size=(2, 3, len(queries), 20)) ** 3
+    p /= p.sum(-1, keepdims=True)
+    got = viz.query_irrelevance(p, aligned=aligned, margin=1, grid=(4, 5), queries=queries)
+    np.testing.assert_allclose(got, _tv_reference(p, 4, 5, aligned, 1, queries), atol=EXACT)
+    with pytest.raises(ValueError, match="queries"):
+        viz.query_irrelevance(p, grid=(4, 5), queries=queries[:3])
 
 
 def _shift_head(side, shift):
@@ -243,3 +261,93 @@ def test_explorer_nests_stacks_and_links_every_stack_of_a_level():
         assert all(ln.target[1] == "selected_index" for ln in box.links if ln.source[0] is control)
     with pytest.raises(ValueError, match="lacks"):
         viz.explorer({k: v for k, v in list(views.items())[1:]}, axes)
+
+
+# ------------------------------------------------------------------ run artefacts (formats of satconv.train)
+class TinyQuadraticModel(nn.Module):
+    """Two QuadraticAttention layers on 4x4 pixels, with the model interface train.py snapshots."""
+
+    def __init__(self):
+        super().__init__()
+        from satconv.attention.quadratic import QuadraticAttention
+        self.layers = nn.ModuleList(QuadraticAttention(3, 2) for _ in range(2))
+
+    def forward(self, images, return_attention=False):
+        x, probs = images.permute(0, 2, 3, 1), []  # (B, 4, 4, 3)
+        for layer in self.layers:
+            x, p = layer(x, return_attention=True)
+            probs.append(p)
+        return (x.mean((1, 2)), probs) if return_attention else x.mean((1, 2))
+
+
+def test_load_snapshots_reads_what_train_writes(tmp_path):
+    from satconv.train import attention_snapshot
+
+    torch.manual_seed(0)
+    model = TinyQuadraticModel()
+    (tmp_path / "snapshots").mkdir()
+    for epoch in (0, 1):
+        snap = attention_snapshot(model, torch.randn(1, 3, 4, 4))
+        torch.save({"epoch": epoch, **snap}, tmp_path / "snapshots" / f"epoch_{epoch:04d}.pt")
+        with torch.no_grad():
+            model.layers[1].attention_centers += 1.0
+    snaps = viz.load_snapshots(tmp_path)
+    assert [s["epoch"] for s in snaps] == [0, 1]
+    assert snaps[0]["centers"].shape == (2, 2, 2) and snaps[0]["spreads"].shape == (2, 2)
+    np.testing.assert_allclose(snaps[1]["centers"][1], model.layers[1].attention_centers.detach() - 1.0)
+    assert snaps[0]["centre_probs"].shape == (2, 2, 16)
+    # the centre query's row (2, 2) of the model's own probabilities, as train.py stores it (float16)
+    with torch.no_grad():
+        expected = model.layers[0].attention_probs(4, 4)[0, :, 2 * 4 + 2].numpy()
+    np.testing.assert_allclose(snaps[0]["centre_probs"][0], expected, atol=1e-3)
+    assert len(viz.plot_center_evolution(snaps, layer=1, side=4).axes) == 2
+    assert len(viz.plot_center_trajectories(snaps, layer=0).axes) == 2
+    assert viz.degenerate_heads(snaps[0]["centers"], snaps[0]["spreads"]).shape == (2, 2)
+
+
+def _fake_atlas(images=2, heads=2, queries=3, seed=0):
+    """The keys satconv.train.build_atlas writes, for a 2-layer model on a 4x4 token grid."""
+    g = torch.Generator().manual_seed(seed)
+    probs = lambda *s: torch.softmax(torch.randn(*s, 16, generator=g), -1).half()  # noqa: E731
+    return {"images": torch.randint(0, 255, (images, 3, 8, 8), dtype=torch.uint8, generator=g),
+            "labels": torch.arange(images), "classes": ["cat", "dog", "ship"], "grid": [(4, 4), (4, 4)],
+            "probs": [probs(images, heads, queries) for _ in range(2)],
+            "query_index": [torch.tensor([10, 5, 7])[:queries]] * 2,
+            "centre_mean": [probs(heads) for _ in range(2)], "query_mean": [probs(images, heads) for _ in range(2)]}
+
+
+def test_atlas_helpers_and_views():
+    atlas = _fake_atlas()
+    np.testing.assert_array_equal(viz.atlas_maps(atlas, "probs", image=1, query=2)[1], atlas["probs"][1][1, :, 2])
+    np.testing.assert_array_equal(viz.atlas_maps(atlas, "query_mean", image=1)[0], atlas["query_mean"][0][1])
+    assert viz.atlas_maps(atlas, "centre_mean").shape == (2, 2, 16)
+    assert viz.atlas_query(atlas, 1) == (1, 1)
+    views, axes = viz.atlas_views({"a": atlas, "b": _fake_atlas(seed=1)}, images=5)
+    assert axes == [("model", ["a", "b"]), ("image", ["1 (cat)", "2 (dog)"]), ("query", ["(2, 2)", "(1, 1)", "(1, 3)"])]
+    assert len(views) == 2 * 2 * 3 and all(v[:4] == b"\x89PNG" for v in views.values())
+    # sampled-query irrelevance: the atlas rows with their query indices
+    scores = viz.run_query_irrelevance("/nonexistent", atlas, margin=1)
+    assert scores["source"] == "atlas" and scores["raw"].shape == (2, 2)
+    np.testing.assert_allclose(scores["raw"][0], viz.query_irrelevance(atlas["probs"][0], queries=[10, 5, 7]))
+
+
+def test_find_run_prefers_committed_gpu_runs_and_reuses_a_finished_stand_in(tmp_path):
+    import json
+
+    import yaml
+
+    from satconv.config import to_dict
+
+    gpu, quick = tmp_path / "book", tmp_path / "quick"
+    (gpu / "paper_learned").mkdir(parents=True)
+    (gpu / "paper_learned" / "atlas.pt").write_bytes(b"")
+    assert viz.find_run("paper_learned", gpu, quick) == (gpu / "paper_learned", "gpu")
+    assert viz.find_run("paper_quadratic", gpu, quick, train_quick=False) == (None, None)
+    done = quick / "paper_quadratic"  # a completed stand-in of the same config is reused, not retrained
+    done.mkdir(parents=True)
+    (done / "config.yaml").write_text(yaml.safe_dump(to_dict(viz.quick_config("paper_quadratic"))))
+    (done / "run.json").write_text(json.dumps({"status": "completed", "data": {"description": "synthetic"}}))
+    assert viz.find_run("paper_quadratic", gpu, quick) == (done, "quick")
+    assert sorted(p.name for p in done.iterdir()) == ["config.yaml", "run.json"]
+    table = viz.runs_table({"q": (done, "quick"), "l": (gpu / "paper_learned", "gpu")})
+    assert table.count("\n") == 3 and "CPU stand-in" in table and "GPU run" in table

@@ -1,0 +1,248 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Visualising the attention
+#
+# The theory chapter showed that a multi-head self-attention layer *can* compute a convolution.
+# The experiments of the paper {cite:p}`cordonnier2020` ask whether trained attention layers *do*
+# something similar, and answer with pictures: where each head of each layer looks, seen from one
+# query pixel. This chapter redraws those pictures from trained models:
+#
+# - the attention of one query pixel for every layer and head, for a single image and averaged
+#   over test images (the paper's Fig. 6), and why the [Re]'s average over query pixels
+#   {cite:p}`rescience2021` is a different picture;
+# - the Gaussian heads of the quadratic encoding as 50% and 90% mass contours, at the end of
+#   training for every layer (Fig. 4) and over the epochs for one layer (Fig. 3);
+# - the learned relative encoding without content (Fig. 5);
+# - a measurement of FCViT's observation {cite:p}`ma2022` that attention maps barely depend on the
+#   query, and where conv-like heads stand on it;
+# - an explorer to switch models, images, query pixels and epochs in the browser.
+#
+# The pictures test four claims of the paper: quadratic heads of the first layers settle on a grid
+# around the query (claim 5); learned position-only heads attend to single pixels at fixed shifts
+# (claim 10); with content, some heads stay localised at fixed shifts after averaging over images
+# (claim 11); anisotropic heads become elongated and some degenerate (claim 13).
+#
+# **Axes.** `L` layers, `H` heads, `N = height * width` token pixels (flattened row-major); the
+# model sees a CIFAR-10 image of 32x32 pixels as 16x16 tokens (2x2 space-to-depth), so every map
+# below is a 16x16 grid of key pixels, with the query pixel marked in red.
+
+# %%
+import numpy as np
+import torch
+from IPython.display import Markdown, display
+
+from satconv import viz
+
+torch.manual_seed(0)
+np.random.seed(0)
+torch.set_num_threads(2)
+
+# %% [markdown]
+# ## The runs
+#
+# Training the paper's models takes hours on a GPU, so this page never trains them. It reads the
+# runs committed with the book (`book/runs/<config>/`, written by `satconv.train.train` on the GPU
+# machine): the per-epoch snapshots of the attention parameters and an *atlas* of attention
+# probabilities for a few fixed test images. When a run is not committed, the page trains a
+# stand-in on the CPU instead: the same architecture shrunk by the `quick` profile (2 layers,
+# 4 heads of width 32), trained for 4 optimisation steps (2 epochs of 128 synthetic images). Its
+# maps show the *method*, not the paper's results: after 4 steps the heads are still close to
+# their random start. The table says which run each model comes from.
+
+# %%
+CONFIGS = {"quadratic": "paper_quadratic", "learned": "paper_learned",
+           "learned + content": "paper_learned_content"}
+OPTIONAL = {"quadratic, anisotropic": "paper_quadratic_anisotropic",
+            "quadratic, 16 heads": "paper_quadratic_16heads"}  # shown only when committed
+runs = {label: viz.find_run(name) for label, name in CONFIGS.items()}
+runs |= {label: run for label, name in OPTIONAL.items() if (run := viz.find_run(name, train_quick=False))[0]}
+atlases = {label: viz.load_atlas(run_dir) for label, (run_dir, _) in runs.items()}
+snapshots = {label: viz.load_snapshots(run_dir) for label, (run_dir, _) in runs.items()}
+display(Markdown(viz.runs_table(runs)))
+
+# %% [markdown]
+# ## One query pixel, every layer and head
+#
+# A row per layer, a column per head; each panel is one head's attention probabilities over the
+# 16x16 key pixels for the query pixel marked in red (the image on the left, query boxed). Each
+# panel has its own colour scale, so that broad and sharp heads are both visible. This is the
+# [Re]'s `viz_1` and the single-image version of the paper's Fig. 6, for the model with learned
+# relative encoding plus content, $\operatorname{softmax}(q \cdot k + q \cdot r)$.
+
+# %%
+content = atlases["learned + content"]
+height, width = content["grid"][0]
+fig = viz.attention_grid(viz.atlas_maps(content, "probs", image=0, query=0), height, width,
+                         query=viz.atlas_query(content, 0), image=content["images"][0])
+
+# %% [markdown]
+# ## Averaging: over images (the paper) or over query pixels (the [Re])
+#
+# One image says little about a head. The paper's Fig. 6 therefore fixes the query pixel and
+# averages its attention over 100 test images: a head that attends at a fixed shift keeps a sharp
+# peak at the same place in every image and survives the average, while a head that follows the
+# content blurs out (claim 11). The [Re]'s `viz` instead takes *one* image and averages over all
+# 256 query pixels. That measures something else: a head that looks one pixel to the left of every
+# query puts its peak on a different key for each query, and the average spreads it over the whole
+# image. The figure shows the first layer under both protocols, for the quadratic model (where the
+# attention does not depend on the image at all) and for the content model.
+
+# %%
+rows, titles = [], []
+for label in ("quadratic", "learned + content"):
+    rows += [viz.atlas_maps(atlases[label], "centre_mean")[0], viz.atlas_maps(atlases[label], "query_mean")[0]]
+    titles += [f"{label}:\nfixed query,\nmean of images", f"{label}:\none image,\nmean of queries"]
+fig = viz.attention_grid(np.stack(rows), height, width, query=viz.atlas_query(content, 0), row_titles=titles,
+                         panel_size=1.1)
+
+# %% [markdown]
+# The peak of a map, the largest probability it gives to one key, measures the smear: it is 1 for
+# a head that looks at a single pixel and $1/256$ for a uniform map. Averaged over the heads of
+# the first layer:
+
+# %%
+peaks = {label: {protocol: float(viz.atlas_maps(atlases[label], protocol)[0].max(-1).mean())
+                 for protocol in ("centre_mean", "query_mean")} for label in ("quadratic", "learned + content")}
+for label, p in peaks.items():
+    print(f"{label:18s} fixed query, mean of images: {p['centre_mean']:.2f}   "
+          f"one image, mean of queries: {p['query_mean']:.2f}")
+
+# %% [markdown]
+# The paper's Fig. 6 is the first protocol for every layer. Heads whose map stays a compact blob
+# next to the red query after averaging over images attend at a fixed shift, like a convolution
+# (claim 11); diffuse maps belong to heads that follow the content.
+
+# %%
+fig = viz.attention_grid(viz.atlas_maps(content, "centre_mean"), height, width,
+                         query=viz.atlas_query(content, 0),
+                         suptitle="learned + content: centre query, mean over test images (Fig. 6)")
+
+# %% [markdown]
+# ## Gaussian heads: Figs. 4 and 3
+#
+# With the quadratic encoding each head $h$ is a Gaussian around a learned shift $\Delta^{(h)}$
+# (`attention_centers`) with a learned precision $\alpha^{(h)}$ (`attention_spreads`). The paper
+# draws each head as two contours around the central query pixel: the smallest region holding 50%
+# of its attention (solid) and 90% (faint), one colour per head. The probabilities come from
+# `QuadraticAttention` itself, loaded with the snapshot's parameters; the region is found by
+# sorting the pixels by probability and accumulating mass (`viz.mass_threshold`).
+#
+# The paper (Fig. 4) finds the heads of the first layers on a grid around the query, near its eight
+# neighbours and itself, with small variance, and broader or degenerate heads in the deeper layers
+# (claim 5). Below: the last snapshot of the run, every layer.
+
+# %%
+quadratic = snapshots["quadratic"]
+fig = viz.plot_gaussian_heads(quadratic[-1], side=width,
+                              suptitle=f"quadratic, epoch {quadratic[-1]['epoch']} (Fig. 4)")
+
+# %% [markdown]
+# Fig. 3 follows one layer, the fourth, through training: at initialisation the centres are drawn
+# from $\mathcal{N}(0, 2^2)$ per coordinate and all heads are equally broad; the paper's heads then
+# move towards the grid around the query and sharpen.
+
+# %%
+layer = min(3, len(quadratic[-1]["centers"]) - 1)
+fig = viz.plot_center_evolution(quadratic, layer=layer, side=width)
+
+# %% [markdown]
+# The same layer as trajectories: each head's centre from its first snapshot (small dot) to its
+# last (large dot), relative to the query (red cross), and its precision $\alpha$ over the epochs.
+
+# %%
+fig = viz.plot_center_trajectories(quadratic, layer=layer)
+
+# %% [markdown]
+# **Anisotropic heads** (claim 13). The generalised quadratic encoding gives each head a full
+# covariance; the paper finds elongated Gaussians, and heads whose covariance degenerates
+# (condition number above 1000 or largest eigenvalue below $10^{-5}$), which it prunes. This
+# appears when the anisotropic GPU run is committed.
+
+# %%
+if "quadratic, anisotropic" in snapshots:
+    last = snapshots["quadratic, anisotropic"][-1]
+    fig = viz.plot_gaussian_heads(last, side=width, suptitle="quadratic, anisotropic")
+    degenerate = viz.degenerate_heads(last["centers"], last["spreads"])
+    print("degenerate heads per layer:", degenerate.sum(1).tolist())
+else:
+    print("no anisotropic run is committed yet")
+
+# %% [markdown]
+# ## Learned relative encoding without content: Fig. 5
+#
+# The position-only model scores a key by $w^{(h)} \cdot r_\delta$, a learned embedding of the
+# offset $\delta$ between key and query, so its attention does not depend on the image. The paper
+# (Fig. 5) shows the centre query's attention zoomed to the 7x7 pixels around it, heads reordered:
+# the first layers attend sharply to single pixels at fixed shifts, a convolution-like grid, and
+# deeper layers attend more broadly (claim 10). Here heads are sorted by the offset of their peak.
+
+# %%
+learned = snapshots["learned"][-1]
+fig = viz.learned_position_maps(learned["centre_probs"], side=width, zoom=7,
+                                suptitle=f"learned, position only, epoch {learned['epoch']} (Fig. 5)")
+
+# %% [markdown]
+# ## How much does the map depend on the query?
+#
+# FCViT {cite:p}`ma2022` observed that the attention maps of trained vision transformers are
+# *query-irrelevant*: nearly the same map for every query pixel, which a global context vector
+# could replace. We measure it for every head: the mean over query pixels $q$ of the total
+# variation distance between the query's map $p_q$ and the head's average map
+# $\bar p = \frac1N \sum_q p_q$,
+#
+# $$ \mathrm{QI} = \frac1N \sum_q \tfrac12 \lVert p_q - \bar p \rVert_1 \in [0, 1], $$
+#
+# 0 when every query sees the same map. A convolution is the opposite case: its window moves with
+# the query, so a fixed-shift head scores close to 1. A second score re-centres every map on its
+# query before comparing (`aligned=True`, queries at least 3 pixels inside the border): a
+# fixed-shift head then scores 0, a head with the same absolute map for every query does not.
+# Low raw scores mean FCViT's regime; low aligned scores mean the convolution-like regime.
+# The scores are computed on the atlas images, with the model when its checkpoint is there
+# (every query pixel), otherwise from the atlas's few query pixels.
+
+# %%
+scores = {label: viz.run_query_irrelevance(run_dir, atlases[label]) for label, (run_dir, _) in runs.items()}
+fig = viz.plot_query_irrelevance({k: s["raw"] for k, s in scores.items()},
+                                 aligned={k: s["aligned"] for k, s in scores.items()})
+for label, s in scores.items():
+    print(f"{label:24s} raw {s['raw'].mean():.2f}   query-centred {s['aligned'].mean():.2f}   "
+          f"(from the {s['source']})")
+
+# %% [markdown]
+# Position-only layers (quadratic, learned) give every query the same *shifted* map, up to the
+# image border, so their query-centred scores are low by construction and their raw scores are
+# high exactly when the heads are sharp. The content model is where the question is open: heads
+# whose raw score stays low behave like FCViT's global maps, heads with a low query-centred score
+# like convolutions.
+#
+# ## Explorer
+#
+# The explorer switches between precomputed images in the browser, without a Python kernel: pick
+# a model, an atlas image and a query pixel (the centre first, then the quarter points). Every
+# layer and head of the chosen model is shown at once.
+
+# %%
+views, axes = viz.atlas_views(atlases, images=3)
+viz.explorer(views, axes, dropdown=["model"])
+
+# %% [markdown]
+# And through training: the centre query's attention on one fixed test image, at the snapshot
+# epochs the runs share.
+
+# %%
+views, axes = viz.snapshot_views(snapshots, max_epochs=8)
+viz.explorer(views, axes, dropdown=["model"])
