@@ -416,10 +416,11 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), profile:
         raise ConfigError(source, "<top level>", data, "expected a mapping with keys name, description, model, "
                                                       "train, data")
     data.setdefault("name", p.stem)
-    data = _apply_overrides(data, overrides)
     cfg = from_dict(data, source)
-    if profile is not None:
+    if profile is not None:  # the profile first, so that --set can still change what it shrinks
         cfg = apply_profile(cfg, profile, source)
+    if overrides:
+        cfg = from_dict(_apply_overrides(to_dict(cfg), overrides), f"{source} (--set)")
     return cfg
 
 

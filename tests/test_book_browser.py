@@ -52,7 +52,7 @@ VIEWPORT = {"width": 1000, "height": 1800}
 #: it exists, carries the labelled equations; the intro has one display equation).
 MATH_PAGES = ("chapters/theory", "chapters/intro")
 #: Pages that must show at least this many working widget sliders, e.g. {"chapters/visualisation": 2}.
-MIN_SLIDERS: dict[str, int] = {}
+MIN_SLIDERS: dict[str, int] = {"chapters/visualise": 3, "chapters/theory": 2}
 #: Page errors that every JB1 page or widget page raises and that do no harm (toolchain.md §8).
 ALLOWED_PAGE_ERRORS = (
     "Identifier 'THEBE_JS_URL' has already been declared",  # every JB1 page
