@@ -57,7 +57,7 @@ METRIC_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "va
                "epoch_time_s")
 #: config keys that may change between a run and its resumption (they do not affect the numbers)
 RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
-                    "train.compile", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
+                    "train.compile", "train.compile_mode", "train.channels_last", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
                     "train.eval_batch_size", "data.root", "data.cache_dir", "data.device_resident"}
 SNAPSHOT_NAMES = ("attention_centers", "attention_spreads", "embedding")
 ATLAS_MAX_BYTES = 5 * 2 ** 20
@@ -245,6 +245,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # Evaluation, snapshots, the atlas
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
+def compiled(model: nn.Module, mode: str = "default"):
+    """``torch.compile(model)`` in ``mode``; with CUDA graphs (reduce-overhead, max-autotune) every call
+    starts a new graph step, so outputs stay valid until the next call.
+
+    Args:
+        model: maps ``(B, C, H, W)`` images to logits.
+        mode: a ``train.compile_mode`` value.
+
+    Returns:
+        A callable with the model's forward signature.
+    """
+    run = torch.compile(model, mode=None if mode == "default" else mode)
+    if mode not in ("reduce-overhead", "max-autotune"):
+        return run
+
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return run(*args, **kwargs)
+    return forward
+
+
 def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -> tuple[float, float]:
     """Mean cross-entropy (no label smoothing) and accuracy over a loader, in eval mode.
 
@@ -393,11 +414,14 @@ class _Run:
         self.model = model_factory(cfg.model).to(device)
         self.cuda = device.type == "cuda"
         self.bf16 = t.precision == "bf16" and self.cuda
-        self.forward = torch.compile(self.model) if t.compile and self.cuda else self.model
+        self.channels_last = t.channels_last and self.cuda
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = compiled(self.model, t.compile_mode) if t.compile and self.cuda else self.model
         if self.cuda:
             torch.backends.cudnn.benchmark = True
         self.opt = torch.optim.SGD(param_groups(self.model, t.weight_decay), lr=t.lr, momentum=t.momentum,
-                                   nesterov=t.nesterov)
+                                   nesterov=t.nesterov, fused=self.cuda)  # one kernel for all parameters
         mean, std = cfg.data.mean, cfg.data.std
         self.train_loader = DeviceLoader(self.data.train, t.batch_size, device, mean, std, cfg.data.augment)
         self.val_loader = DeviceLoader(self.data.val, t.eval_batch_size, device, mean, std)
@@ -458,6 +482,8 @@ class _Run:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float):
         for group in self.opt.param_groups:
             group["lr"] = lr
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)

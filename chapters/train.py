@@ -1,0 +1,125 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Training a model
+#
+# This notebook trains one experiment from `configs/` and keeps everything the rest of the book
+# reads: the resolved config, `metrics.jsonl`, checkpoints, the best-on-validation weights,
+# per-epoch snapshots of the attention parameters and a final attention atlas.
+# It is the page that papermill runs once per configuration on a GPU:
+#
+# ```bash
+# papermill chapters/train.ipynb book/runs/paper_quadratic.ipynb \
+#     -p config configs/paper_quadratic.yaml -p profile "" -p data /path/to/cifar10-images
+# ```
+#
+# Run as it is committed, it uses the `quick` profile (a tiny model, a few hundred images, one
+# epoch) on generated images, so that it executes on two CPU cores in seconds; its numbers say
+# nothing about CIFAR-10. The pages under *GPU results* are this notebook executed on real data.
+
+# %% tags=["parameters"]
+config = "configs/paper_quadratic.yaml"  # any file in configs/
+profile = "quick"  # "quick" shrinks the experiment; "" runs it as configured
+data = "synthetic"  # "": the config's data; "synthetic"; or an image-folder root (train/, test/)
+overrides = ""  # space-separated dotted overrides, e.g. "train.epochs=30 train.precision=bf16"
+output_dir = ""  # "": runs/<config name> (or train.out_dir); a quick run goes to a fresh _build/train-quick/
+device = ""  # "": CUDA when available, else CPU
+
+# %%
+import json
+import platform
+import shutil
+import subprocess
+
+import matplotlib.pyplot as plt
+import torch
+
+import satconv
+from satconv.config import REPO_ROOT, resolve_path
+from satconv.models import build_model, count_parameters
+from satconv.train import read_metrics, resolve_config, train
+
+sets = overrides.split()
+if data == "synthetic":
+    sets.append("data.source=synthetic")
+elif data:
+    sets += ["data.source=imagefolder", f"data.root={resolve_path(data).resolve()}"]
+cfg = resolve_config(resolve_path(config), sets, profile or None)
+print(f"experiment {cfg.name}: {cfg.description.strip() or '(no description)'}")
+print(f"model {cfg.model.arch} / {cfg.model.attention.kind}, {count_parameters(build_model(cfg)):,} parameters")
+print(f"data {cfg.data.source}; {cfg.train.epochs} epochs of batch {cfg.train.batch_size}, "
+      f"lr {cfg.train.lr}, {cfg.train.schedule} schedule, seed {cfg.train.seed}, precision {cfg.train.precision}")
+
+# %% [markdown]
+# Where this notebook ran. The GPU pages of the book record their machine here.
+
+# %%
+# NBVAL_IGNORE_OUTPUT: versions and hardware differ between the machines that run this page.
+def _git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+print("satconv", satconv.__version__, "| torch", torch.__version__, "| python", platform.python_version())
+print("git commit", _git("rev-parse", "--short", "HEAD") or "unknown")
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})")
+
+# %% [markdown]
+# ## Train
+#
+# A run directory that already holds a checkpoint is resumed exactly where it stopped.
+
+# %%
+# NBVAL_IGNORE_OUTPUT: the progress bar shows timings.
+if not output_dir and profile == "quick":  # a smoke run starts from scratch every time
+    output_dir = REPO_ROOT / "_build" / "train-quick" / cfg.name
+    shutil.rmtree(output_dir, ignore_errors=True)
+result = train(cfg, out_dir=output_dir or None, device=device or None)
+run_dir = result.run_dir
+
+# %% [markdown]
+# ## Curves
+
+# %%
+metrics = read_metrics(run_dir)
+epochs = [m["epoch"] for m in metrics]
+fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(12, 3.2))
+ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
+ax_loss.plot(epochs, [m["val_loss"] for m in metrics], "o-", label="validation")
+ax_acc.plot(epochs, [m["train_acc"] for m in metrics], "o-", label="train")
+ax_acc.plot(epochs, [m["val_acc"] for m in metrics], "o-", label="validation")
+tested = [m for m in metrics if m.get("test_acc") is not None]
+ax_acc.plot([m["epoch"] for m in tested], [m["test_acc"] for m in tested], "s--", label="test")
+ax_lr.plot(epochs, [m["lr"] for m in metrics], "o-")
+for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_lr, "learning rate (end of epoch)")):
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+ax_loss.legend()
+ax_acc.legend()
+fig.tight_layout()
+
+# %% [markdown]
+# ## Final numbers
+#
+# The model is selected on the validation split (held out of the training set); the test set is
+# only reported.
+
+# %%
+# NBVAL_IGNORE_OUTPUT: accuracies depend on the machine's floating-point arithmetic.
+summary = {"config": cfg.name, "data": cfg.data.source, "epochs": len(metrics), **result.results}
+print(json.dumps(summary, indent=1, default=str))
