@@ -569,6 +569,8 @@ class _Run:
         if (epoch + 1) % t.test_every == 0 or epoch + 1 == t.epochs:
             row["test_loss"], row["test_acc"] = evaluate_model(self.forward, self.test_loader, self.bf16)
         row["epoch_time_s"] = time.perf_counter() - epoch_start
+        if self.cuda:  # peak device memory so far (GiB), for the run report
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self.metrics.append(row)
         if row["val_acc"] is not None and (self.best is None or row["val_acc"] > self.best["val_acc"]):
             self.best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
