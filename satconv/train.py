@@ -257,13 +257,20 @@ def compiled(model: nn.Module, mode: str = "default"):
         A callable with the model's forward signature.
     """
     run = torch.compile(model, mode=None if mode == "default" else mode)
-    if mode not in ("reduce-overhead", "max-autotune"):
-        return run
+    return _GraphSteps(model, run) if mode in ("reduce-overhead", "max-autotune") else run
 
-    def forward(*args, **kwargs):
+
+class _GraphSteps(nn.Module):
+    """A compiled model whose every call begins a new CUDA-graph step; ``train()``/``eval()`` reach the model."""
+
+    def __init__(self, model: nn.Module, run):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_run", run)  # not a registered submodule: no second copy of the weights
+
+    def forward(self, *args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-        return run(*args, **kwargs)
-    return forward
+        return self._run(*args, **kwargs)
 
 
 def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -> tuple[float, float]:

@@ -266,7 +266,8 @@ class InputIndependentAttention(AttentionBase):
         """
         params = self.position_parameters()
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if self.training or recording:
+        if self.training or recording or torch.compiler.is_compiling():
+            # (under torch.compile a cached tensor would be a graph output that CUDA graphs overwrite)
             return self._compute_probs(height, width, device, dtype)
         key = (height, width, str(device), dtype)
         version = tuple((p.data_ptr(), p._version) for p in params)
