@@ -1,0 +1,593 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Timing: parameters, FLOPs, throughput and memory
+#
+# Table 1 of the paper reports, next to each model's accuracy, its parameter count and its FLOPs
+# {cite:p}`cordonnier2020`; the [Re] adds throughput measurements {cite:p}`rescience2021`. This chapter
+# measures all of them for every main model of `configs/`:
+#
+# 1. **parameters and FLOPs** of the full-size networks, counted here with
+#    `torch.utils.flop_counter.FlopCounterMode`, and Table 1's FLOP column recounted with the paper's own
+#    counting convention, to see where its 6.2B, 15B and 0.56B come from;
+# 2. **the benchmark protocol** of `satconv.timing`;
+# 3. **CPU figures**, measured when the book is built, on tiny versions of the models;
+# 4. **GPU figures** from a committed run on one GPU: training and evaluation throughput, batch-1
+#    latency, peak memory and model FLOPs utilisation (MFU) at batch 100 and at the largest batch
+#    that fits, the projected time of each full training schedule, and how throughput and memory
+#    grow with the image side.
+#
+# The counts of part 1 do not depend on the machine; every timing says which device produced it.
+
+# %%
+import json
+import os
+import statistics
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import HTML, Markdown, display
+from myst_nb import glue
+from torch.utils.flop_counter import FlopCounterMode
+
+from satconv import config, timing
+from satconv.config import REPO_ROOT
+from satconv.models import build_model, count_parameters
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+
+MAIN = ["paper_quadratic", "paper_quadratic_anisotropic", "paper_learned", "paper_learned_content",
+        "paper_resnet18", "re_vit", "re_san_pairwise", "re_san_patchwise", "sasa", "fcvit", "vit_patch"]
+CONFIGS = {name: config.load(REPO_ROOT / f"configs/{name}.yaml") for name in MAIN}
+
+# Literature values, not run outputs: Table 1 of arXiv 1911.03584 (Cordonnier, Loukas & Jaggi, ICLR 2020),
+# parameters in millions and the "# FLOPs" column in billions, as printed.
+TABLE1 = {
+    "paper_resnet18": {"label": "ResNet18", "params_m": 11.2, "flops_b": 0.56},
+    "paper_quadratic": {"label": "SA quadratic emb.", "params_m": 12.1, "flops_b": 6.2},
+    "paper_learned": {"label": "SA learned emb.", "params_m": 12.3, "flops_b": 6.2},
+    "paper_learned_content": {"label": "SA learned emb. + content", "params_m": 29.5, "flops_b": 15},
+}
+
+
+def family(cfg_or_row):
+    """Attention family of a config or a bench row: the attention kind, or the architecture for ResNet18."""
+    if isinstance(cfg_or_row, dict):
+        return cfg_or_row.get("attention") or cfg_or_row.get("arch", "?")
+    m = cfg_or_row.model
+    return m.arch if m.arch == "resnet18" else m.attention.kind
+
+
+def html_table(header, rows):
+    """An HTML table from a header list and a list of row lists (cells already formatted)."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+# %% [markdown]
+# ## Parameters and FLOPs
+#
+# `timing.flops_per_image` runs one batch inside `FlopCounterMode`, which adds up every matrix product
+# and convolution PyTorch executes, at 2 FLOPs per multiply-add. In *eval* mode that is one forward
+# pass; in *train* mode it is the forward pass, the cross-entropy and the backward pass as autograd
+# runs it (this is the count MFU uses below). The networks are built on the `meta` device, where the
+# counter sees every operation's shapes without computing anything. SAN and SASA look up their windows
+# with a data-dependent index table (`nonzero`), which the meta device cannot run; they are counted on
+# the CPU at batch 1. `timing.paper_convention_flops` runs one more forward pass of one image and splits
+# the count by the module that issued it, which part 2 needs.
+
+# %%
+COUNTS = {}
+for name, cfg in CONFIGS.items():
+    on_meta = cfg.model.arch not in ("san", "sasa")  # nonzero() in their window tables has no meta kernel
+    device = "meta" if on_meta else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(cfg)
+    size = cfg.model.image_size
+    split = timing.paper_convention_flops(model, size, device=device)
+    COUNTS[name] = {
+        "family": family(cfg), "device": device, "params": count_parameters(model),
+        "train": timing.flops_per_image(model, size, "train", device=device, batch=1),
+        "eval": 2 * split["total_macs"],  # the same eval forward of one image, 2 FLOPs per MAC
+        **split,
+    }
+    print(f"{name:28s} counted on {device:4s}: {COUNTS[name]['params'] / 1e6:6.2f} M parameters, "
+          f"{COUNTS[name]['eval'] / 1e9:7.3f} GFLOPs forward, {COUNTS[name]['train'] / 1e9:7.3f} GFLOPs train")
+    del model
+
+# %%
+header = ["config", "family", "parameters (M)", "Table 1 (M)", "GFLOPs forward", "GFLOPs train",
+          "train / forward", "Table 1 (B)"]
+rows = []
+for name, c in COUNTS.items():
+    t1 = TABLE1.get(name, {})
+    rows.append([name, c["family"], f"{c['params'] / 1e6:.2f}", t1.get("params_m", ""), f"{c['eval'] / 1e9:.3f}",
+                 f"{c['train'] / 1e9:.3f}", f"{c['train'] / c['eval']:.2f}", t1.get("flops_b", "")])
+ratios = {name: c["train"] / c["eval"] for name, c in COUNTS.items()}
+typical = statistics.median(ratios.values())
+glue("ratio_typical", typical, display=False)
+glue("ratio_fcvit", ratios["fcvit"], display=False)
+agree = all(float(f"{COUNTS[n]['params'] / 1e6:.3g}") == t1["params_m"] for n, t1 in TABLE1.items())
+glue("params_agree", "agree" if agree else "do not all agree", display=False)
+glue("params_quadratic", COUNTS["paper_quadratic"]["params"] / 1e6, display=False)
+glue("params_content", COUNTS["paper_learned_content"]["params"] / 1e6, display=False)
+html_table(header, rows)
+
+# %% [markdown]
+# The parameter counts {glue:text}`params_agree` with Table 1 at its three significant digits (quadratic
+# {glue:text}`params_quadratic:.2f` M, learned + content {glue:text}`params_content:.2f` M). A training
+# step costs about {glue:text}`ratio_typical:.1f` times a forward pass, the usual rule: the backward pass
+# computes two products (gradients with respect to the input and to the weights) for each product of
+# the forward pass. The exception is FCViT, at {glue:text}`ratio_fcvit:.1f`. Its token mixer is an
+# $11 \times 11$ depth-wise convolution (`groups` = channels), and in torch 2.14.1 the counter's
+# formula for the backward pass of a grouped convolution does not divide the weight-gradient product by
+# the number of groups (pytorch/pytorch pull request 183405 adds that division). One depth-wise
+# convolution shows it:
+
+# %%
+x = torch.randn(1, 64, 16, 16, requires_grad=True)
+for groups in (1, 64):
+    conv = torch.nn.Conv2d(64, 64, 11, padding=5, groups=groups)
+    with FlopCounterMode(display=False) as counter:
+        conv(x).sum().backward()
+    flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    ratio = flops["aten.convolution_backward"] / flops["aten.convolution"]
+    print(f"groups={groups:2d}: forward {flops['aten.convolution'] / 1e6:7.2f} MFLOPs, "
+          f"backward {flops['aten.convolution_backward'] / 1e6:7.2f} MFLOPs ({ratio:.1f} x forward, expected 2)")
+    if groups == 64:
+        glue("dw_backward_ratio", ratio, display=False)
+
+# %% [markdown]
+# The backward pass of the depth-wise convolution is counted {glue:text}`dw_backward_ratio:.0f` times its
+# forward pass instead of 2, so FCViT's training FLOPs, and the MFU computed from them, are too high;
+# the GPU tables below flag such rows and give the MFU with a training step counted as three forward
+# passes. Two further limits of the counter: it sees matrix products and convolutions only, so SAN and
+# SASA, which aggregate their windows with a broadcast multiply and a sum (faster than the equivalent
+# `einsum` of many tiny products), get lower bounds; and normalisation, softmax and element-wise work
+# are not counted for any model (they are not matrix FLOPs).
+#
+# ## The paper's FLOP convention
+#
+# The original code counts FLOPs with `thop` 0.0.31 (`profile(model, (1, 3, 32, 32))`), which hooks
+# `nn.Linear` and `nn.Conv2d` modules and nothing else: a linear layer costs $2 d_{in} - 1$ operations
+# per output element (FLOPs), a convolution costs one per multiply-add (MACs). Two hypotheses explain
+# Table 1's column:
+#
+# (a) **the column mixes conventions**: the self-attention models are counted in FLOPs (twice their
+#     linear multiply-adds), the ResNet18 in MACs, which makes it look twice as cheap;
+#
+# (b) **the attention products are missing**: the einsums $\mathrm{softmax}(A)\,X$ and, in the content
+#     model, $q\,k^\top$ are not modules, so thop never sees them.
+#
+# `paper_convention_flops` keeps the pieces apart: `linear_macs`, `conv_macs`, `attention_einsum_macs`
+# (everything `FlopCounterMode` counts outside those modules) and `thop_like = 2 linear_macs + conv_macs`.
+# A count *matches* Table 1 when it rounds to the printed figure at the printed two significant digits.
+
+# %%
+def matches(value, printed):
+    """True when `value` (in billions) rounds to Table 1's `printed` figure at two significant digits."""
+    return float(f"{value:.2g}") == printed
+
+
+header = ["model", "Table 1 (B)", "thop-like: 2 linear MACs + conv MACs", "matches", "linear MACs",
+          "conv MACs", "einsum MACs", "FLOPs, all products (2 x MACs)", "matches"]
+rows, verdicts = [], {}
+for name, t1 in TABLE1.items():
+    c = COUNTS[name]
+    like, total = c["thop_like"] / 1e9, c["eval"] / 1e9
+    verdicts[name] = {
+        "thop_like": matches(like, t1["flops_b"]),
+        "all_flops": matches(total, t1["flops_b"]),
+        "all_macs": matches(c["total_macs"] / 1e9, t1["flops_b"]),
+        "thop_like_plus_einsum": matches(like + 2 * c["attention_einsum_macs"] / 1e9, t1["flops_b"]),
+        "macs_only": matches((c["linear_macs"] + c["conv_macs"]) / 1e9, t1["flops_b"]),
+        "conv_flops": matches(2 * (c["linear_macs"] + c["conv_macs"]) / 1e9, t1["flops_b"]),
+    }
+    rows.append([t1["label"], t1["flops_b"], f"{like:.3f}", "yes" if verdicts[name]["thop_like"] else "no",
+                 f"{c['linear_macs'] / 1e9:.3f}", f"{c['conv_macs'] / 1e9:.3f}",
+                 f"{c['attention_einsum_macs'] / 1e9:.3f}", f"{total:.3f}",
+                 "yes" if verdicts[name]["all_flops"] else "no"])
+html_table(header, rows)
+
+# %%
+sa = [n for n in TABLE1 if n != "paper_resnet18"]
+resnet = verdicts["paper_resnet18"]
+# (a): one convention for every model would not reproduce the column; FLOPs for SA and MACs for ResNet do.
+hyp_a = (all(verdicts[n]["thop_like"] and not verdicts[n]["macs_only"] for n in sa)
+         and resnet["thop_like"] and not resnet["conv_flops"])
+# (b): the SA figures match without the attention einsums and stop matching when they are added.
+hyp_b = all(verdicts[n]["thop_like"] and not verdicts[n]["thop_like_plus_einsum"] for n in sa)
+glue("hyp_a", "holds" if hyp_a else "does not hold", display=False)
+glue("hyp_b", "holds" if hyp_b else "does not hold", display=False)
+q, lc, rn = COUNTS["paper_quadratic"], COUNTS["paper_learned_content"], COUNTS["paper_resnet18"]
+glue("q_thop", q["thop_like"] / 1e9, display=False)
+glue("q_einsum", q["attention_einsum_macs"] / 1e9, display=False)
+glue("q_all", q["eval"] / 1e9, display=False)
+glue("lc_thop", lc["thop_like"] / 1e9, display=False)
+glue("lc_einsum", lc["attention_einsum_macs"] / 1e9, display=False)
+glue("lc_all", lc["eval"] / 1e9, display=False)
+glue("rn_macs", rn["conv_macs"] / 1e9, display=False)
+glue("rn_all", rn["eval"] / 1e9, display=False)
+exact_diff = max(abs(COUNTS[n]["thop_exact"] / COUNTS[n]["thop_like"] - 1) for n in TABLE1)
+glue("thop_exact_diff", exact_diff, display=False)
+for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
+    print(f"hypothesis {label} {'holds' if holds else 'does not hold'}")
+
+# %% [markdown]
+# **Hypothesis (a) {glue:text}`hyp_a`.** The self-attention models' figures are twice their
+# linear multiply-adds (quadratic {glue:text}`q_thop:.2f` B, learned + content {glue:text}`lc_thop:.2f` B),
+# while the ResNet18's 0.56B is its convolution multiply-adds ({glue:text}`rn_macs:.3f` B); counted in
+# FLOPs like the others, the ResNet18 costs {glue:text}`rn_all:.2f` GFLOPs per image. No single
+# convention reproduces all four figures.
+#
+# **Hypothesis (b) {glue:text}`hyp_b`.** The quadratic model's $\mathrm{softmax}(A)\,X$ products add
+# {glue:text}`q_einsum:.2f` G multiply-adds (6 layers, 9 heads, $256 \times 256$ weights applied to
+# 400 channels), the content model's $q\,k^\top$ and $q\,r$ products bring its total to
+# {glue:text}`lc_einsum:.2f` G. Counting every product in FLOPs gives {glue:text}`q_all:.1f` GFLOPs
+# for the quadratic and learned models and {glue:text}`lc_all:.1f` GFLOPs for the content model,
+# instead of 6.2B and 15B. thop's exact formula, $(2 d_{in} - 1)$ per linear output, differs from
+# `thop_like` by at most {glue:text}`thop_exact_diff:.2%`, far below the printed precision.
+#
+# ## The benchmark protocol
+#
+# `timing.bench_model` builds a config's network with the paper's SGD (no weight decay on the Gaussian
+# centres and spreads) and times three things on random CIFAR-shaped input: a training step (forward,
+# cross-entropy, backward, optimiser step), an evaluation forward pass under `inference_mode` at the same
+# batch, and the latency of a forward pass of one image. It follows the [Re]'s bug list (B9):
+#
+# - **warm-up**: at least one untimed call before each timed phase (cuDNN autotuning and
+#   `torch.compile` happen there);
+# - **CUDA events** around every timed call and **one synchronise** after the last, so the host does not
+#   stall the GPU between steps; on the CPU, `time.perf_counter` (CPU operations are synchronous);
+# - the **median of the repeats** is reported, with the 10th and 90th percentiles;
+# - `cudnn.benchmark = True` (the [Re] timed with `deterministic=True`, which slows convolutions);
+# - **bf16 autocast** on CUDA by default (fp32 on request; the CPU always runs fp32);
+# - a **fused SGD** step (one kernel for all parameters);
+# - optionally **`torch.compile`**: `reduce-overhead` and `max-autotune` also capture the step in CUDA
+#   graphs, removing the launch overhead that dominates small models;
+# - peak memory is `torch.cuda.max_memory_allocated` during training (parameters, gradients, optimiser
+#   state and activations); FLOPs per image come from `flops_per_image` above, and MFU is the achieved
+#   training FLOP rate divided by the datasheet's dense peak (`mfu`) and by a measured
+#   $8192^3$ GEMM on the same GPU (`mfu_measured`).
+#
+# Every row stores the device name, precision, batch, compile mode, torch version and date.
+#
+# ```{literalinclude} ../satconv/timing.py
+# :pyobject: bench_model
+# ```
+#
+# To rerun a measurement (one JSON line per config and batch; `max` is the largest batch that fits;
+# `--sides 16 32 64` gives the scaling rows; `--out FILE.jsonl` appends them to a file):
+#
+# ```bash
+# python -m satconv bench --config configs/paper_quadratic.yaml --batch 100 max --compile reduce-overhead
+# ```
+#
+# ## CPU figures (measured during the book build)
+#
+# The book is built on a CPU-only machine, so the figures measured here use the `quick` profile of each
+# configuration (a tiny version of the model) at batch 8, with 1 warm-up call and 3 repeats.
+# **CPU, quick profile (tiny models): only for relative comparison.** They show that the harness runs
+# for every model; they say nothing about the full-size networks on a GPU. MFU on the CPU is reported
+# against a measured $1024^3$ fp32 GEMM, since there is no datasheet peak for it.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# Timings vary from run to run and from machine to machine: the output is not compared by nbval.
+cpu_rows = []
+for name in MAIN:
+    quick = config.load(REPO_ROOT / f"configs/{name}.yaml", profile="quick")
+    cpu_rows.append(timing.bench_model(quick, batch=8, device="cpu", warmup=1, repeats=3))
+cpu_gemm = timing.measure_matmul_peak("cpu", torch.float32, n=1024, warmup=1, repeats=3)
+cpu_device = cpu_rows[0]["device"]
+header = ["config", "family", "parameters", "train img/s", "eval img/s", "latency, batch 1 (ms)",
+          "GFLOPs / train image", "achieved GFLOP/s", "MFU vs CPU GEMM"]
+rows = [[r["config"], family(r), f"{r['params']:,}", f"{r['train_img_s']:.1f}", f"{r['eval_img_s']:.1f}",
+         f"{r['latency_ms_b1']:.1f}", f"{r['flops_per_image_train'] / 1e9:.3f}",
+         f"{r['achieved_tflops_train'] * 1e3:.2f}", f"{r['achieved_tflops_train'] / cpu_gemm:.1%}"]
+        for r in cpu_rows]
+glue("cpu_device", cpu_device, display=False)
+glue("cpu_threads", cpu_rows[0]["cpu_threads"], display=False)
+glue("cpu_gemm", cpu_gemm * 1e3, display=False)
+first = cpu_rows[0]
+display(Markdown(f"**CPU, quick profile (tiny models): only for relative comparison.** Device: **{cpu_device}**, "
+                 f"{first['cpu_threads']} threads, {first['precision']}, torch {first['torch']}; "
+                 f"1024³ fp32 GEMM: {cpu_gemm * 1e3:.1f} GFLOP/s."))
+html_table(header, rows)
+
+# %% [markdown]
+# These rows were measured on {glue:text}`cpu_device` with {glue:text}`cpu_threads` threads, whose
+# $1024^3$ fp32 GEMM reached {glue:text}`cpu_gemm:.1f` GFLOP/s. The tiny models are far too small to
+# keep a processor busy: their MFU and their ranking say little about the full-size networks.
+#
+# ## GPU figures (committed run)
+#
+# The full-size figures come from `python -m satconv bench` run on a GPU machine and committed under
+# `book/bench/` as JSON lines: `h200.jsonl` (batch 100), `h200_maxbatch.jsonl` (the largest batch that
+# fits), `h200_scaling.jsonl` (image sides 16, 32, 64) and `h200_epochs.jsonl` (whole training epochs).
+# The book reads these files and never times a GPU itself; a part whose file is missing says so.
+#
+# The [Re]'s reference figures were measured by the project owners with the [Re]'s code on the same
+# H200 in fp32 at batch 100; the [Re]'s SAN does not run there. They are the baseline for the speed-ups.
+
+# %%
+# Literature values, not run outputs: reference figures of the performance issue, [Re] code on one H200,
+# fp32, batch 100 (training images/s and peak GiB). The [Re]'s SAN does not run.
+RE_REFERENCE = {
+    "paper_learned_content": {"label": "learned + content", "img_s": 508, "gib": 13.3},
+    "paper_learned": {"label": "learned, position-only", "img_s": 1410, "gib": 5.4},
+    "paper_quadratic": {"label": "quadratic", "img_s": 1437, "gib": 4.5},
+    "re_vit": {"label": "ViT", "img_s": 425, "gib": 15.5},
+    "paper_resnet18": {"label": "ResNet18", "img_s": 16108, "gib": 1.4},
+}
+RE_DOES_NOT_RUN = {"re_san_pairwise", "re_san_patchwise"}
+BENCH_DIR = Path(os.environ.get("SATCONV_BENCH_DIR", REPO_ROOT / "book" / "bench"))
+
+
+def read_rows(filename):
+    """Rows of a committed JSON-lines file under book/bench/, or None when it does not exist yet."""
+    path = BENCH_DIR / filename
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def not_measured(what, filename):
+    """The sentence shown in place of a part whose committed file does not exist yet."""
+    return Markdown(f"{what}: **not measured yet** (`book/bench/{filename}` is not committed).")
+
+
+def fmt(value, spec, missing="–"):
+    """`format(value, spec)`, or `missing` for None."""
+    return missing if value is None else format(value, spec)
+
+
+def mfu_note(r):
+    """MFU with a training step counted as 3 forward passes, when the counted step is clearly more (FCViT)."""
+    train, fwd = r.get("flops_per_image_train"), r.get("flops_per_image_eval")
+    if not (train and fwd and r.get("mfu") is not None) or train / fwd < 3.5:
+        return ""
+    return f" ({r['mfu'] * 3 * fwd / train:.1%} at 3 x forward)"
+
+
+def device_line(rows):
+    """One sentence naming the devices, precisions, torch versions and dates of some bench rows."""
+    keys = ("device", "precision", "torch")
+    seen = sorted({tuple(str(r.get(k)) for k in keys) for r in rows if "error" not in r})
+    dates = sorted(r["date"][:10] for r in rows if r.get("date"))
+    text = "; ".join(f"**{d}**, {p}, torch {t}" for d, p, t in seen)
+    if dates:
+        text += f"; measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+    return text
+
+
+gpu = read_rows("h200.jsonl")
+gpu_max = read_rows("h200_maxbatch.jsonl")
+gpu_scaling = read_rows("h200_scaling.jsonl")
+gpu_epochs = read_rows("h200_epochs.jsonl")
+for filename, rows in [("h200.jsonl", gpu), ("h200_maxbatch.jsonl", gpu_max), ("h200_scaling.jsonl", gpu_scaling),
+                       ("h200_epochs.jsonl", gpu_epochs)]:
+    print(f"book/bench/{filename}: {'not measured yet' if rows is None else f'{len(rows)} rows'}")
+
+# %% [markdown]
+# ### Batch 100
+#
+# One row per measured configuration: training and evaluation throughput, batch-1 latency, peak training
+# memory, the achieved training FLOP rate, MFU against the datasheet peak and against the measured GEMM,
+# and the [Re]'s figures on the same GPU with our speed-up.
+
+# %%
+def gpu_table(rows):
+    """Render the bench rows with MFU and the [Re]'s reference figures; returns the speed-up of each row."""
+    header = ["config", "family", "batch", "compile", "train img/s", "eval img/s", "latency b1 (ms)",
+              "peak GiB", "TFLOP/s", "MFU (datasheet)", "MFU (GEMM)", "[Re] img/s", "[Re] GiB", "speed-up"]
+    cells, speedups = [], {}
+    for r in rows:
+        if "error" in r:
+            cells.append([r["config"], family(r), r.get("batch"), r.get("compile", ""), r["error"]] + [""] * 9)
+            continue
+        ref = RE_REFERENCE.get(r["config"])
+        speed = r["train_img_s"] / ref["img_s"] if ref else None
+        if speed is not None:
+            speedups[r["config"]] = max(speed, speedups.get(r["config"], 0))
+        re_img = "does not run" if r["config"] in RE_DOES_NOT_RUN else fmt(ref and ref["img_s"], ",")
+        cells.append([r["config"], family(r), r["batch"], r.get("compile") or "no", f"{r['train_img_s']:,.0f}",
+                      f"{r['eval_img_s']:,.0f}", fmt(r.get("latency_ms_b1"), ".2f"),
+                      fmt(r.get("peak_mem_gib"), ".2f"),
+                      fmt(r.get("achieved_tflops_train"), ".1f"), fmt(r.get("mfu"), ".1%") + mfu_note(r),
+                      fmt(r.get("mfu_measured"), ".1%"), re_img, fmt(ref and ref["gib"], ".1f"),
+                      fmt(speed, ".1f") + ("x" if speed else "")])
+    display(html_table(header, cells))
+    return speedups
+
+
+if gpu is None:
+    speedups = {}
+    display(not_measured("GPU figures at batch 100", "h200.jsonl"))
+else:
+    display(Markdown(f"Measured on {device_line(gpu)}. Datasheet peak: {gpu[0].get('peak_tflops_source')}."))
+    speedups = gpu_table(gpu)
+glue("speedup_summary", ", ".join(f"{RE_REFERENCE[c]['label']} {s:.1f}x" for c, s in speedups.items())
+     or "not measured yet", display=False)
+
+# %% [markdown]
+# Speed-up over the [Re] at batch 100 (training images per second, best row per model):
+# {glue:text}`speedup_summary`. MFU is the training FLOPs per image (counted as in part 1) times the
+# measured images per second, divided by the peak. The GEMM column says how far each model is from what
+# the same GPU reaches on one large matrix product; these networks multiply small matrices (at most 256
+# tokens of 400 channels per image, fewer in the local and convolutional networks), spend time in
+# softmax, normalisation and gathers that are not matrix FLOPs, and so stay well below that rate.
+#
+# ### Batch 100 against the largest batch that fits
+#
+# `largest_batch` doubles the batch from 100 until a training step runs out of memory, then bisects.
+# A larger batch amortises the per-step overhead over more images.
+
+# %%
+if gpu_max is None:
+    display(not_measured("Largest-batch figures", "h200_maxbatch.jsonl"))
+else:
+    display(Markdown(f"Measured on {device_line(gpu_max)}."))
+    at_100 = {}
+    for r in gpu or []:
+        if "error" not in r and r.get("batch") == 100:
+            at_100[r["config"]] = max(at_100.get(r["config"], r), r, key=lambda row: row["train_img_s"])
+    header = ["config", "family", "train img/s at 100", "peak GiB at 100", "largest batch", "train img/s",
+              "peak GiB", "eval img/s", "MFU (datasheet)", "gain over batch 100"]
+    cells = []
+    for r in gpu_max:
+        b100 = at_100.get(r["config"])
+        if "error" in r:
+            cells.append([r["config"], family(r), "", "", r.get("batch"), r["error"], "", "", "", ""])
+            continue
+        gain = r["train_img_s"] / b100["train_img_s"] if b100 else None
+        cells.append([r["config"], family(r), fmt(b100 and b100["train_img_s"], ",.0f"),
+                      fmt(b100 and b100.get("peak_mem_gib"), ".2f"), f"{r['batch']:,}", f"{r['train_img_s']:,.0f}",
+                      fmt(r.get("peak_mem_gib"), ".2f"), f"{r['eval_img_s']:,.0f}",
+                      fmt(r.get("mfu"), ".1%") + mfu_note(r),
+                      fmt(gain, ".2f") + ("x" if gain else "")])
+    display(html_table(header, cells))
+
+# %% [markdown]
+# ### Projected time of a full training schedule
+#
+# `timing.epoch_time_projection` turns a training throughput into hours for a schedule: the config's
+# number of epochs over 45,000 images (CIFAR-10's training set less the 5,000 held out for validation).
+# The model-only projection uses the fastest batch-100 row of each model; where a whole epoch was timed
+# (data loading, augmentation and evaluation included, `h200_epochs.jsonl`), the projection from that
+# epoch time is shown too, scaled to 45,000 images. The [Re]'s projection uses its reference throughput
+# with the same schedule.
+
+# %%
+TRAIN_IMAGES = 45000
+epochs_by_config = {r["config"]: r for r in gpu_epochs or []}
+best = {}
+for r in gpu or []:
+    if "error" not in r and r.get("batch") == 100:
+        best[r["config"]] = max(best.get(r["config"], r), r, key=lambda row: row["train_img_s"])
+header = ["config", "epochs", "model-only img/s", "projected h (model only)", "whole-epoch img/s",
+          "projected h (measured epochs)", "[Re] img/s", "[Re] projected h"]
+cells = []
+for name in MAIN:
+    epochs = CONFIGS[name].train.epochs
+    r, e, ref = best.get(name), epochs_by_config.get(name), RE_REFERENCE.get(name)
+    epoch_img_s = e["images"] / e["epoch_time_s"] if e else None
+    cells.append([name, epochs, fmt(r and r["train_img_s"], ",.0f", "not measured yet"),
+                  fmt(r and timing.epoch_time_projection(r["train_img_s"], epochs, TRAIN_IMAGES), ".2f", "–"),
+                  fmt(epoch_img_s, ",.0f"),
+                  fmt(epoch_img_s and timing.epoch_time_projection(epoch_img_s, epochs, TRAIN_IMAGES), ".2f"),
+                  "does not run" if name in RE_DOES_NOT_RUN else fmt(ref and ref["img_s"], ","),
+                  fmt(ref and timing.epoch_time_projection(ref["img_s"], epochs, TRAIN_IMAGES), ".2f")])
+html_table(header, cells)
+
+# %% [markdown]
+# ### A whole epoch against the model alone
+#
+# The benchmark feeds the same random batch at every step; a real epoch also loads, augments and
+# transfers images and evaluates the model. `h200_epochs.jsonl` compares the two for the same model.
+
+# %%
+if gpu_epochs is None:
+    display(not_measured("Whole-epoch timings", "h200_epochs.jsonl"))
+else:
+    header = ["config", "images", "epoch time (s)", "whole-epoch img/s", "model-only img/s",
+              "whole epoch / model only"]
+    cells = []
+    for e in gpu_epochs:
+        epoch_img_s = e["images"] / e["epoch_time_s"]
+        model_only = e.get("model_only_img_s")
+        cells.append([e["config"], f"{e['images']:,}", f"{e['epoch_time_s']:.1f}", f"{epoch_img_s:,.0f}",
+                      fmt(model_only, ",.0f"), fmt(model_only and epoch_img_s / model_only, ".0%")])
+    display(html_table(header, cells))
+
+# %% [markdown]
+# ## Scaling with the image side
+#
+# How throughput and memory grow with the input for each attention family: the same networks at image
+# sides 16, 32 and 64 (a side of 64 means 4 times the tokens of CIFAR-10 and 16 times the entries of a
+# global attention matrix), at batch 100 and at the largest batch that fits. Learned relative embeddings
+# are widened to cover the larger token grid (`timing.with_image_side`).
+
+# %%
+SIDES = (16, 32, 64)
+
+
+def scaling_key(r):
+    """(config, 'batch 100' or 'largest batch') of a scaling row."""
+    largest = r.get("batch_mode") == "max" or r.get("batch") == "max"
+    return r["config"], "largest batch" if largest else f"batch {r['batch']}"
+
+
+if gpu_scaling is None:
+    display(not_measured("Scaling with the image side", "h200_scaling.jsonl"))
+else:
+    series = {}
+    for r in gpu_scaling:
+        series.setdefault(scaling_key(r), {})[r.get("side", r.get("image_size"))] = r
+    display(Markdown(f"Measured on {device_line(gpu_scaling)}."))
+    header = ["config", "family", "batch"] + [f"side {s}: img/s, GiB" for s in SIDES]
+    cells = []
+    for (name, mode), by_side in series.items():
+        first = next(iter(by_side.values()))
+        row = [name, family(first), mode]
+        for s in SIDES:
+            r = by_side.get(s)
+            if r is None:
+                row.append("–")
+            elif "error" in r:
+                row.append(r["error"])
+            else:
+                batch = f" (batch {r['batch']:,})" if mode == "largest batch" else ""
+                row.append(f"{r['train_img_s']:,.0f}, {fmt(r.get('peak_mem_gib'), '.2f')}{batch}")
+        cells.append(row)
+    display(html_table(header, cells))
+
+# %%
+if gpu_scaling is not None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted({name for name, _ in series})
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    for (name, mode), by_side in series.items():
+        ok = sorted((s, r) for s, r in by_side.items() if "error" not in r)
+        if not ok:
+            continue
+        style = "--s" if mode == "largest batch" else "-o"
+        label = None if mode == "largest batch" else f"{name} ({family(ok[0][1])})"
+        axes[0].plot([s for s, _ in ok], [r["train_img_s"] for _, r in ok], style, color=colours[name])
+        axes[1].plot([s for s, _ in ok], [r.get("peak_mem_gib") or float("nan") for _, r in ok], style,
+                     color=colours[name], label=label)
+    axes[1].plot([], [], "-o", color="black", label="batch 100")
+    axes[1].plot([], [], "--s", color="black", label="largest batch")
+    for ax, title in zip(axes, ["training images / s", "peak training memory (GiB)"]):
+        ax.set(xscale="log", yscale="log", xticks=SIDES, xlabel="image side (pixels)", title=title)
+        ax.set_xticklabels([str(s) for s in SIDES])
+        ax.minorticks_off()
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle("Scaling with the image side (solid: batch 100, dashed: largest batch)")
+    fig.tight_layout()
+    plt.show()
+else:
+    print("no scaling plot: not measured yet")
+
+# %% [markdown]
+# Both axes are logarithmic, so a straight line is a power law. In the encoder models, global attention
+# over $N = (s/2)^2$ tokens has $N^2$ score entries, so its memory and time per image grow up to $s^4$,
+# while the local windows of SAN and SASA and the ResNet's convolutions grow as $s^2$, the number of
+# pixels.
