@@ -1,0 +1,473 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Results
+#
+# This page reads every training run committed under `book/runs/` and puts its numbers next to
+# the paper's Table 1 {cite:p}`cordonnier2020` and the results of the ReScience reproduction
+# {cite:p}`rescience2021` (the [Re]). Nothing on it is typed in: the literature numbers come from
+# `book/reference.yaml`, where each carries its source; the numbers of a run come from its run
+# directory (`config.yaml`, `metrics.jsonl`, `run.json`, written by `satconv.train.train`); both
+# reach the text through glue. Every result names its data set (the original CIFAR-10, or the
+# lossy JPEG copy used on machines without internet access), its schedule, its seeds and the GPU
+# it ran on.
+#
+# > **How our numbers differ from the literature's.** `satconv` selects weights on a validation
+# > split held out of the training set and reports the test accuracy of both the final and the
+# > best-on-validation weights. The original code kept the checkpoint with the best *test*
+# > accuracy, and the [Re]'s numbers are the best test accuracy over its evaluations, made in
+# > training mode; numbers selected on the test set are, if anything, optimistic next to ours.
+
+# %% tags=["hide-input"]
+import json
+import os
+import shutil
+import statistics
+from collections import defaultdict
+from html import escape
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import yaml
+from IPython.display import HTML, display
+from matplotlib.ticker import MaxNLocator
+from myst_nb import glue
+
+from satconv.config import REPO_ROOT, from_dict, load, to_dict
+from satconv.models import build_model, count_parameters
+from satconv.train import read_metrics, train
+
+torch.set_num_threads(2)
+# The book reads book/runs. SATCONV_RESULTS_RUNS points the page at another folder of run
+# directories, only to test it before GPU runs are committed.
+RUNS_DIR = Path(os.environ.get("SATCONV_RESULTS_RUNS") or REPO_ROOT / "book" / "runs")
+FALLBACK_DIR = REPO_ROOT / "_build" / "results-fallback"  # git-ignored
+REFERENCE = yaml.safe_load((REPO_ROOT / "book" / "reference.yaml").read_text())
+MIN_SEEDS = 3  # seeds per config before an accuracy difference is read (paper.md §7, bug B5)
+
+
+def html_table(header, rows, notes=()) -> HTML:
+    """An HTML table from a header and rows of cells (escaped), with small notes below it."""
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    foot = "".join(f"<p><small>{escape(n)}</small></p>" for n in notes)
+    return HTML(f'<div class="satconv-results" style="overflow-x: auto; font-size: 0.85em"><table>'
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}</div>")
+
+
+display(HTML("<style>.satconv-results td { vertical-align: top; }</style>"))
+
+
+def pct(x, digits: int = 2) -> str:
+    """An accuracy in [0, 1] as a percentage string; blank when missing."""
+    return "" if x is None else f"{100 * x:.{digits}f}"
+
+
+# %% [markdown]
+# ## The literature numbers
+#
+# The paper's Table 1 and the [Re]'s results, as `book/reference.yaml` holds them. A value marked
+# with an asterisk has not yet been checked against the paper PDF.
+
+# %% tags=["hide-input"]
+paper, re_rows = REFERENCE["paper"], REFERENCE["re"]
+
+
+def ref_value(entry) -> str:
+    """A Table 1 value as printed there, with an asterisk when it is unconfirmed."""
+    return f"{entry['value']:g}" + ("" if entry["confirmed"] else "*")
+
+
+display(html_table(
+    ["paper, Table 1", "test accuracy (%)", "parameters (M)", "FLOPs (B, as printed)"],
+    [[row["model"], ref_value(row["accuracy"]), ref_value(row["params"]), ref_value(row["flops"])]
+     for row in paper.values()],
+    ["* unconfirmed: recalled from the paper, not yet checked against its PDF.",
+     "Protocol: " + REFERENCE["sources"]["paper"]["protocol"]]))
+display(html_table(
+    ["[Re] run folder", "model", "test accuracy (%)", "note"],
+    [[row["run"], row["model"], f"{row['accuracy']:.2f}", row.get("note", "")] for row in re_rows.values()],
+    ["Protocol: " + REFERENCE["sources"]["re"]["protocol"]]))
+glue("paper_quadratic_acc", paper["quadratic"]["accuracy"]["value"], display=False)
+glue("paper_resnet_acc", paper["resnet18"]["accuracy"]["value"], display=False)
+resnet_confirmed = paper["resnet18"]["accuracy"]["confirmed"]
+glue("paper_resnet_note", "confirmed" if resnet_confirmed else "not yet checked against the PDF", display=False)
+glue("re_quadratic_acc", re_rows["quadratic_9h"]["accuracy"], display=False)
+glue("re_resnet_acc", re_rows["resnet18"]["accuracy"], display=False)
+glue("n_unconfirmed", sum(not v["confirmed"] for row in paper.values() for k, v in row.items() if k != "model"),
+     display=False)
+
+# %% [markdown]
+# The paper reports {glue:text}`paper_quadratic_acc:.1f` % for its quadratic model and
+# {glue:text}`paper_resnet_acc:.1f` % for ResNet18 ({glue:text}`paper_resnet_note`); the [Re]
+# reports {glue:text}`re_quadratic_acc:.2f` % and {glue:text}`re_resnet_acc:.2f` %, its ResNet18
+# trained with stronger augmentation. {glue:text}`n_unconfirmed:d` values of Table 1 await a
+# check against the PDF. Each `satconv` config is compared with the rows that
+# `book/reference.yaml` maps it to; a config without a mapping (SAN, ViT, SASA, FCViT, the
+# content-only baseline) has no literature number in this table.
+#
+# ## The runs
+#
+# Each folder under `book/runs/` holds one run; its `config.yaml` names the config it ran
+# (`configs/<name>.yaml`), and runs of one config with different seeds sit in separate folders.
+# When there is no run, the page trains one quick stand-in on the CPU instead, so that it still
+# executes.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (only when no run is committed: the stand-in's training may print platform-dependent warnings)
+SMOKE_CONFIG = "paper_quadratic"
+# quick profile, generated images, a smaller training set and two epochs: two points per curve in
+# well under a minute on two CPU cores
+SMOKE_OVERRIDES = ["data.source=synthetic", "data.train_subset=128", "data.val_size=64",
+                   "data.test_subset=128", "train.epochs=2"]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Run directories under ``root``: folders holding config.yaml, metrics.jsonl and run.json."""
+    return sorted(p.parent for p in Path(root).glob("*/run.json")
+                  if (p.parent / "config.yaml").is_file() and (p.parent / "metrics.jsonl").is_file())
+
+
+dirs = run_dirs(RUNS_DIR)
+smoke = not dirs
+if smoke:
+    shutil.rmtree(FALLBACK_DIR, ignore_errors=True)  # always a fresh run of the current package
+    train(REPO_ROOT / "configs" / f"{SMOKE_CONFIG}.yaml", profile="quick", overrides=SMOKE_OVERRIDES,
+          out_dir=FALLBACK_DIR / SMOKE_CONFIG, device="cpu", progress=False)
+    dirs = run_dirs(FALLBACK_DIR)
+
+# %% tags=["hide-input"]
+if smoke:
+    display(HTML(
+        '<div class="admonition warning"><p class="admonition-title">Smoke run: its numbers mean nothing</p>'
+        "<p>No GPU run is committed under <code>book/runs/</code> yet. Everything below comes from one "
+        f"stand-in run of <code>{SMOKE_CONFIG}</code> trained on a CPU while this page was built: the "
+        "<code>quick</code> profile (a tiny model), generated images instead of CIFAR-10, "
+        f"{len(read_metrics(dirs[0]))} epoch(s). It only shows what this page will display once real runs "
+        "exist; its accuracies say nothing about the paper.</p></div>"))
+else:
+    print(f"{len(dirs)} run directories found")
+
+
+# %% tags=["hide-input"]
+def model_label(m: dict) -> str:
+    """The network of a config's ``model`` section, in a few words."""
+    a = m["attention"]
+    kind = a["kind"] + {"quadratic": "" if a["quadratic"]["isotropic"] else " (anisotropic)",
+                        "learned_relative": f" ({a['learned_relative']['variant']})"}.get(a["kind"], "")
+    if m["arch"] == "resnet18":
+        return "ResNet18"
+    if m["arch"] in ("encoder", "vit"):
+        return (f"{m['arch']}: {kind}, {m['num_layers']} layers x {a['num_heads']} heads, width {m['hidden_dim']}"
+                + (", hierarchical" if m["hierarchical"] else ""))
+    return f"{m['arch']}: {kind}"
+
+
+def schedule_label(t: dict) -> str:
+    """Optimiser schedule of a config's ``train`` section."""
+    label = f"{t['schedule']}, warm-up {t['warmup_ratio']:.0%}, lr {t['lr']:g}, batch {t['batch_size']}"
+    if t["schedule"] == "multistep":
+        steps = [str(m) for m in t["milestones"] if m < t["epochs"]]
+        label += f", x{t['gamma']:g} at epochs {'/'.join(steps)}" if steps else ", no step within the run"
+    return label
+
+
+def count_params(raw: dict, source: str):
+    """Parameters of the run's network, built on the meta device (no memory, no init cost)."""
+    try:
+        with torch.device("meta"):
+            return count_parameters(build_model(from_dict(raw, source)))
+    except (ValueError, KeyError, TypeError):  # a config written by another satconv version
+        return None
+
+
+# %% tags=["hide-input"]
+def summarise(run_dir: Path) -> dict:
+    """What the tables and curves need from one run directory."""
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    metrics = read_metrics(run_dir)
+    name, t = raw["name"], raw["train"]
+    config_file = REPO_ROOT / "configs" / f"{name}.yaml"
+    full = to_dict(load(config_file)) if config_file.is_file() else None
+    results = info.get("results") or {}
+    best = results.get("best") or {}
+    if not best and any(m.get("val_acc") is not None for m in metrics):  # a run still going
+        best = max((m for m in metrics if m.get("val_acc") is not None), key=lambda m: m["val_acc"])
+    data = info.get("data") or {}
+    devices = [info.get("device", "unknown")] + [r["device"] for r in info.get("resumes", [])]
+    return {"dir": run_dir, "name": name, "raw": raw, "info": info, "metrics": metrics,
+            "params": count_params(raw, str(run_dir / "config.yaml")),
+            "data": data.get("description", raw["data"]["source"]), "jpeg": bool(data.get("is_jpeg_copy")),
+            "sizes": data.get("sizes", {}), "synthetic": raw["data"]["source"] == "synthetic",
+            "shrunk": full is not None and full["model"] != raw["model"],
+            "epochs_run": metrics[-1]["epoch"] if metrics else 0, "epochs_planned": t["epochs"],
+            "epochs_full": full["train"]["epochs"] if full else None, "schedule": schedule_label(t),
+            "seed": info.get("seed", t["seed"]), "device": " then ".join(dict.fromkeys(devices)),
+            "status": info.get("status", "unknown"), "best_val": best.get("val_acc"),
+            "best_epoch": best.get("epoch"), "test_best": best.get("test_acc"),
+            "test_final": (results.get("final") or {}).get("test_acc"),
+            "ref": REFERENCE["configs"].get(name, {})}
+
+
+runs = [summarise(d) for d in dirs]
+
+
+# %% [markdown]
+# ### Accuracy, next to the literature
+#
+# One row per run. *Epochs* gives the epochs run, the epochs the run was configured for and, when
+# it differs, the config file's full schedule: a short run's learning-rate schedule (warm-up, then
+# cosine or steps) is compressed to its own length, so it is a complete but shorter training, not
+# the first epochs of the long one. The model is selected on the validation split; the test set
+# is only reported, for the final weights and for the best-on-validation weights.
+
+# %% tags=["hide-input", "full-width"]
+# NBVAL_IGNORE_OUTPUT
+# (accuracies, parameter counts of GPU configs and device names depend on the run and the machine)
+def epochs_cell(r: dict) -> str:
+    cell = f"{r['epochs_run']} / {r['epochs_planned']}"
+    if r["epochs_full"] is not None and r["epochs_full"] != r["epochs_planned"]:
+        cell += f" (config: {r['epochs_full']})"
+    return cell + ("" if r["status"] == "completed" else f", {r['status']}")
+
+
+def config_cell(r: dict) -> str:
+    flags = [f for f, on in (("smoke run", smoke), ("synthetic data", r["synthetic"]),
+                             ("model differs from configs/" + r["name"] + ".yaml", r["shrunk"])) if on]
+    return r["name"] + (f" ({'; '.join(flags)})" if flags else "")
+
+
+def ref_acc(r: dict, source: str) -> str:
+    key = r["ref"].get(source)
+    if key is None:
+        return ""
+    return ref_value(paper[key]["accuracy"]) if source == "paper" else f"{re_rows[key]['accuracy']:.2f}"
+
+
+display(html_table(
+    ["config", "data set", "epochs run / planned", "seed", "test acc, best on val (%)", "test acc, final (%)",
+     "best val acc (%) [epoch]", "paper (%)", "[Re] (%)", "model", "params (M)", "schedule", "device"],
+    [[config_cell(r), r["data"] + (" (JPEG copy)" if r["jpeg"] and "JPEG" not in r["data"] else ""), epochs_cell(r),
+      r["seed"], pct(r["test_best"]), pct(r["test_final"]),
+      f"{pct(r['best_val'])} [{r['best_epoch']}]" if r["best_val"] is not None else "", ref_acc(r, "paper"),
+      ref_acc(r, "re"), model_label(r["raw"]["model"]), "" if r["params"] is None else f"{r['params'] / 1e6:.2f}",
+      r["schedule"], r["device"]] for r in runs],
+    ["paper and [Re]: the rows book/reference.yaml maps the config to (blank: none); "
+     "* unconfirmed against the paper PDF. Their protocols differ from ours (see the tables above)."]))
+
+# %% [markdown]
+# Runs of the same config, data set and schedule that differ only in the seed are summarised
+# below by their mean and standard deviation, when there are any.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+# (means and spreads of trained accuracies)
+groups = defaultdict(list)
+for r in runs:
+    groups[(r["name"], r["data"], r["epochs_planned"], r["shrunk"])].append(r)
+
+
+def spread(values) -> str:
+    values = [100 * v for v in values if v is not None]
+    if len(values) < 2:
+        return ""
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+seeded = [(key, rs) for key, rs in groups.items() if len({r["seed"] for r in rs}) > 1]
+if seeded:
+    display(html_table(
+        ["config", "data set", "epochs", "seeds", "device", "test acc, best on val (%)", "test acc, final (%)"],
+        [[name, data, epochs, ", ".join(str(r["seed"]) for r in rs), ", ".join(sorted({r["device"] for r in rs})),
+          spread(r["test_best"] for r in rs), spread(r["test_final"] for r in rs)]
+         for (name, data, epochs, _), rs in seeded]))
+else:
+    print("every config here has a single seed: no spread to show")
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+# (glued numbers of the trained runs)
+seeds_per_config = [len({r["seed"] for r in rs}) for rs in groups.values()]
+tested = [r for r in runs if r["test_best"] is not None]
+top = max(tested, key=lambda r: r["test_best"]) if tested else None
+glue("n_runs", len(runs), display=False)
+glue("n_configs", len({r["name"] for r in runs}), display=False)
+glue("min_epochs_run", min(r["epochs_run"] for r in runs), display=False)
+glue("max_epochs_run", max(r["epochs_run"] for r in runs), display=False)
+glue("max_seeds", max(seeds_per_config), display=False)
+glue("top_test", 100 * top["test_best"] if top else float("nan"), display=False)
+glue("top_test_config", top["name"] if top else "none", display=False)
+glue("top_test_data", top["data"] if top else "none", display=False)
+glue("top_test_device", top["device"] if top else "none", display=False)
+
+# %% [markdown]
+# This page read {glue:text}`n_runs:d` run(s) of {glue:text}`n_configs:d` config(s), trained for
+# {glue:text}`min_epochs_run:d` to {glue:text}`max_epochs_run:d` epochs, with at most
+# {glue:text}`max_seeds:d` seed(s) per config. The highest test accuracy of best-on-validation
+# weights among them is {glue:text}`top_test:.2f` % ({glue:text}`top_test_config`, on
+# {glue:text}`top_test_data`, {glue:text}`top_test_device`); the claims section below says what
+# such a number can and cannot show.
+#
+# ## Curves
+#
+# Validation accuracy after every epoch (lines) and test accuracy where it was evaluated
+# (markers), as in the paper's Fig. 2, and the training loss. For runs on CIFAR-10, dotted and
+# dash-dotted lines mark the paper's and the [Re]'s accuracy for the matching row: numbers reached
+# after their full schedules.
+
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "Left: validation accuracy per epoch (lines) and test accuracy where evaluated (markers) of every run on this page; dotted: the paper's accuracy, dash-dotted: the [Re]'s, for runs on CIFAR-10 with a matching row. Right: mean training loss per epoch.", "name": "fig-results-curves"}}
+fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+for i, r in enumerate(runs):
+    color, m = palette[i % len(palette)], r["metrics"]
+    label = f"{r['name']} (seed {r['seed']})"
+    val = [x for x in m if x.get("val_acc") is not None]
+    ax_acc.plot([x["epoch"] for x in val], [100 * x["val_acc"] for x in val], ".-", color=color, label=label)
+    test = [x for x in m if x.get("test_acc") is not None]
+    ax_acc.plot([x["epoch"] for x in test], [100 * x["test_acc"] for x in test], "o", color=color, ms=4)
+    ax_loss.plot([x["epoch"] for x in m], [x["train_loss"] for x in m], "-", color=color, label=label)
+    if not r["synthetic"] and r["ref"].get("paper"):
+        ax_acc.axhline(paper[r["ref"]["paper"]]["accuracy"]["value"], color=color, ls=":", lw=1)
+    if not r["synthetic"] and r["ref"].get("re"):
+        ax_acc.axhline(re_rows[r["ref"]["re"]]["accuracy"], color=color, ls="-.", lw=1)
+ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation (lines), test (markers)")
+ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+ax_loss.legend(fontsize=7, loc="upper right")
+for ax in (ax_acc, ax_loss):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+if smoke:
+    fig.suptitle("smoke run on synthetic data: the numbers mean nothing", color="C3")
+plt.show()
+
+# %% [markdown]
+# ## Where each run came from
+#
+# The versions, dates and commit each run recorded in its `run.json`, and the sizes of its data
+# splits.
+
+# %% tags=["hide-input", "full-width"]
+# NBVAL_IGNORE_OUTPUT
+# (dates, commits, versions and machine names of the runs)
+display(html_table(
+    ["config", "status", "started", "ended", "satconv", "torch", "python", "git commit", "device",
+     "images train / val / test"],
+    [[r["name"], r["status"], r["info"].get("start_time", ""), r["info"].get("end_time", ""),
+      r["info"].get("satconv", ""), r["info"].get("torch", ""), r["info"].get("python", ""),
+      (r["info"].get("git_commit") or "")[:12] + ("+dirty" if (r["info"].get("git_commit") or "").endswith("+dirty")
+                                                  else ""),
+      r["device"], " / ".join(str(r["sizes"].get(k, "")) for k in ("train", "val", "test"))] for r in runs]))
+
+# %% [markdown]
+# ## What these runs can say about the paper's claims
+#
+# The claims are numbered as elsewhere in this book (the {doc}`visualise` chapter tests claims 5,
+# 10, 11 and 13); the table at the end states each one. They fall into three groups.
+#
+# - **Claims 1 to 4 (expressivity) and claim 12 (FLOPs)** are statements about a construction and
+#   a count, not about training. The {doc}`theory` and {doc}`mechanisms` chapters check them
+#   whatever runs exist.
+# - **Claims about learned attention patterns** (5, 10, 11, 13, 14) are about the weights at the
+#   end of training, which the {doc}`visualise` chapter draws from the same run directories. The
+#   paper shows one run of each, so one seed is what it compares with, but only a run of the full
+#   schedule shows the final pattern; a shorter one shows an earlier stage.
+# - **Accuracy claims** (6 to 9, 15, 16) compare with numbers obtained after the full schedule of
+#   {glue:text}`full_epochs:d` epochs. A shorter run says how far a model gets with that budget,
+#   not whether the paper's number reproduces; and a difference between two models can only be
+#   read against the seed-to-seed spread, so these claims need at least
+#   {glue:text}`min_seeds:d` seeds per config, selected on validation data, on the original
+#   CIFAR-10 (the JPEG copy is lossy, so accuracies on it are expected to sit somewhat lower).
+#
+# The table applies these rules to the runs on this page; it is recomputed when runs are added,
+# and says *whether* a claim can be checked, not what the check finds.
+
+# %% tags=["hide-input"]
+glue("full_epochs", load(REPO_ROOT / "configs" / "paper_quadratic.yaml").train.epochs, display=False)
+glue("min_seeds", MIN_SEEDS, display=False)
+QUADRATIC = ("paper_quadratic", "re_gaussian_isotropic")  # the same recipe under two names
+CLAIMS = [  # (claim number in paper.md §7, what it says, kind, configs needed: each a tuple of alternatives)
+    (5, "quadratic heads move from random centres to a grid around the query", "pattern", [QUADRATIC]),
+    (6, "quadratic attention reaches the paper's accuracy", "accuracy", [QUADRATIC]),
+    (7, "ResNet18 and quadratic attention reach about the same accuracy", "accuracy",
+     [("paper_resnet18", "re_resnet18"), QUADRATIC]),
+    (8, "accuracy of the learned position-only encoding", "accuracy",
+     [("paper_learned", "re_learned2d_nocontent_9heads"), ("re_learned2d_nocontent_16heads",)]),
+    (9, "learned + content stays below position-only", "accuracy",
+     [("paper_learned_content", "re_learned2d_withcontent_9heads"),
+      ("paper_learned", "re_learned2d_nocontent_9heads")]),
+    (10, "position-only heads attend to single pixels at fixed shifts", "pattern",
+     [("paper_learned", "re_learned2d_nocontent_9heads")]),
+    (11, "with content, some heads stay local and conv-like", "pattern",
+     [("paper_learned_content", "re_learned2d_withcontent_9heads")]),
+    (13, "anisotropic heads elongate, some degenerate", "pattern",
+     [("paper_quadratic_anisotropic", "re_gaussian_anisotropic")]),
+    (14, "extra quadratic heads also settle around the query", "pattern",
+     [("paper_quadratic_16heads", "re_gaussian_16heads")]),
+    (15, "[Re] hierarchical attention: accuracy with fewer parameters", "accuracy",
+     [("re_gaussian_hier",), QUADRATIC, ("re_learned2d_withcontent_9heads_hier",),
+      ("paper_learned_content", "re_learned2d_withcontent_9heads"), ("re_learned2d_withcontent_16heads_hier",),
+      ("re_learned2d_withcontent_16heads",)]),
+    (16, "SAN and ViT next to the paper's models, under one protocol", "accuracy",
+     [("re_san_pairwise",), ("re_san_patchwise",), ("re_vit",), QUADRATIC]),
+]
+
+
+# %% tags=["hide-input", "full-width"]
+# NBVAL_IGNORE_OUTPUT
+# (the verdicts follow the runs present, and the stand-in's run may differ between machines)
+def problems(r: dict) -> list:
+    """Why one run cannot stand for its config's full experiment (empty: it can)."""
+    return [why for why, bad in (
+        ("runs on synthetic data say nothing", r["synthetic"]),
+        ("a model differs from its config file", r["shrunk"]),
+        ("short schedule, an earlier stage of training",
+         r["epochs_full"] is not None and r["epochs_run"] < r["epochs_full"]),
+        ("a run has not finished", r["status"] != "completed")) if bad]
+
+
+def verdict(kind: str, needed: list) -> list:
+    """Cells of one claim's row: configs run, epochs, seeds, data sets, and what the runs allow.
+
+    ``needed``: one tuple of alternative config names per experiment the claim compares.
+    """
+    candidates = [[r for r in runs if r["name"] in alternatives] for alternatives in needed]
+    mine = [r for group in candidates for r in group]
+    if not mine:
+        return [f"0 of {len(needed)}", "", "", "", "no run yet"]
+    full = [[r for r in group if not problems(r)] for group in candidates]  # runs that stand for the experiment
+    reasons = [why for group, ok in zip(candidates, full) if not ok for r in group for why in problems(r)]
+    if not all(candidates):
+        reasons.append("not every config it needs has run")
+    seeds = min(len({r["seed"] for r in ok}) for ok in full)
+    if kind == "accuracy" and all(full) and seeds < MIN_SEEDS:
+        reasons.append(f"needs {MIN_SEEDS} seeds per config")
+    low, high = min(r["epochs_run"] for r in mine), max(r["epochs_run"] for r in mine)
+    epochs = (str(low) if low == high else f"{low} to {high}") + "".join(
+        sorted({f" of {r['epochs_full']}" for r in mine if r["epochs_full"] and r["epochs_run"] < r["epochs_full"]}))
+    caveat = " (on the JPEG copy: compare with care)" if any(r["jpeg"] for ok in full for r in ok) else ""
+    answer = ("not yet: " + "; ".join(dict.fromkeys(reasons))) if reasons else "yes" + caveat
+    return [f"{sum(map(bool, candidates))} of {len(needed)}", epochs, seeds,
+            ", ".join(sorted({r["data"] for r in mine})), answer]
+
+
+display(html_table(
+    ["claim", "what it says", "can these runs check it?", "kind", "configs run", "epochs run",
+     "seeds of full runs (fewest per config)", "data set", "configs it needs"],
+    [[number, text, v[-1], kind, *v[:-1], "; ".join(" | ".join(alternatives) for alternatives in needed)]
+     for number, text, kind, needed in CLAIMS for v in [verdict(kind, needed)]],
+    ["configs it needs: one entry per experiment the claim compares; a | b: a run of either config will do."]))
