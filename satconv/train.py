@@ -286,11 +286,13 @@ def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -
     device = loader.device
     loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
+    # no autograd graph: without this the running sums would keep every batch's graph alive (B5)
+    with torch.inference_mode():
+        for x, y in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
     n = max(1, len(loader.split))
     return loss.item() / n, correct.item() / n

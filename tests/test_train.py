@@ -220,3 +220,16 @@ def test_progress_bar_only_when_asked_for_and_in_a_terminal(tmp_path, monkeypatc
     run(tmp_path, "train.epochs=1", progress=True)
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "loss=" in err and "acc=" in err and "img_s=" in err
+
+
+def test_evaluation_records_no_autograd_graph():
+    """B5 / memory: evaluation runs without autograd, so its running sums cannot keep every batch's graph
+    alive (on a GPU that held ~100 GiB after one validation pass)."""
+    cfg = tiny_config()
+    model = TinyNet(cfg.model)
+    seen = []
+    model.register_forward_hook(lambda mod, inp, out: seen.append((torch.is_grad_enabled(), out.requires_grad)))
+    data = T.load_data(cfg)
+    loader = T.DeviceLoader(data.val, 16, "cpu", cfg.data.mean, cfg.data.std)
+    T.evaluate_model(model, loader)
+    assert seen and not any(grad or req for grad, req in seen)
