@@ -4,8 +4,9 @@
 #   make test      unit tests, strict nbval on chapters/*.ipynb, the book, the browser test
 #   make sync      jupytext --sync chapters/*.py, then re-execute each paired .ipynb in place (CPU);
 #                  CHAPTERS="chapters/a.py" limits it to some chapters
-#   make gpu-runs CONFIGS="configs/a.yaml configs/b.yaml"   papermill chapters/train.ipynb per config
-#                  into book/runs/<stem>.ipynb (on the GPU machine; uses the python found on PATH)
+#   make gpu-runs CONFIGS="configs/a.yaml configs/b.yaml" GPU_DATA=/path/to/images GPU_OVERRIDES="train.epochs=30 ..."
+#                  papermill chapters/train.ipynb per config into book/runs/<stem>.ipynb and its artifacts into
+#                  book/runs/<stem>/ (checkpoints removed); on the GPU machine, with the python found on PATH
 #
 # Plain pip only (never uv: it ignores the build machines' local wheels and torch cap).
 SHELL := /bin/bash
@@ -28,6 +29,9 @@ CHAPTERS_NB := $(sort $(wildcard chapters/*.ipynb))
 STAMP := $(VENV)/.installed
 VENDOR := _static_vendor/widgets/embed-amd.js
 CONFIGS ?=
+# gpu-runs: the image-folder root of the data ("" = the config's own source) and dotted overrides
+GPU_DATA ?=
+GPU_OVERRIDES ?= train.precision=bf16 train.compile=true train.eval_batch_size=100
 PACKAGE_SRC := $(shell find satconv -name '*.py' 2>/dev/null)
 EXEC_STAMP := _build/.satconv-sources.stamp
 NBVAL_SANITIZE := nbval_sanitize.cfg
@@ -116,10 +120,12 @@ gpu-runs:
 	mkdir -p book/runs
 	for cfg in $(CONFIGS); do \
 	  test -f "$$cfg" || { echo "no such config: $$cfg"; exit 2; }; \
-	  out="book/runs/$$(basename "$$cfg" .yaml).ipynb"; \
-	  echo "papermill chapters/train.ipynb $$out -p config $$cfg"; \
-	  papermill chapters/train.ipynb "$$out" -p config "$$cfg"; \
+	  stem="$$(basename "$$cfg" .yaml)"; out="book/runs/$$stem.ipynb"; \
+	  echo "papermill chapters/train.ipynb $$out -p config $$cfg (data $(GPU_DATA), overrides: $(GPU_OVERRIDES))"; \
+	  papermill chapters/train.ipynb "$$out" -k python3 -p config "$$cfg" -r profile "" -r data "$(GPU_DATA)" \
+	    -r output_dir "book/runs/$$stem" -r overrides "$(GPU_OVERRIDES)"; \
 	  jupytext --update-metadata '{"jupytext": null}' "$$out"; \
+	  rm -f "book/runs/$$stem/last.pt" "book/runs/$$stem/best.pt"; \
 	done
 	@echo "now list each book/runs/<stem> in _toc.yml under 'GPU results' and commit the notebooks"
 

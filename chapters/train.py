@@ -67,7 +67,8 @@ print(f"data {cfg.data.source}; {cfg.train.epochs} epochs of batch {cfg.train.ba
 # Where this notebook ran. The GPU pages of the book record their machine here.
 
 # %%
-# NBVAL_IGNORE_OUTPUT: versions and hardware differ between the machines that run this page.
+# NBVAL_IGNORE_OUTPUT
+# (versions and hardware differ between the machines that run this page.)
 def _git(*args):
     try:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -85,7 +86,8 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else f
 # A run directory that already holds a checkpoint is resumed exactly where it stopped.
 
 # %%
-# NBVAL_IGNORE_OUTPUT: the progress bar shows timings.
+# NBVAL_IGNORE_OUTPUT
+# (the progress bar shows timings.)
 if not output_dir and profile == "quick":  # a smoke run starts from scratch every time
     output_dir = REPO_ROOT / "_build" / "train-quick" / cfg.name
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -120,6 +122,7 @@ fig.tight_layout()
 # only reported.
 
 # %%
-# NBVAL_IGNORE_OUTPUT: accuracies depend on the machine's floating-point arithmetic.
+# NBVAL_IGNORE_OUTPUT
+# (accuracies depend on the machine's floating-point arithmetic.)
 summary = {"config": cfg.name, "data": cfg.data.source, "epochs": len(metrics), **result.results}
 print(json.dumps(summary, indent=1, default=str))
