@@ -31,3 +31,18 @@ def make_attention(att: AttentionConfig, dim: int, out_dim: int | None = None, *
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters; buffers never count."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def stage_sizes(cfg, default_depths: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(depths, widths)`` of a staged network: ``cfg.stage_depths``/``stage_widths`` or the defaults
+    (widths double per stage from 64).
+
+    Args:
+        cfg: a :class:`satconv.config.ModelConfig`.
+        default_depths: blocks per stage when the config gives none.
+    """
+    depths = tuple(cfg.stage_depths or default_depths)
+    widths = tuple(cfg.stage_widths or tuple(64 * 2 ** i for i in range(len(depths))))
+    if len(widths) != len(depths):
+        raise ValueError(f"stage_widths {widths} and stage_depths {depths} must have the same length")
+    return depths, widths

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..attention.fcvit import FCViTTokenMixer
-from .common import make_attention
+from .common import make_attention, stage_sizes
 
 #: hidden width of the channel mixer / block width
 MLP_RATIO = 4
@@ -82,10 +82,7 @@ class FCViT(nn.Module):
         super().__init__()
         if cfg.attention.kind != "fcvit":
             raise ValueError(f"attention.kind must be fcvit for the FCViT network, got {cfg.attention.kind!r}")
-        depths = tuple(cfg.stage_depths or (2, 2, 2))
-        widths = tuple(cfg.stage_widths or tuple(64 * 2 ** i for i in range(len(depths))))
-        if len(widths) != len(depths):
-            raise ValueError(f"stage_widths {widths} and stage_depths {depths} must have the same length")
+        depths, widths = stage_sizes(cfg, (2, 2, 2))
         self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, widths[0], 3, 1, 1), nn.BatchNorm2d(widths[0]))
         self.downsamples = nn.ModuleList([nn.Identity()] + [
             nn.Sequential(nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o)) for i, o in zip(widths, widths[1:])])

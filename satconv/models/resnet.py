@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import stage_sizes
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BN and a (projected) shortcut; ``(B, C_in, H, W) -> (B, C_out, H/s, W/s)``."""
@@ -44,8 +46,7 @@ class ResNet18(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        depths = cfg.stage_depths or (2, 2, 2, 2)
-        widths = cfg.stage_widths or tuple(64 * 2 ** i for i in range(len(depths)))
+        depths, widths = stage_sizes(cfg, (2, 2, 2, 2))
         self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages, prev = [], widths[0]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import make_attention
+from .common import make_attention, stage_sizes
 
 #: block width / attention width
 EXPANSION = 2
@@ -71,10 +71,7 @@ class SASANet(nn.Module):
         super().__init__()
         if cfg.attention.kind != "sasa":
             raise ValueError(f"attention.kind must be sasa for the SASA network, got {cfg.attention.kind!r}")
-        depths = tuple(cfg.stage_depths or (2, 2, 2))
-        widths = tuple(cfg.stage_widths or tuple(64 * 2 ** i for i in range(len(depths))))
-        if len(widths) != len(depths):
-            raise ValueError(f"stage_widths {widths} and stage_depths {depths} must have the same length")
+        depths, widths = stage_sizes(cfg, (2, 2, 2))
         self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages, prev = [], widths[0]
