@@ -331,7 +331,7 @@ glue("top_test_device", top["device"] if top else "none", display=False)
 # dash-dotted lines mark the paper's and the [Re]'s accuracy for the matching row: numbers reached
 # after their full schedules.
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "Left: validation accuracy per epoch (lines) and test accuracy where evaluated (markers) of every run on this page; dotted: the paper's accuracy, dash-dotted: the [Re]'s, for runs on CIFAR-10 with a matching row. Right: mean training loss per epoch.", "name": "fig-results-curves"}}
+# %% mystnb={"figure": {"caption": "Left: validation accuracy per epoch (lines) and test accuracy where evaluated (markers) of every run on this page; dotted: the paper's accuracy, dash-dotted: the [Re]'s, for runs on CIFAR-10 with a matching row. Right: mean training loss per epoch.", "name": "fig-results-curves"}} tags=["hide-input"]
 fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
 palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
 for i, r in enumerate(runs):
