@@ -717,7 +717,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also append the rows to this .jsonl file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--no-gemm-peak", action="store_true", help="skip the 8192^3 GEMM used for mfu_measured")
+    p.add_argument("--epoch", action="store_true",
+                   help="time whole training epochs (data, augmentation, step, validation) against the model alone, "
+                        "at the config's batch size")
+    p.add_argument("--data", default=None, help="with --epoch: an image-folder root (default: generated images)")
+    p.add_argument("--epochs", type=_positive_int, default=2, help="with --epoch: epochs to train (>= 2)")
     return p
+
+
+def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = None, compile=False,
+                 channels_last: bool = False, data: str | None = None, epochs: int = 2,
+                 model_only_img_s: float | None = None, synthetic_images: int = 50000, **bench_kwargs) -> dict:
+    """Whole training epochs through :func:`satconv.train.train` against the model alone.
+
+    A real epoch also indexes and augments the device-resident images, steps the schedule, and
+    evaluates on the validation split; :func:`bench_model` feeds one fixed batch.  This trains
+    ``epochs`` epochs (the first absorbs compilation; the last is reported) with the config's batch
+    size, in a temporary run directory, without snapshots, atlas or a large test evaluation.
+
+    Args:
+        cfg: the experiment (its ``train.batch_size`` is used for both measurements).
+        device, precision, compile, channels_last: as for :func:`bench_model`.
+        data: an image-folder root (e.g. the unpacked CIFAR-10 JPEG copy); ``None``: generated images
+            of CIFAR-10's size and count (50,000 training, 5,000 held out for validation).
+        epochs: epochs to train (>= 2).
+        synthetic_images: training-set size of the generated images when ``data`` is ``None``.
+        model_only_img_s: the model-only throughput to compare with; ``None`` runs :func:`bench_model`.
+        bench_kwargs: passed to :func:`bench_model` (warmup, repeats, ...).
+
+    Returns:
+        A JSON-ready dict: ``config``, ``device``, ``precision``, ``compile``, ``batch``, ``data``,
+        ``images`` (training images per epoch), ``epoch_time_s`` (last epoch, validation included),
+        ``model_only_img_s``, ``ratio`` (epoch time over the model-only time for as many images).
+    """
+    from .train import train
+    if epochs < 2:
+        raise ValueError(f"epochs must be >= 2 (the first absorbs warm-up and compilation), got {epochs}")
+    device = resolve_device(device)
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    batch = cfg.train.batch_size
+    if model_only_img_s is None:
+        row = bench_model(cfg, batch=batch, device=device, precision=precision, compile=compile,
+                          channels_last=channels_last, **bench_kwargs)
+        model_only_img_s = row["train_img_s"]
+    mode = compile if isinstance(compile, str) else "default"
+    sets = [f"train.epochs={epochs}", f"train.precision={precision}", f"train.compile={str(bool(compile)).lower()}",
+            f"train.compile_mode={mode}", f"train.channels_last={str(channels_last).lower()}",
+            "train.snapshot_attention=false", "train.atlas_images=0", f"train.checkpoint_every={epochs}",
+            f"train.test_every={epochs}", "data.test_subset=100"]
+    if data is None:
+        sets += ["data.source=synthetic", f"data.synthetic_train={synthetic_images}", "data.synthetic_test=1000"]
+    else:
+        sets += ["data.source=imagefolder", f"data.root={data}"]
+    with tempfile.TemporaryDirectory(prefix="satconv-epoch-") as tmp:
+        result = train(cfg, out_dir=tmp, overrides=sets, device=device, progress=False)
+        images = json.loads((Path(tmp) / "run.json").read_text())["data"]["sizes"]["train"]
+    last = result.metrics[-1]
+    model_only_s = images / model_only_img_s
+    return {"config": cfg.name, "device": device_name(device), "precision": precision, "compile": compile,
+            "channels_last": channels_last, "batch": batch, "data": data or "synthetic", "images": images,
+            "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
+            "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def bench_main(argv: list[str] | None = None) -> int:
@@ -745,6 +806,13 @@ def bench_main(argv: list[str] | None = None) -> int:
     kw = dict(device=device, precision=args.precision, compile=args.compile, warmup=args.warmup,
               repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak)
     status = 0
+    if args.epoch:  # whole epochs against the model alone, at each config's own batch size
+        for cfg in configs:
+            row = epoch_timing(cfg, data=args.data, epochs=args.epochs, **kw)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                append_jsonl(args.out, [row])
+        return status
     for cfg in configs:
         for batch in args.batch:
             if args.sides:
@@ -770,7 +838,7 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 __all__ = ["flops_per_image", "paper_convention_flops", "bench_model", "largest_batch", "scaling",
            "with_image_side", "measure_matmul_peak", "device_peak_tflops", "device_name", "resolve_device",
-           "time_repeats", "epoch_time_projection", "append_jsonl", "build_parser", "bench_main", "DEVICE_PEAKS"]
+           "time_repeats", "epoch_time_projection", "epoch_timing", "append_jsonl", "build_parser", "bench_main", "DEVICE_PEAKS"]
 
 
 if __name__ == "__main__":

@@ -177,3 +177,19 @@ def test_helpers():
     assert timing.device_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.5
     assert timing.device_peak_tflops("NVIDIA H200", "fp32")[0] == 66.9
     assert timing.device_peak_tflops("Some CPU", "fp32")[0] is None
+
+
+def test_epoch_timing_compares_a_whole_epoch_with_the_model_alone(capsys):
+    """The --epoch mode trains real epochs through satconv.train and reports the ratio to bench's figure."""
+    from satconv import config as C
+    from satconv.timing import bench_main, epoch_timing
+    cfg = C.load(C.REPO_ROOT / "configs" / "paper_quadratic.yaml", profile="quick",
+                 overrides=["model.num_layers=1", "train.batch_size=32"])
+    row = epoch_timing(cfg, device="cpu", epochs=2, model_only_img_s=1000.0, synthetic_images=400)
+    train_images = 400 - cfg.data.val_size  # the validation split is held out of the generated set
+    assert row["images"] == train_images and row["batch"] == 32 and row["epoch_time_s"] > 0
+    assert row["ratio"] == pytest.approx(row["epoch_time_s"] / (train_images / 1000.0))
+    with pytest.raises(ValueError, match="epochs must be >= 2"):
+        epoch_timing(cfg, device="cpu", epochs=1, model_only_img_s=1.0)
+    with pytest.raises(SystemExit):
+        bench_main(["--config", "configs/paper_quadratic.yaml", "--epoch", "--epochs", "0"])
