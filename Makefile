@@ -7,6 +7,7 @@
 #   make gpu-runs CONFIGS="configs/a.yaml configs/b.yaml" GPU_DATA=/path/to/images GPU_OVERRIDES="train.epochs=30 ..."
 #                  papermill chapters/train.ipynb per config into book/runs/<stem>.ipynb and its artifacts into
 #                  book/runs/<stem>/ (checkpoints removed); on the GPU machine, with the python found on PATH
+#   make gpu-bench GPU_DATA=/path/to/images   the timing chapter's GPU figures into book/bench/
 #
 # Plain pip only (never uv: it ignores the build machines' local wheels and torch cap).
 SHELL := /bin/bash
@@ -43,10 +44,10 @@ rc=0; $(BIN)/pytest $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 endef
 
-.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs clean clean-all
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench clean clean-all
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
 
 ## --- setup --------------------------------------------------------------------------------------
 setup: $(STAMP)
@@ -128,6 +129,28 @@ gpu-runs:
 	  rm -f "book/runs/$$stem/last.pt" "book/runs/$$stem/best.pt"; \
 	done
 	@echo "now list each book/runs/<stem> in _toc.yml under 'GPU results' and commit the notebooks"
+
+# The GPU figures of the timing chapter (book/bench/<BENCH_TAG>*.jsonl), on the GPU machine:
+#   make gpu-bench GPU_DATA=/path/to/cifar10-images    (GPU_DATA empty: whole epochs on generated images)
+BENCH_TAG ?= h200
+BENCH_OUT = book/bench/$(BENCH_TAG)
+ATTN_CONFIGS ?= configs/paper_learned_content.yaml configs/paper_learned.yaml configs/paper_quadratic.yaml configs/re_vit.yaml
+CONV_CONFIGS ?= configs/paper_resnet18.yaml
+SCALE_CONFIGS ?= configs/paper_quadratic.yaml configs/paper_learned.yaml configs/paper_learned_content.yaml \
+  configs/re_san_pairwise.yaml configs/sasa.yaml configs/fcvit.yaml
+BENCH = $(PYTHON) -m satconv bench --precision bf16
+gpu-bench:
+	mkdir -p book/bench
+	$(BENCH) --config $(ATTN_CONFIGS) --batch 100 --compile reduce-overhead --out $(BENCH_OUT).jsonl
+	$(BENCH) --config $(CONV_CONFIGS) --batch 100 --compile reduce-overhead --channels-last --out $(BENCH_OUT).jsonl
+	$(BENCH) --config configs/re_san_pairwise.yaml configs/re_san_patchwise.yaml configs/sasa.yaml configs/fcvit.yaml \
+	  --batch 100 --out $(BENCH_OUT).jsonl
+	$(BENCH) --config $(ATTN_CONFIGS) $(CONV_CONFIGS) --batch max --out $(BENCH_OUT)_maxbatch.jsonl
+	$(BENCH) --config $(SCALE_CONFIGS) --sides 16 32 64 --batch 100 --out $(BENCH_OUT)_scaling.jsonl
+	$(BENCH) --config $(ATTN_CONFIGS) --epoch --compile reduce-overhead $(if $(GPU_DATA),--data $(GPU_DATA)) \
+	  --out $(BENCH_OUT)_epochs.jsonl
+	$(BENCH) --config $(CONV_CONFIGS) --epoch --compile reduce-overhead --channels-last \
+	  $(if $(GPU_DATA),--data $(GPU_DATA)) --out $(BENCH_OUT)_epochs.jsonl
 
 ## --- cleaning -----------------------------------------------------------------------------------
 clean:
