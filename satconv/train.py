@@ -49,7 +49,8 @@ from torch import nn
 
 from . import __version__
 from .config import REPO_ROOT, ExperimentConfig, TrainConfig, apply_profile, from_dict, load, override, to_dict
-from .data import DataBundle, DataError, DeviceLoader, load_data, normalize
+from .atlas import ATLAS_MAX_BYTES, attention_snapshot, build_atlas, load_atlas
+from .data import DataError, DeviceLoader, load_data, normalize
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ METRIC_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "va
 RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
                     "train.compile", "train.compile_mode", "train.channels_last", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
                     "train.eval_batch_size", "data.root", "data.cache_dir", "data.device_resident"}
-SNAPSHOT_NAMES = ("attention_centers", "attention_spreads", "embedding")
-ATLAS_MAX_BYTES = 5 * 2 ** 20
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
@@ -296,109 +295,6 @@ def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -
     model.train(was_training)
     n = max(1, len(loader.split))
     return loss.item() / n, correct.item() / n
-
-
-def attention_snapshot(model: nn.Module, image: torch.Tensor | None = None) -> dict:
-    """Small per-epoch record of the attention: parameters named ``*attention_centers*``,
-    ``*attention_spreads*`` or ``*embedding*`` (float32; float16 above 4096 elements) and, given a
-    normalised ``image: (1, 3, H, W)``, each layer's attention of the centre query ``(heads, N)`` float16."""
-    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if any(k in n for k in SNAPSHOT_NAMES)}
-    params = {n: (p.half() if p.numel() > 4096 else p.float()) for n, p in params.items()}
-    out = {"params": params, "centre_probs": []}
-    if image is not None:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            _, probs = model(image, return_attention=True)
-        model.train(was)
-        for p in probs:
-            side = _grid(p.shape[-1])
-            out["centre_probs"].append(p[0, :, _query_pixels(*side, 1)[0]].half().cpu())  # (heads, N)
-    return out
-
-
-def _grid(n: int) -> tuple[int, int]:
-    side = math.isqrt(n)
-    return (side, side) if side * side == n else (1, n)
-
-
-def _query_pixels(height: int, width: int, count: int) -> list[int]:
-    """Flat indices of ``count`` query pixels: the centre ``(H//2, W//2)`` first, then the four
-    quarter points, then seeded random pixels."""
-    points = [(height // 2, width // 2), (height // 4, width // 4), (height // 4, 3 * width // 4),
-              (3 * height // 4, width // 4), (3 * height // 4, 3 * width // 4)]
-    flat = list(dict.fromkeys(r * width + c for r, c in points))
-    extra = torch.randperm(height * width, generator=torch.Generator().manual_seed(0)).tolist()
-    flat += [q for q in extra if q not in flat]
-    return flat[:count]
-
-
-def _atlas_images(labels: torch.Tensor, count: int) -> list[int]:
-    """The first test image of each class in turn (class 0, 1, ..., then again), ``count`` in all."""
-    labels = labels.cpu()
-    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in torch.unique(labels).tolist()]
-    out, k = [], 0
-    while len(out) < min(count, len(labels)):
-        for idx in per_class:
-            if k < len(idx) and len(out) < count:
-                out.append(idx[k])
-        k += 1
-    return out
-
-
-@torch.no_grad()
-def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, queries: int, device,
-                average_over: int = 100, chunk: int = 10) -> dict | None:
-    """Attention probabilities of every layer and head for fixed test images and query pixels.
-
-    Returns ``None`` for networks without attention, else a dict of:
-        ``images``: ``(I, 3, H, W)`` uint8 test images, ``labels``, ``test_index``, ``classes``;
-        ``probs``: per layer ``(I, heads, Q, N)`` float16, rows = the query pixels ``query_index[l]``;
-        ``query_index``: per layer ``(Q,)`` flat pixel indices (centre first); ``grid``: per layer ``(h, w)``;
-        ``centre_mean``: per layer ``(heads, N)`` float16, the centre query averaged over the first
-        ``average_over`` test images (the paper's Fig. 6 protocol);
-        ``query_mean``: per layer ``(I, heads, N)`` float16, the map averaged over all queries ([Re] ``viz``);
-        ``input_independent``: per layer bool.
-    """
-    model.eval()
-    test = data.test
-    idx = _atlas_images(test.labels, images)
-    if not idx:
-        return None
-    x = normalize(test.images[torch.tensor(idx, device=test.images.device)].to(device), mean, std)
-    _, probs = model(x, return_attention=True)
-    if not probs:
-        return None
-    atlas = {"images": test.images[idx].cpu(), "labels": test.labels[idx].cpu(), "test_index": test.index[idx].cpu(),
-             "classes": list(data.classes), "probs": [], "query_index": [], "grid": [], "centre_mean": [],
-             "query_mean": [], "input_independent": []}
-    for p in probs:
-        grid = _grid(p.shape[-1])
-        q = torch.tensor(_query_pixels(*grid, queries), device=p.device)
-        full = p.float().expand(len(idx), -1, -1, -1)  # (I, heads, N, N)
-        atlas["probs"].append(full[:, :, q].half().cpu())  # (I, heads, Q, N)
-        atlas["query_index"].append(q.cpu())
-        atlas["grid"].append(grid)
-        atlas["query_mean"].append(full.mean(-2).half().cpu())  # (I, heads, N)
-        atlas["input_independent"].append(p.shape[0] == 1)
-    n_avg = min(average_over, len(test))
-    sums = None
-    for start in range(0, n_avg, chunk):
-        xs = normalize(test.images[start:min(n_avg, start + chunk)].to(device), mean, std)
-        _, probs = model(xs, return_attention=True)
-        centre = [p[:, :, _query_pixels(*_grid(p.shape[-1]), 1)[0]].float().expand(len(xs), -1, -1).sum(0)
-                  for p in probs]  # per layer (heads, N)
-        sums = centre if sums is None else [a + b for a, b in zip(sums, centre)]
-    atlas["centre_mean"] = [(s / n_avg).half().cpu() for s in sums]
-    return atlas
-
-
-def load_atlas(run_dir: str | Path) -> dict:
-    """``atlas.pt`` of a run; adds ``probs_stacked: (I, layers, heads, Q, N)`` when all layers agree in shape."""
-    atlas = torch.load(Path(run_dir) / "atlas.pt", weights_only=True)
-    if len({tuple(p.shape) for p in atlas["probs"]}) == 1:
-        atlas["probs_stacked"] = torch.stack(atlas["probs"], 1)
-    return atlas
 
 
 # ---------------------------------------------------------------------------------------------

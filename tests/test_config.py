@@ -1,5 +1,5 @@
 """Config loading and validation: every shipped config loads; bad ones name file, key path and value."""
-from pathlib import Path
+
 
 import pytest
 

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from .base import InputIndependentAttention, relative_offsets, softmax_keys  # noqa: F401 (re-exported)
+from .base import InputIndependentAttention, relative_offsets
 
 #: parameter-name fragments excluded from weight decay (epfml/attention-cnn ``train.py``, ``get_optimizer``)
 NO_DECAY_NAMES = ("attention_centers", "attention_spreads")
