@@ -1,16 +1,7 @@
 """Benchmark harness and FLOP counting (``python -m satconv bench``; issue 5, measurement side).
 
-Two FLOP conventions are kept apart:
-
-- :func:`flops_per_image`: every matrix product the network really runs, counted by
-  ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; linear layers, convs,
-  the attention einsums, and in ``"train"`` mode the backward pass too).  This is the count MFU uses.
-- :func:`paper_convention_flops`: Table 1 of arXiv 1911.03584 recounted the way ``thop==0.0.31``
-  (``profile(model, (1, 3, 32, 32))``, epfml/attention-cnn ``print_flops``) counts: forward hooks on
-  ``nn.Linear`` (``(2 in - 1)`` ops per output element) and ``nn.Conv2d`` (multiply-adds), nothing
-  else.  Paper doc §1.3: the SA models' 6.2B / 15B are ``2 x`` their linear MACs, the ResNet18's
-  0.56B is its conv MACs: the column mixes FLOPs and MACs (hypothesis a) and misses the attention
-  einsums (hypothesis b, returned as ``attention_einsum_macs``).
+FLOPs come from :mod:`satconv.flops` (re-exported here): every product the network runs
+(:func:`flops_per_image`, used for MFU) and the paper's Table-1 convention (:func:`paper_convention_flops`).
 
 Timing (:func:`bench_model`) follows paper doc §4.2 B9 and §6.6: warm-up excluded (at least 1),
 at least 3 repeats, ``cudnn.benchmark = True``, one CUDA event pair per repeat and one synchronise
@@ -38,10 +29,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import config as cfgmod
+from .flops import _config_flops, flops_per_image, paper_convention_flops  # noqa: F401 (public here too)
 from .config import ExperimentConfig
 
 GIB = 2 ** 30
@@ -61,149 +51,6 @@ DEVICE_PEAKS: list[tuple[str, float, float, str]] = [
 ]
 
 _MATMUL_PEAK_CACHE: dict[tuple, float] = {}
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOP counting
-# ---------------------------------------------------------------------------------------------
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _in_channels(model: nn.Module) -> int:
-    cfg = getattr(model, "cfg", None)
-    return int(getattr(cfg, "in_channels", 3))
-
-
-def flops_per_image(model: nn.Module, image_size: int = 32, mode: str = "train", device=None,
-                    batch: int = 2) -> int:
-    """FLOPs per image of one forward (``"eval"``) or forward + backward (``"train"``) pass.
-
-    Counted by ``FlopCounterMode`` (2 FLOPs per multiply-add of every mm/bmm/conv/SDPA op) on a
-    batch of ``batch`` random images, divided by ``batch``.  ``"train"`` runs
-    ``cross_entropy(model(x), y).backward()`` inside the counter, so the backward products are
-    counted as autograd runs them (no gradient w.r.t. the input images).  Parameter gradients
-    are reset afterwards and the module's train/eval mode is restored.
-
-    Args:
-        model: ``images (B, C, image_size, image_size) -> logits (B, classes)``.
-        image_size: side of the square input.
-        mode: ``"train"`` or ``"eval"``.
-        device: where the input is made; ``None``: the model's device.  ``"meta"`` counts
-            without computing (build the model under ``torch.device("meta")``).
-        batch: images in the counted batch (>= 1).
-
-    Returns:
-        FLOPs per image (int).
-    """
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    device = _model_device(model) if device is None else torch.device(device)
-    x = torch.randn(batch, _in_channels(model), image_size, image_size, device=device)
-    was_training = model.training
-    had_grad = {p: p.grad for p in model.parameters()}
-    model.train(mode == "train")
-    try:
-        with FlopCounterMode(display=False) as counter:
-            if mode == "train":
-                logits = model(x)
-                y = torch.zeros(batch, dtype=torch.long, device=device)
-                F.cross_entropy(logits, y).backward()
-            else:
-                with torch.no_grad():
-                    model(x)
-    finally:
-        model.train(was_training)
-        for p, g in had_grad.items():
-            p.grad = g
-    return int(counter.get_total_flops()) // batch
-
-
-def paper_convention_flops(model: nn.Module, image_size: int = 32, device=None) -> dict:
-    """Table 1's FLOP column recounted the ``thop==0.0.31`` way, with the pieces kept apart.
-
-    One eval forward of a single image (as ``thop.profile(model, (1, 3, 32, 32))``) with forward
-    hooks on every ``nn.Linear`` and ``nn.Conv2d``, plus ``FlopCounterMode`` for every product.
-
-    Args:
-        model: ``images (1, C, image_size, image_size) -> logits``; on any device, ``meta`` included.
-        image_size: side of the square input.
-        device: where the input is made; ``None``: the model's device.
-
-    Returns:
-        dict with (all per image)
-
-        - ``linear_macs``: ``sum in_features * out.numel()`` over ``nn.Linear`` calls;
-        - ``conv_macs``: ``sum out.numel() * in_channels/groups * prod(kernel)`` over ``nn.Conv2d``;
-        - ``attention_einsum_macs``: multiply-adds of products outside those modules (the attention
-          einsums ``q k^T``, ``softmax(A) X``, ``q r``): ``FlopCounterMode total / 2 - linear - conv``;
-        - ``total_macs``: ``FlopCounterMode total / 2``;
-        - ``thop_like``: ``2 * linear_macs + conv_macs`` (Table 1's convention: FLOPs for Linear,
-          MACs for conv, no einsums);
-        - ``thop_exact``: thop 0.0.31's own formulas, ``(2 in - 1) * out.numel()`` per Linear and
-          ``out.numel() * (in/groups * prod(kernel) + bias)`` per conv.  It differs from
-          ``thop_like`` by one op per linear output element (``-1/(2 in)`` relative: -0.1% at
-          ``in = 400``), negligible at Table 1's two significant digits.
-    """
-    device = _model_device(model) if device is None else torch.device(device)
-    counts = {"linear_macs": 0, "conv_macs": 0, "thop_exact": 0}
-
-    def linear_hook(m: nn.Linear, inputs, out):
-        counts["linear_macs"] += m.in_features * out.numel()
-        counts["thop_exact"] += (2 * m.in_features - 1) * out.numel()
-
-    def conv_hook(m: nn.Conv2d, inputs, out):
-        k = m.in_channels // m.groups * math.prod(m.kernel_size)
-        counts["conv_macs"] += k * out.numel()
-        counts["thop_exact"] += (k + (m.bias is not None)) * out.numel()
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-    was_training = model.training
-    model.eval()
-    x = torch.randn(1, _in_channels(model), image_size, image_size, device=device)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    total_macs = int(counter.get_total_flops()) // 2
-    return {
-        "linear_macs": counts["linear_macs"],
-        "conv_macs": counts["conv_macs"],
-        "attention_einsum_macs": total_macs - counts["linear_macs"] - counts["conv_macs"],
-        "total_macs": total_macs,
-        "thop_like": 2 * counts["linear_macs"] + counts["conv_macs"],
-        "thop_exact": counts["thop_exact"],
-    }
-
-
-def _count_model(cfg: ExperimentConfig) -> nn.Module:
-    """The config's network on the ``meta`` device (no memory, no compute) for FLOP counting."""
-    from .models import build_model
-    with torch.device("meta"):
-        return build_model(cfg)
-
-
-def _config_flops(cfg: ExperimentConfig, model: nn.Module) -> tuple[int, int]:
-    """(train, eval) FLOPs per image; counted on a meta copy, or on ``model`` if meta fails."""
-    size = cfg.model.image_size
-    try:
-        meta = _count_model(cfg)
-        return (flops_per_image(meta, size, "train", device="meta"),
-                flops_per_image(meta, size, "eval", device="meta"))
-    except Exception:  # a module that reads data (.item()) cannot run on meta: count for real
-        return flops_per_image(model, size, "train"), flops_per_image(model, size, "eval")
 
 
 # ---------------------------------------------------------------------------------------------
