@@ -135,11 +135,12 @@ html_table(header, rows)
 # {glue:text}`params_quadratic:.2f` M, learned + content {glue:text}`params_content:.2f` M). A training
 # step costs about {glue:text}`ratio_typical:.1f` times a forward pass, the usual rule: the backward pass
 # computes two products (gradients with respect to the input and to the weights) for each product of
-# the forward pass. The exception is FCViT, at {glue:text}`ratio_fcvit:.1f`. Its token mixer is an
-# $11 \times 11$ depth-wise convolution (`groups` = channels), and in torch 2.14.1 the counter's
-# formula for the backward pass of a grouped convolution does not divide the weight-gradient product by
-# the number of groups (pytorch/pytorch pull request 183405 adds that division). One depth-wise
-# convolution shows it:
+# the forward pass. FCViT, whose token mixer is an $11 \times 11$ depth-wise convolution (`groups` =
+# channels), follows it too ({glue:text}`ratio_fcvit:.1f`), but only because `satconv.flops` replaces one
+# of the counter's formulas: in torch 2.14.1 the formula for the backward pass of a grouped convolution
+# does not divide the weight-gradient product by the number of groups (pytorch/pytorch pull request
+# 183405 adds that division). One depth-wise convolution, counted by the stock `FlopCounterMode`,
+# shows it:
 
 # %%
 x = torch.randn(1, 64, 16, 16, requires_grad=True)
@@ -155,10 +156,16 @@ for groups in (1, 64):
         glue("dw_backward_ratio", ratio, display=False)
 
 # %% [markdown]
-# The backward pass of the depth-wise convolution is counted {glue:text}`dw_backward_ratio:.0f` times its
-# forward pass instead of 2, so FCViT's training FLOPs, and the MFU computed from them, are too high;
-# the GPU tables below flag such rows and give the MFU with a training step counted as three forward
-# passes. Two further limits of the counter: it sees matrix products and convolutions only, so SAN and
+# The stock counter counts the backward pass of the depth-wise convolution
+# {glue:text}`dw_backward_ratio:.0f` times its forward pass instead of 2. `satconv.flops` counts each
+# gradient of a convolution as one forward pass, whatever its groups, so FCViT's training FLOPs and the
+# MFU computed from them are right in the tables below:
+#
+# ```{literalinclude} ../satconv/flops.py
+# :pyobject: conv_backward_flops
+# ```
+#
+# Two further limits of the counter: it sees matrix products and convolutions only, so SAN and
 # SASA, which aggregate their windows with a broadcast multiply and a sum (faster than the equivalent
 # `einsum` of many tiny products), get lower bounds; and normalisation, softmax and element-wise work
 # are not counted for any model (they are not matrix FLOPs).

@@ -193,3 +193,18 @@ def test_epoch_timing_compares_a_whole_epoch_with_the_model_alone(capsys):
         epoch_timing(cfg, device="cpu", epochs=1, model_only_img_s=1.0)
     with pytest.raises(SystemExit):
         bench_main(["--config", "configs/paper_quadratic.yaml", "--epoch", "--epochs", "0"])
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_grouped_conv_backward_counts_twice_the_forward(groups):
+    """PyTorch's formula ignores groups in the weight gradient; ours counts each gradient as one forward."""
+    from satconv.flops import flops_per_image
+    torch.manual_seed(0)
+    stem = torch.nn.Conv2d(3, 8, 1, bias=False)
+    mixer = torch.nn.Conv2d(8, 8, 5, padding=2, groups=groups, bias=False)
+    model = torch.nn.Sequential(stem, mixer, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    stem_flops = 2 * 16 * 16 * 8 * 3  # per image: outputs x input channels, 1x1 taps
+    mixer_flops = 2 * 16 * 16 * 8 * (8 // groups) * 25  # outputs x input channels per group x taps
+    assert flops_per_image(model, 16, "eval", batch=1) == stem_flops + mixer_flops
+    # backward: the stem needs only its weight gradient (the images need none), the mixer both
+    assert flops_per_image(model, 16, "train", batch=1) == 2 * stem_flops + 3 * mixer_flops
