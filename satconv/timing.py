@@ -502,12 +502,9 @@ def _batch_arg(text: str):
     if text == "max":
         return "max"
     try:
-        value = int(text)
-    except ValueError:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'max', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'max', got {text!r}")
-    return value
 
 
 def _positive_int(text: str) -> int:

@@ -195,3 +195,19 @@ def assert_gradients_reach(module, analytically_zero: tuple[str, ...] = (), zero
             assert p.grad.abs().max() < zero_atol, f"{name}: expected a zero gradient (softmax shift invariance)"
         else:
             assert p.grad.abs().max() > 0, f"{name} has an all-zero gradient"
+
+
+#: float64 reference vs vectorised module: only summation order differs
+ATOL = 1e-10
+
+
+def assert_close(actual, expected, atol=ATOL):
+    """Same shape, max abs difference <= atol (plain check: torch.testing imports torch.distributed, ~5 s)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert err <= atol, f"max abs difference {err:.3g} > {atol:.3g}"
+
+
+def apply_linear(x, layer):
+    """``layer(x)`` written out: ``x W^T + b``, in ``x``'s dtype."""
+    return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)

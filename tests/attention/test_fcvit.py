@@ -4,16 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from satconv.attention.fcvit import FCViTTokenMixer
-
-#: float64 reference vs vectorised module: only summation order differs
-ATOL = 1e-10
-
-
-def assert_close(actual, expected, atol=ATOL):
-    """Same shape, max abs difference <= atol (plain check: torch.testing imports torch.distributed, ~5 s)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= atol, f"max abs difference {err:.3g} > {atol:.3g}"
+from tests.reference import assert_close
 
 
 def global_context_ref(gc, x):

@@ -6,16 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from satconv.attention.san import SANPairwiseAttention, SANPatchwiseAttention
+from tests.reference import ATOL, assert_close, apply_linear as linear
 
-#: float64 reference vs vectorised module: only summation order differs
-ATOL = 1e-10
-
-
-def assert_close(actual, expected, atol=ATOL):
-    """Same shape, max abs difference <= atol (plain check: torch.testing imports torch.distributed, ~5 s)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= atol, f"max abs difference {err:.3g} > {atol:.3g}"
 BN_EPS = 1e-5
 
 
@@ -34,10 +26,6 @@ def make(cls, seed=0, **kw):
     m = cls(kw.pop("dim", 16), kw.pop("num_heads", 4), **kw).double()
     randomise_batchnorms(m, torch.Generator().manual_seed(seed))
     return m
-
-
-def linear(x, layer):
-    return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
 
 
 def batchnorm(f, bn, train):

@@ -3,20 +3,7 @@ import pytest
 import torch
 
 from satconv.attention.sasa import SASAAttention
-
-#: float64 reference vs vectorised module: only summation order differs
-ATOL = 1e-10
-
-
-def assert_close(actual, expected, atol=ATOL):
-    """Same shape, max abs difference <= atol (plain check: torch.testing imports torch.distributed, ~5 s)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= atol, f"max abs difference {err:.3g} > {atol:.3g}"
-
-
-def linear(x, layer):
-    return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+from tests.reference import assert_close, apply_linear as linear
 
 
 def reference(m, x, key_source=None):
