@@ -59,7 +59,7 @@ ALLOWED_PAGE_ERRORS = (
     "Cannot read properties of undefined (reading 'Queue')",  # html-manager calls the MathJax 2 API
 )
 #: Local 404s that do no harm: FontAwesome icon fonts the widget CSS looks up next to the page.
-ALLOWED_MISSING = re.compile(r"/@jupyter-widgets/html-manager/dist/[^/]+\.(woff2?|ttf|eot|svg)(\?.*)?$")
+ALLOWED_MISSING = re.compile(r"/@jupyter-widgets/(html-manager/dist/)?[^/]+\.(woff2?|ttf|eot|svg)(\?.*)?$")
 LOCAL_HOSTS = {"127.0.0.1"}
 LOCAL_SCHEMES = {"data", "blob", "about"}
 RENDER_TIMEOUT_MS = 20_000  # MathJax and the widget manager on 2 busy CPU cores
