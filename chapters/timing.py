@@ -366,14 +366,6 @@ def fmt(value, spec, missing="–"):
     return missing if value is None else format(value, spec)
 
 
-def mfu_note(r):
-    """MFU with a training step counted as 3 forward passes, when the counted step is clearly more (FCViT)."""
-    train, fwd = r.get("flops_per_image_train"), r.get("flops_per_image_eval")
-    if not (train and fwd and r.get("mfu") is not None) or train / fwd < 3.5:
-        return ""
-    return f" ({r['mfu'] * 3 * fwd / train:.1%} at 3 x forward)"
-
-
 def device_line(rows):
     """One sentence naming the devices, precisions, torch versions and dates of some bench rows."""
     keys = ("device", "precision", "torch")
@@ -418,7 +410,7 @@ def gpu_table(rows):
         cells.append([r["config"], family(r), r["batch"], r.get("compile") or "no", f"{r['train_img_s']:,.0f}",
                       f"{r['eval_img_s']:,.0f}", fmt(r.get("latency_ms_b1"), ".2f"),
                       fmt(r.get("peak_mem_gib"), ".2f"),
-                      fmt(r.get("achieved_tflops_train"), ".1f"), fmt(r.get("mfu"), ".1%") + mfu_note(r),
+                      fmt(r.get("achieved_tflops_train"), ".1f"), fmt(r.get("mfu"), ".1%"),
                       fmt(r.get("mfu_measured"), ".1%"), re_img, fmt(ref and ref["gib"], ".1f"),
                       fmt(speed, ".1f") + ("x" if speed else "")])
     display(html_table(header, cells))
@@ -468,7 +460,7 @@ else:
         cells.append([r["config"], family(r), fmt(b100 and b100["train_img_s"], ",.0f"),
                       fmt(b100 and b100.get("peak_mem_gib"), ".2f"), f"{r['batch']:,}", f"{r['train_img_s']:,.0f}",
                       fmt(r.get("peak_mem_gib"), ".2f"), f"{r['eval_img_s']:,.0f}",
-                      fmt(r.get("mfu"), ".1%") + mfu_note(r),
+                      fmt(r.get("mfu"), ".1%"),
                       fmt(gain, ".2f") + ("x" if gain else "")])
     display(html_table(header, cells))
 
