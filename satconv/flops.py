@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .attention.base import explicit_paths
 from .config import ExperimentConfig
 
 
@@ -67,7 +68,7 @@ def _in_channels(model: nn.Module) -> int:
 
 
 def flops_per_image(model: nn.Module, image_size: int = 32, mode: str = "train", device=None,
-                    batch: int = 2) -> int:
+                    batch: int = 2, explicit: bool = True) -> int:
     """FLOPs per image of one forward (``"eval"``) or forward + backward (``"train"``) pass.
 
     Counted by ``FlopCounterMode`` (2 FLOPs per multiply-add of every mm/bmm/conv/SDPA op) on a
@@ -83,6 +84,9 @@ def flops_per_image(model: nn.Module, image_size: int = 32, mode: str = "train",
         device: where the input is made; ``None``: the model's device.  ``"meta"`` counts
             without computing (build the model under ``torch.device("meta")``).
         batch: images in the counted batch (>= 1).
+        explicit: count the explicit formulation of eq. (2) (:func:`satconv.attention.explicit_paths`):
+            the model's FLOPs, the convention of MFU.  ``False`` counts what the fast paths execute
+            (the folded content attention skips the key projection, so it executes fewer).
 
     Returns:
         FLOPs per image (int).
@@ -97,7 +101,7 @@ def flops_per_image(model: nn.Module, image_size: int = 32, mode: str = "train",
     had_grad = {p: p.grad for p in model.parameters()}
     model.train(mode == "train")
     try:
-        with counter() as flop_counter:
+        with counter() as flop_counter, explicit_paths(explicit):
             if mode == "train":
                 logits = model(x)
                 y = torch.zeros(batch, dtype=torch.long, device=device)
@@ -160,7 +164,7 @@ def paper_convention_flops(model: nn.Module, image_size: int = 32, device=None) 
     model.eval()
     x = torch.randn(1, _in_channels(model), image_size, image_size, device=device)
     try:
-        with torch.no_grad(), counter() as flop_counter:
+        with torch.no_grad(), counter() as flop_counter, explicit_paths():
             model(x)
     finally:
         for h in handles:
@@ -184,15 +188,21 @@ def _count_model(cfg: ExperimentConfig) -> nn.Module:
         return build_model(cfg)
 
 
-def _config_flops(cfg: ExperimentConfig, model: nn.Module) -> tuple[int, int]:
-    """(train, eval) FLOPs per image; counted on a meta copy, or on ``model`` if meta fails."""
+def _config_flops(cfg: ExperimentConfig, model: nn.Module, executed: bool = False) -> tuple[int, ...]:
+    """(train, eval) model FLOPs per image, plus the executed training FLOPs if ``executed``.
+
+    Counted on a meta copy, or on ``model`` if the meta run fails (a module that reads data).
+    """
     size = cfg.model.image_size
+    passes = [("train", True), ("eval", True)] + ([("train", False)] if executed else [])
+
+    def count(net, device):
+        return tuple(flops_per_image(net, size, mode, device=device, explicit=ex) for mode, ex in passes)
+
     try:
-        meta = _count_model(cfg)
-        return (flops_per_image(meta, size, "train", device="meta"),
-                flops_per_image(meta, size, "eval", device="meta"))
-    except Exception:  # a module that reads data (.item()) cannot run on meta: count for real
-        return flops_per_image(model, size, "train"), flops_per_image(model, size, "eval")
+        return count(_count_model(cfg), "meta")
+    except Exception:  # e.g. ``.item()`` on meta tensors: count on the real model
+        return count(model, None)
 
 
 __all__ = ["flops_per_image", "paper_convention_flops"]

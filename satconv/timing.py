@@ -231,7 +231,9 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         step), ``eval_img_s`` (forward under ``inference_mode``), ``latency_ms_b1`` (+ p10/p90).
         ``peak_mem_gib``: CUDA ``max_memory_allocated`` during training (parameters, optimizer state
         and activations); ``null`` on CPU.  ``flops_per_image_*``: :func:`flops_per_image`;
-        ``achieved_tflops_train = flops_per_image_train * train_img_s``; ``mfu`` against the
+        ``achieved_tflops_train = flops_per_image_train * train_img_s``, where the model FLOPs are those
+        of the explicit formulation (``flops_per_image_train_executed``: what the fast paths run, fewer
+        for folded attention); ``mfu`` against the
         datasheet ``peak_tflops`` (``peak_tflops_source``), ``mfu_measured`` against the GEMM rate.
         In fp32 PyTorch leaves TF32 off for matmuls but on for cuDNN convolutions
         (``tf32_matmul``/``tf32_cudnn``), so a conv network's fp32 MFU can exceed the plain-FP32
@@ -254,7 +256,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         model, run, opt = _train_setup(cfg, device, precision, channels_last, compile)
         from .models import count_parameters
         params = count_parameters(model)
-        flops_train, flops_eval = _config_flops(cfg, model)
+        flops_train, flops_eval, flops_executed = _config_flops(cfg, model, executed=True)
 
         # (a) training step
         model.train()
@@ -335,6 +337,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "peak_mem_eval_gib": peak_eval,
         "flops_per_image_train": flops_train,
         "flops_per_image_eval": flops_eval,
+        "flops_per_image_train_executed": flops_executed,
         "achieved_tflops_train": ach_train,
         "achieved_tflops_eval": ach_eval,
         "peak_tflops": peak,

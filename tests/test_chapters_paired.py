@@ -42,3 +42,11 @@ def test_chapter_header_pairs_and_names_kernel(source: Path):
     assert metadata.get("kernelspec", {}).get("name") == "python3", f"{source.name}: no python3 kernelspec"
     assert metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", (
         f"{source.name}: header must pair `formats: ipynb,py:percent`")
+
+
+def test_papermill_sees_every_training_parameter():
+    """papermill parses each line of train's `parameters` cell (a second `=` in a comment hides a line)."""
+    from papermill.inspection import inspect_notebook
+
+    params = inspect_notebook(str(CHAPTERS / "train.ipynb"))
+    assert set(params) == {"config", "profile", "data", "overrides", "output_dir", "device"}

@@ -1,7 +1,9 @@
 """Fast paths pinned to explicit ones (paper.md §6; performance issue).
 
-On CPU: the batched routes of ``AttentionBase.combine`` and the per-axis q.r gather against plain
-broadcast products in float64.  On CUDA (skipped elsewhere): bf16 autocast and ``torch.compile``
+On CPU: the folded content attention (:mod:`satconv.attention.folded`), the W_out-first product of
+input-independent attention, the batched routes of ``AttentionBase.combine`` and the per-axis q.r
+gather against the explicit route (:func:`satconv.attention.base.explicit_paths`) or plain
+broadcast products, in float64, with gradients.  On CUDA (skipped elsewhere): bf16 autocast and ``torch.compile``
 against the float32 eager model, with stated tolerances.
 """
 import pytest
@@ -9,6 +11,8 @@ import torch
 
 from satconv import config as C
 from satconv.attention import ContentAttention, LearnedRelativeAttention, QuadraticAttention
+from satconv.attention.base import explicit_paths
+from satconv.attention.folded import LowPrecisionSoftmax, fold_query_key
 from satconv.models import build_model
 
 EXACT = dict(rtol=0, atol=1e-12)  # float64, same arithmetic up to summation order
@@ -51,6 +55,72 @@ def test_query_position_gather_equals_full_index():
     torch.testing.assert_close(m.query_position_scores(q, h, w), expected, **EXACT)
 
 
+def _forward_and_grads(m, x, key_source):
+    x = x.clone().requires_grad_()
+    out, probs = m(x, return_attention=True, key_source=key_source)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                [x, *m.parameters()], allow_unused=True, materialize_grads=True)
+    return out, probs, grads
+
+
+FOLDED = {
+    "content, heads concatenated": lambda: ContentAttention(8, 3),
+    "content, value projection folded into W_out": lambda: ContentAttention(8, 3, value_proj=True, out_dim=6),
+    "content, head_dim > dim": lambda: ContentAttention(8, 2, head_dim=10, value_proj=True),
+    "learned q.k + q.r": lambda: LearnedRelativeAttention(8, 3, variant="content_query_position", max_position=6),
+    "learned position-only (W_out first)": lambda: LearnedRelativeAttention(8, 3, max_position=6),
+    "quadratic (W_out first)": lambda: QuadraticAttention(8, 3),
+}
+
+
+@pytest.mark.parametrize("hierarchical", [False, True], ids=["own keys", "key_source"])
+@pytest.mark.parametrize("name", FOLDED)
+def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical):
+    """Folded weights and W_out-first products compute eq. (2) exactly: outputs, probabilities and
+    every gradient agree with the explicit route in float64 (biases and weights random, not zero)."""
+    torch.manual_seed(0)
+    m = FOLDED[name]().double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 4, 5, 8, dtype=torch.float64)
+    ks = torch.randn(3, 4, 5, 8, dtype=torch.float64) if hierarchical else None
+    fast = _forward_and_grads(m, x, ks)
+    with explicit_paths():
+        ref = _forward_and_grads(m, x, ks)
+    torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast[1].expand_as(ref[1]), ref[1], rtol=0, atol=1e-12)
+    for a, b in zip(fast[2], ref[2]):  # the key bias: zero by softmax shift invariance on both routes
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_low_precision_softmax_gradient_matches_autograd():
+    """The softmax that saves its output in the autocast dtype has softmax's gradient (float32 here:
+    exact up to rounding; in bf16 the saved probabilities carry bf16 rounding only)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 3, 7, requires_grad=True)
+    g = torch.randn(2, 5, 3, 7)
+    (expected,) = torch.autograd.grad((torch.softmax(logits, -1) * g).sum(), logits)
+    probs = LowPrecisionSoftmax.apply(logits, torch.float32)
+    (actual,) = torch.autograd.grad((probs * g).sum(), logits)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    probs = LowPrecisionSoftmax.apply(logits, torch.bfloat16)
+    assert probs.dtype == torch.bfloat16
+    (low,) = torch.autograd.grad((probs.float() * g).sum(), logits)
+    assert _rel(low, expected) < 1e-2
+
+
+def test_folded_weights_reproduce_query_key_products():
+    """``x M_h + c_h`` against y equals ``q_h . k_h`` minus the per-query constant ``q_h . b_h``."""
+    torch.manual_seed(0)
+    m = ContentAttention(6, 2).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64)
+    weight, bias = fold_query_key(m.query, m.key, 2, scale=1.0)
+    folded = (x @ weight.t() + bias).view(5, 2, 6)  # (N_q, H, D)
+    q, k = m.query(x).view(5, 2, 6), m.key(y).view(7, 2, 6)
+    expected = torch.einsum("qhc,khc->qhk", q, k) - torch.einsum("qhc,hc->qh", q, m.key.bias.view(2, 6))[..., None]
+    torch.testing.assert_close(torch.einsum("qhd,kd->qhk", folded, y), expected, rtol=0, atol=1e-12)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
 
 
@@ -59,13 +129,15 @@ def _rel(a, b):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["paper_quadratic", "paper_learned", "paper_learned_content"])
+@pytest.mark.parametrize("name", ["paper_quadratic", "paper_learned", "paper_learned_content", "re_vit"])
 def test_bf16_and_compile_match_fp32_on_gpu(name):
+    """Fast paths in bf16 autocast, and compiled in float32, against the explicit float32 model."""
     torch.manual_seed(0)
     model = build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml")).cuda().eval()
     x = torch.randn(8, 3, 32, 32, device="cuda")
     with torch.inference_mode():
-        ref = model(x)
+        with explicit_paths():
+            ref = model(x)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low = model(x)
         fast = torch.compile(model)(x)

@@ -16,10 +16,35 @@ stacks the per-head filters; with any other ``head_dim`` a value projection
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+_FAST_PATHS = [True]
+
+
+def fast_paths_enabled() -> bool:
+    """``False`` inside :func:`explicit_paths`: mechanisms then take their explicit reference route."""
+    return _FAST_PATHS[-1]
+
+
+@contextlib.contextmanager
+def explicit_paths(explicit: bool = True):
+    """Within the block every mechanism computes eq. (2) by its explicit route (scores, softmax,
+    ``P V`` per head, ``W_out``) instead of its fast path (folded weights, shared-probability GEMMs).
+
+    The fast paths compute the same function; ``tests/test_fast_paths.py`` compares the two.  Not
+    thread-safe; state is read when a layer runs (under ``torch.compile``: when it is traced).
+    """
+    _FAST_PATHS.append(not explicit)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.pop()
 
 
 def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -122,13 +147,12 @@ class AttentionBase(nn.Module):
         Returns:
             ``(B, N, out_dim)``.
         """
-        if probs.shape[0] == 1 and v.shape[1] == 1 and v.shape[0] > 1:
-            # one (H*N, N) @ (N, B*D) GEMM for probabilities shared by the batch and values shared by
-            # the heads (input-independent attention without value projection, paper.md §6.4)
-            out = torch.einsum("hnm,bmd->bnhd", probs[0], v[:, 0])  # (B, N, H, D)
-            b, n, h, d = out.shape
-            return self.proj(out.reshape(b, n, h * d))  # (B, N, H*D) -> (B, N, out_dim)
-        if v.shape[1] == 1 and probs.shape[0] == v.shape[0]:
+        fast = fast_paths_enabled()
+        if fast and probs.shape[0] == 1 and v.shape[1] == 1 and self.out_dim <= self.dim:
+            # input-independent attention without value projection (paper.md §6.4): W_out first, then
+            # one (N, N*H) @ (N*H, out_dim) product per image with the batch-shared probabilities
+            return shared_probs_combine(probs[0], v[:, 0], self.proj)  # (B, N, out_dim)
+        if fast and v.shape[1] == 1 and probs.shape[0] == v.shape[0]:
             # values shared by the heads: one (H*N, N) @ (N, D) product per image, x is not expanded
             b, h, n, _ = probs.shape
             out = torch.bmm(probs.reshape(b, h * n, n), v[:, 0]).view(b, h, n, -1)  # (B, H, N, D)
@@ -171,6 +195,33 @@ class AttentionBase(nn.Module):
         out = self.combine(self.attn_drop(probs), self.values(tokens))
         out = out.reshape(b, height, width, self.out_dim)
         return (out, probs) if return_attention else out
+
+
+def shared_probs_combine(probs: torch.Tensor, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """``proj(concat_h(P_h x))`` for probabilities shared by the batch, with ``W_out`` applied first.
+
+    ``sum_h P_h (x W_h^T)`` with ``W_h`` the ``h``-th input block of ``W_out``: one
+    ``dim -> heads*out_dim`` GEMM gives ``Y[b, m, h, :] = x[b, m] W_h^T`` in the layout
+    ``(B, N*heads, out_dim)``, and the probabilities laid out ``P'[n, m*heads + h] = P_h[n, m]`` meet it
+    in one batch-broadcast ``(N, N*heads) @ (N*heads, out_dim)`` product.  Same FLOPs as the explicit
+    order when ``out_dim == dim``, and no ``(B, heads, N, D)`` transposes.
+
+    Args:
+        probs: ``(heads, N, N)``.
+        x: ``(B, N, D)`` values shared by the heads.
+        proj: ``Linear(heads * D -> out_dim)``.
+
+    Returns:
+        ``(B, N, out_dim)``.
+    """
+    h, n, _ = probs.shape
+    b, _, d = x.shape
+    e = proj.out_features
+    w = proj.weight.view(e, h, d).permute(1, 0, 2).reshape(h * e, d)  # (H*E, D): row h*E + e = W_out[e, hD:(h+1)D]
+    y = F.linear(x, w)  # (B, N, H*E)
+    p = probs.permute(1, 2, 0).reshape(n, n * h)  # (N, N*H): p[n, m*H + h] = P_h[n, m]
+    out = torch.matmul(p.to(y.dtype), y.view(b, n * h, e))  # (B, N, E)
+    return out if proj.bias is None else out + proj.bias.to(out.dtype)
 
 
 def softmax_keys(logits: torch.Tensor) -> torch.Tensor:

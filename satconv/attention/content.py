@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionBase, scaled
+from .base import AttentionBase, fast_paths_enabled, scaled
+from .folded import folded_forward
 
 
 def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -79,3 +80,22 @@ class ContentAttention(AttentionBase):
         """
         q, k = self.queries_keys(x, key_source)
         return scaled(q @ k.transpose(-2, -1), self.head_dim)  # (B, H, N, N)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
+        """Apply the layer (contract of :meth:`AttentionBase.forward`).
+
+        With concatenated heads (``head_dim >= dim``) the fast path folds ``W_qry W_key^T`` (and
+        ``W_val W_out``) per step, :func:`satconv.attention.folded.folded_forward`; inside
+        :func:`satconv.attention.base.explicit_paths` the explicit route runs.
+
+        Args:
+            x: ``(B, H, W, dim)``.
+            return_attention: also return the probabilities ``(B, heads, N, N)`` (before dropout).
+            key_source: ``(B, H, W, dim)`` keys' input, or ``None``.
+
+        Returns:
+            ``(B, H, W, out_dim)``, or ``(out, probs)``.
+        """
+        if fast_paths_enabled() and self.head_dim >= self.dim:
+            return folded_forward(self, x, key_source, return_attention=return_attention)
+        return super().forward(x, return_attention=return_attention, key_source=key_source)

@@ -23,11 +23,14 @@ grid: bug B2 of ``paper.md`` §4.2).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .base import AttentionBase, InputIndependentAttention, relative_index, scaled
+from .base import AttentionBase, InputIndependentAttention, fast_paths_enabled, relative_index, scaled
 from .content import split_heads
+from .folded import fold_query_tables, folded_forward, relative_table_logits
 
 VARIANTS = ("position_only", "query_position", "content_query_position")
 
@@ -172,4 +175,14 @@ class LearnedRelativeAttention(InputIndependentAttention):
         """
         if self.input_independent:
             return super().forward(x, return_attention=return_attention)
+        if fast_paths_enabled() and self.variant == "content_query_position" and self.head_dim >= self.dim:
+            # W_qry W_key^T and W_qry e^T folded per step (satconv.attention.folded)
+            height, width = x.shape[1:3]
+            if height > self.max_position or width > self.max_position:
+                raise ValueError(f"grid {height}x{width} exceeds max_position={self.max_position}; relative "
+                                 f"embeddings cover sides up to {self.max_position}")
+            weight, bias = fold_query_tables(self.query, self.row_embeddings.weight, self.col_embeddings.weight,
+                                             self.num_heads, 1.0 / math.sqrt(self.head_dim))
+            tables = (weight, bias, lambda t, h, w: relative_table_logits(t, h, w, self.max_position))
+            return folded_forward(self, x, key_source, tables=tables, return_attention=return_attention)
         return AttentionBase.forward(self, x, return_attention=return_attention, key_source=key_source)

@@ -1,0 +1,222 @@
+"""Folded dense attention: eq. (2) of arXiv 1911.03584 with the weight products multiplied out.
+
+For concatenated heads (``head_dim >= dim``, the paper's choice) the per-head query and key
+projections are only ever used through their product (the paper's Lemma 1 writes the content
+term as ``X_q^T W_qry^T W_key X_k``).  With ``q_h = x Q_h^T + a_h`` and ``k_h = y K_h^T + b_h``::
+
+    q_h . k_h = x (Q_h^T K_h) y^T  +  a_h K_h y^T  +  [x Q_h^T b_h^T + a_h . b_h]
+
+The bracket does not depend on the key, so it cancels in the softmax over keys and is dropped.
+Per step the fold computes ``M_h = Q_h^T K_h`` (``D x D``, cheap: it does not scale with the batch)
+and ``c_h = a_h K_h``; per image one ``dim -> heads*dim`` GEMM gives ``x M_h + c_h``, which then
+meets the raw key input ``y``.  This removes the key projection: about a fifth of the content
+model's FLOPs.  The ``q . r`` tables of the learned relative encoding fold the same way
+(``q_h[:Dk/2] . e_row = x Q_h[:Dk/2]^T e_row^T + a_h[:Dk/2] e_row^T``).
+
+With a value projection ``v_h = x V_h^T + v0_h`` followed by ``W_out`` (the [Re]'s ViT), the two
+fold into one ``heads*dim -> out_dim`` map applied to ``softmax(A_h) x``::
+
+    sum_h P_h v_h W_out,h^T = sum_h (P_h x)(V_h^T W_out,h^T) + rowsum(P_h) (v0_h W_out,h^T)
+
+(``rowsum(P_h)`` is 1 without dropout and is kept because dropout changes it).
+
+Scores and probabilities are laid out ``(B, N_query, heads, N_key)`` so that queries for all heads
+form one ``(N * heads, dim)`` matrix per image and ``P @ x`` lands directly in the
+``(B, N, heads*dim)`` layout that ``W_out`` reads: no head transposes.  In autocast the
+probabilities are kept in the autocast dtype for the backward pass (:class:`LowPrecisionSoftmax`),
+halving the largest saved activation.  ``tests/test_fast_paths.py`` pins every route to the
+explicit one (:func:`satconv.attention.base.explicit_paths`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import softmax_keys
+
+
+def _wide(p: torch.Tensor) -> torch.Tensor:
+    """``p`` in float32, or float64 when it is float64 (the fold is computed at least in float32)."""
+    return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
+def _fp32_weights():
+    """Fold weight products in float32 even inside autocast (they are tiny and reused by the batch)."""
+    dev = "cuda" if torch.cuda.is_available() and torch.is_autocast_enabled("cuda") else "cpu"
+    return torch.autocast(device_type=dev, enabled=False)
+
+
+def fold_query_key(query: nn.Linear, key: nn.Linear, num_heads: int, scale: float):
+    """Folded query weights: ``x -> (x M_h + c_h) * scale`` for every head.
+
+    Args:
+        query, key: ``Linear(D_in -> heads * Dk)`` and ``Linear(D_key -> heads * Dk)``.
+        num_heads: ``heads``.
+        scale: multiplies the logits (``1 / sqrt(Dk)``).
+
+    Returns:
+        ``(weight, bias)`` for ``F.linear``: ``(heads * D_key, D_in)`` and ``(heads * D_key,)`` or ``None``.
+        Row ``h * D_key + e`` of the output is ``(x M_h + c_h)[e]``.
+    """
+    with _fp32_weights():
+        qw = _wide(query.weight).view(num_heads, -1, query.in_features)  # (H, Dk, D_in)
+        kw = _wide(key.weight).view(num_heads, -1, key.in_features)  # (H, Dk, D_key)
+        weight = torch.einsum("hkd,hke->hed", qw, kw).reshape(-1, query.in_features) * scale  # (H*D_key, D_in)
+        bias = None
+        if query.bias is not None:
+            qb = _wide(query.bias).view(num_heads, -1)  # (H, Dk)
+            bias = torch.einsum("hk,hke->he", qb, kw).reshape(-1) * scale  # (H*D_key,)
+    return weight, bias
+
+
+def fold_query_tables(query: nn.Linear, row: torch.Tensor, col: torch.Tensor, num_heads: int, scale: float):
+    """Folded ``q . r`` tables: ``x -> [q_h[:Dk/2] . e_row[t], q_h[Dk/2:] . e_col[t]] * scale``.
+
+    Args:
+        query: ``Linear(D_in -> heads * Dk)``.
+        row, col: ``(T, Dk/2)`` embedding tables, ``T = 2 * max_position - 1``.
+        num_heads: ``heads``.
+        scale: multiplies the logits.
+
+    Returns:
+        ``(weight, bias)`` for ``F.linear``: ``(heads * 2T, D_in)``, ``(heads * 2T,)`` or ``None``; the output
+        reads ``(..., heads, 2T)`` with the row table in ``[:T]`` and the column table in ``[T:]``.
+    """
+    with _fp32_weights():
+        qw = _wide(query.weight).view(num_heads, -1, query.in_features)  # (H, Dk, D_in)
+        half = qw.shape[1] // 2
+        tables = torch.cat([_wide(row), _wide(col)], dim=0)  # (2T, Dk/2)
+        t = row.shape[0]
+        weight = torch.cat([torch.einsum("hkd,tk->htd", qw[:, :half], tables[:t]),
+                            torch.einsum("hkd,tk->htd", qw[:, half:], tables[t:])], dim=1)  # (H, 2T, D_in)
+        weight = weight.reshape(-1, query.in_features) * scale
+        bias = None
+        if query.bias is not None:
+            qb = _wide(query.bias).view(num_heads, -1)  # (H, Dk)
+            bias = torch.cat([qb[:, :half] @ tables[:t].t(), qb[:, half:] @ tables[t:].t()], dim=1).reshape(-1) * scale
+    return weight, bias
+
+
+def fold_value_out(value: nn.Linear, proj: nn.Linear, num_heads: int):
+    """``W_val`` and ``W_out`` multiplied out per head.
+
+    Args:
+        value: ``Linear(D -> heads * Dk)``.
+        proj: ``Linear(heads * Dk -> D_out)``.
+
+    Returns:
+        ``(weight, head_bias)``: ``(D_out, heads * D)`` for ``F.linear`` on ``concat_h(P_h x)``, and
+        ``(heads, D_out)`` (``v0_h W_out,h^T``) or ``None``, to be weighted by ``rowsum(P_h)``.
+    """
+    with _fp32_weights():
+        vw = _wide(value.weight).view(num_heads, -1, value.in_features)  # (H, Dk, D)
+        ow = _wide(proj.weight).view(proj.out_features, num_heads, -1)  # (D_out, H, Dk)
+        weight = torch.einsum("hkd,ehk->ehd", vw, ow).reshape(proj.out_features, -1)  # (D_out, H*D)
+        head_bias = None
+        if value.bias is not None:
+            head_bias = torch.einsum("hk,ehk->he", _wide(value.bias).view(num_heads, -1), ow)  # (H, D_out)
+    return weight, head_bias
+
+
+class LowPrecisionSoftmax(torch.autograd.Function):
+    """Softmax over the last axis in float32, returned (and saved for backward) in ``dtype``.
+
+    ``forward(logits: (..., N), dtype) -> (..., N)``.  The backward pass recomputes
+    ``p * (g - sum(g * p))`` in float32 from the saved ``dtype`` probabilities: the same
+    rounding the forward output already carries.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=-1).to(dtype)
+        ctx.save_for_backward(probs)
+        ctx.logits_dtype = logits.dtype
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        p, g = probs.float(), grad.float()
+        return (p * (g - (g * p).sum(-1, keepdim=True))).to(ctx.logits_dtype), None
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, tables=None,
+                   return_attention: bool = False):
+    """Dense multi-head attention of ``module`` by the folded route (same function as the explicit one).
+
+    Args:
+        module: an :class:`~satconv.attention.base.AttentionBase` with ``query`` and ``key`` linears,
+            ``head_dim >= dim``, optional ``value`` linear, ``proj``, ``attn_drop``.
+        x: ``(B, H, W, D)`` tokens (queries and values).
+        key_source: ``(B, H, W, D)`` keys' input, or ``None`` (= ``x``).
+        tables: ``None`` or ``(weight, bias, add)``: a folded ``D -> heads * C`` projection whose
+            output ``(B, N, heads, C)`` ``add(t, height, width)`` turns into extra logits
+            ``(B, N, heads, N)`` (the ``q . r`` term).
+        return_attention: also return the probabilities ``(B, heads, N, N)`` in float32.
+
+    Returns:
+        ``(B, H, W, out_dim)``, or ``(out, probs)``.
+    """
+    b, height, width, d = x.shape
+    n, heads = height * width, module.num_heads
+    tokens = x.reshape(b, n, d)  # (B, N, D)
+    keys = tokens if key_source is None else key_source.reshape(b, n, -1)  # (B, N, D_key)
+    weight, bias = fold_query_key(module.query, module.key, heads, 1.0 / math.sqrt(module.head_dim))
+    folded_q = F.linear(tokens, weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype))
+    logits = torch.bmm(folded_q.view(b, n * heads, -1), keys.transpose(1, 2)).view(b, n, heads, n)  # (B, N, H, N)
+    if tables is not None:
+        t_weight, t_bias, add = tables
+        t = F.linear(tokens, t_weight.to(tokens.dtype), None if t_bias is None else t_bias.to(tokens.dtype))
+        logits = logits + add(t.view(b, n, heads, -1), height, width)  # (B, N, H, N)
+    low = _autocast_dtype(x)
+    if low is not None and not return_attention:
+        probs = LowPrecisionSoftmax.apply(logits, low)  # (B, N, H, N) in the autocast dtype
+    else:
+        probs = softmax_keys(logits)  # (B, N, H, N), float32 at least
+        probs = probs if low is not None else probs.to(x.dtype)
+    dropped = module.attn_drop(probs)
+    mixed = torch.bmm(dropped.view(b, n * heads, n), tokens)
+    mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
+    if module.value is None:
+        out = module.proj(mixed)  # (B, N, out_dim)
+    else:
+        vo_weight, head_bias = fold_value_out(module.value, module.proj, heads)
+        out = F.linear(mixed, vo_weight.to(mixed.dtype), module.proj.bias)  # (B, N, out_dim)
+        if head_bias is not None:
+            out = out + dropped.sum(-1).to(out.dtype) @ head_bias.to(out.dtype)  # rowsum(P_h) v0_h W_out,h
+    out = out.reshape(b, height, width, -1)
+    if return_attention:
+        return out, probs.permute(0, 2, 1, 3)  # (B, H, N, N)
+    return out
+
+
+def relative_table_logits(t: torch.Tensor, height: int, width: int, max_position: int) -> torch.Tensor:
+    """Turn per-offset ``q . r`` tables into logits ``(B, N, heads, N)`` by two small gathers.
+
+    Args:
+        t: ``(B, N, heads, 2T)``: ``q_h[:Dk/2] . e_row[t]`` in ``[..., :T]`` and ``q_h[Dk/2:] . e_col[t]``
+            in ``[..., T:]``, ``T = 2 * max_position - 1``, offset ``t = delta + max_position - 1``.
+        height, width: grid, ``N = height * width``.
+
+    Returns:
+        ``(B, N, heads, N)``: ``row[q, d1(q, k)] + col[q, d2(q, k)]``, keys row-major.
+    """
+    b, n, heads, two_t = t.shape
+    m = max_position
+    rows = torch.arange(height, device=t.device)
+    cols = torch.arange(width, device=t.device)
+    row_idx = (rows[None, :] - rows[:, None] + m - 1)[:, None, None, :]  # (h_q, 1, 1, h_k)
+    col_idx = (cols[None, :] - cols[:, None] + m - 1)[None, :, None, :]  # (1, w_q, 1, w_k)
+    t = t.view(b, height, width, heads, two_t)
+    row = t[..., : two_t // 2].gather(-1, row_idx.expand(height, width, heads, height).expand(b, -1, -1, -1, -1))
+    col = t[..., two_t // 2:].gather(-1, col_idx.expand(height, width, heads, width).expand(b, -1, -1, -1, -1))
+    return (row[..., :, None] + col[..., None, :]).reshape(b, n, heads, n)  # (B, N, H, N)
