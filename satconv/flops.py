@@ -194,10 +194,11 @@ def _config_flops(cfg: ExperimentConfig, model: nn.Module, executed: bool = Fals
     Counted on a meta copy, or on ``model`` if the meta run fails (a module that reads data).
     """
     size = cfg.model.image_size
-    passes = [("train", True), ("eval", True)] + ([("train", False)] if executed else [])
+    # the executed count uses batch 100: folded weights cost FLOPs per step, not per image
+    passes = [("train", True, 2), ("eval", True, 2)] + ([("train", False, 100)] if executed else [])
 
     def count(net, device):
-        return tuple(flops_per_image(net, size, mode, device=device, explicit=ex) for mode, ex in passes)
+        return tuple(flops_per_image(net, size, mode, device=device, batch=b, explicit=ex) for mode, ex, b in passes)
 
     try:
         return count(_count_model(cfg), "meta")

@@ -1,7 +1,6 @@
 """Fast paths pinned to explicit ones (paper.md §6; performance issue).
 
-On CPU: the folded content attention (:mod:`satconv.attention.folded`), the W_out-first product of
-input-independent attention, the batched routes of ``AttentionBase.combine`` and the per-axis q.r
+On CPU: the folded content attention (:mod:`satconv.attention.folded`), the batched routes of ``AttentionBase.combine`` and the per-axis q.r
 gather against the explicit route (:func:`satconv.attention.base.explicit_paths`) or plain
 broadcast products, in float64, with gradients.  On CUDA (skipped elsewhere): bf16 autocast and ``torch.compile``
 against the float32 eager model, with stated tolerances.
@@ -68,15 +67,15 @@ FOLDED = {
     "content, value projection folded into W_out": lambda: ContentAttention(8, 3, value_proj=True, out_dim=6),
     "content, head_dim > dim": lambda: ContentAttention(8, 2, head_dim=10, value_proj=True),
     "learned q.k + q.r": lambda: LearnedRelativeAttention(8, 3, variant="content_query_position", max_position=6),
-    "learned position-only (W_out first)": lambda: LearnedRelativeAttention(8, 3, max_position=6),
-    "quadratic (W_out first)": lambda: QuadraticAttention(8, 3),
+    "learned position-only (shared probabilities)": lambda: LearnedRelativeAttention(8, 3, max_position=6),
+    "quadratic (shared probabilities)": lambda: QuadraticAttention(8, 3),
 }
 
 
 @pytest.mark.parametrize("hierarchical", [False, True], ids=["own keys", "key_source"])
 @pytest.mark.parametrize("name", FOLDED)
 def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical):
-    """Folded weights and W_out-first products compute eq. (2) exactly: outputs, probabilities and
+    """Folded weights and shared-probability products compute eq. (2) exactly: outputs, probabilities and
     every gradient agree with the explicit route in float64 (biases and weights random, not zero)."""
     torch.manual_seed(0)
     m = FOLDED[name]().double()
