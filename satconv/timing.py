@@ -180,6 +180,9 @@ def _train_setup(cfg: ExperimentConfig, device, precision: str, channels_last: b
     opt = torch.optim.SGD(no_decay_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
                           nesterov=t.nesterov, fused=device.type == "cuda")  # one kernel for all parameters
     if compile:
+        # each config builds new modules, and dynamo recompiles shared code (EncoderBlock.forward...) per
+        # instance; past torch._dynamo.config.cache_size_limit it silently runs eager, so start afresh
+        torch._dynamo.reset()
         mode = None if compile is True or compile == "default" else compile
         run = torch.compile(model, mode=mode, dynamic=False)
     else:
@@ -616,6 +619,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
         sets += ["data.source=synthetic", f"data.synthetic_train={synthetic_images}", "data.synthetic_test=1000"]
     else:
         sets += ["data.source=imagefolder", f"data.root={data}"]
+    if compile:
+        torch._dynamo.reset()  # a fresh compile cache for the training run (see _train_setup)
     with tempfile.TemporaryDirectory(prefix="satconv-epoch-") as tmp:
         result = train(cfg, out_dir=tmp, overrides=sets, device=device, progress=False)
         images = json.loads((Path(tmp) / "run.json").read_text())["data"]["sizes"]["train"]
