@@ -308,8 +308,8 @@ tested = [r for r in runs if r["test_best"] is not None]
 top = max(tested, key=lambda r: r["test_best"]) if tested else None
 glue("n_runs", len(runs), display=False)
 glue("n_configs", len({r["name"] for r in runs}), display=False)
-glue("min_epochs_run", min(r["epochs_run"] for r in runs), display=False)
-glue("max_epochs_run", max(r["epochs_run"] for r in runs), display=False)
+low, high = min(r["epochs_run"] for r in runs), max(r["epochs_run"] for r in runs)
+glue("epochs_run_range", str(low) if low == high else f"{low} to {high}", display=False)
 glue("max_seeds", max(seeds_per_config), display=False)
 glue("top_test", 100 * top["test_best"] if top else float("nan"), display=False)
 glue("top_test_config", top["name"] if top else "none", display=False)
@@ -318,7 +318,7 @@ glue("top_test_device", top["device"] if top else "none", display=False)
 
 # %% [markdown]
 # This page read {glue:text}`n_runs:d` run(s) of {glue:text}`n_configs:d` config(s), trained for
-# {glue:text}`min_epochs_run:d` to {glue:text}`max_epochs_run:d` epochs, with at most
+# {glue:text}`epochs_run_range` epochs, with at most
 # {glue:text}`max_seeds:d` seed(s) per config. The highest test accuracy of best-on-validation
 # weights among them is {glue:text}`top_test:.2f` % ({glue:text}`top_test_config`, on
 # {glue:text}`top_test_data`, {glue:text}`top_test_device`); the claims section below says what

@@ -31,12 +31,15 @@
 # that the tests re-execute, it uses the `quick` profile (a tiny model, a few hundred images, one
 # epoch) on generated images, so that it runs on two cores in seconds; those numbers say nothing
 # about CIFAR-10. The pages under *GPU results* are this notebook executed on real data.
+#
+# `overrides` takes any dotted config key, space-separated, for example
+# `train.epochs=30 train.precision=bf16 train.compile=true`.
 
 # %% tags=["parameters"]
 config = "configs/paper_quadratic.yaml"  # any file in configs/
 profile = "auto"  # "auto": as configured on a GPU, "quick" on a CPU; "quick" shrinks it; "" runs it as configured
 data = "auto"  # "auto": the config's data on a GPU, "synthetic" on a CPU; "": the config's; or an image-folder root
-overrides = ""  # space-separated dotted overrides, e.g. "train.epochs=30 train.precision=bf16"
+overrides = ""  # space-separated dotted overrides, written as in the example above this cell
 output_dir = ""  # "": runs/<config name> (or train.out_dir); a quick run goes to a fresh _build/train-quick/
 device = ""  # "": CUDA when available, else CPU
 

@@ -54,14 +54,17 @@ torch.set_num_threads(2)
 # %% [markdown]
 # ## The runs
 #
-# Training the paper's models takes hours on a GPU, so this page never trains them. It reads the
-# runs committed with the book (`book/runs/<config>/`, written by `satconv.train.train` on the GPU
+# Training the paper's models needs a GPU, so this page never trains them. It reads the runs
+# committed with the book (`book/runs/<config>/`, written by `satconv.train.train` on the GPU
 # machine): the per-epoch snapshots of the attention parameters and an *atlas* of attention
 # probabilities for a few fixed test images. When a run is not committed, the page trains a
 # stand-in on the CPU instead: the same architecture shrunk by the `quick` profile (2 layers,
 # 4 heads of width 32), trained for 4 optimisation steps (2 epochs of 128 synthetic images). Its
 # maps show the *method*, not the paper's results: after 4 steps the heads are still close to
-# their random start. The table says which run each model comes from.
+# their random start. The table says which run each model comes from, and the title of every
+# figure below repeats it: the data set, schedule, seed and GPU of a GPU run, read from its
+# `run.json`, `config.yaml` and `metrics.jsonl`, or "CPU stand-in, not a result". A GPU run and
+# a stand-in differ in depth and width, so they never share a figure.
 
 # %%
 CONFIGS = {"quadratic": "paper_quadratic", "learned": "paper_learned",
@@ -72,22 +75,28 @@ runs = {label: viz.find_run(name) for label, name in CONFIGS.items()}
 runs |= {label: run for label, name in OPTIONAL.items() if (run := viz.find_run(name, train_quick=False))[0]}
 atlases = {label: viz.load_atlas(run_dir) for label, (run_dir, _) in runs.items()}
 snapshots = {label: viz.load_snapshots(run_dir) for label, (run_dir, _) in runs.items()}
+source = {label: viz.run_label(run_dir, kind) for label, (run_dir, kind) in runs.items()}  # figure titles
+kind = {label: "GPU run" if k == "gpu" else "CPU stand-in" for label, (_, k) in runs.items()}
 display(Markdown(viz.runs_table(runs)))
+display(Markdown("\n".join(f"- **{label}**: {text}" for label, text in source.items())))
 
 # %% [markdown]
 # ## One query pixel, every layer and head
 #
 # A row per layer, a column per head; each panel is one head's attention probabilities over the
 # 16x16 key pixels for the query pixel marked in red (the image on the left, query boxed). Each
-# panel has its own colour scale, so that broad and sharp heads are both visible. This is the
+# panel has its own colour scale, so that broad and sharp heads are both visible (a panel of one
+# flat colour is a head that attends uniformly to every pixel). This is the
 # [Re]'s `viz_1` and the single-image version of the paper's Fig. 6, for the model with learned
-# relative encoding plus content, $\operatorname{softmax}(q \cdot k + q \cdot r)$.
+# relative encoding plus content, $\operatorname{softmax}(q \cdot k + q \cdot r)$; the title says
+# which run it comes from.
 
 # %%
 content = atlases["learned + content"]
 height, width = content["grid"][0]
 fig = viz.attention_grid(viz.atlas_maps(content, "probs", image=0, query=0), height, width,
-                         query=viz.atlas_query(content, 0), image=content["images"][0])
+                         query=viz.atlas_query(content, 0), image=content["images"][0],
+                         suptitle=f"learned + content: one image, centre query\n{source['learned + content']}")
 
 # %% [markdown]
 # ## Averaging: over images (the paper) or over query pixels (the [Re])
@@ -98,16 +107,17 @@ fig = viz.attention_grid(viz.atlas_maps(content, "probs", image=0, query=0), hei
 # content blurs out (claim 11). The [Re]'s `viz` instead takes *one* image and averages over all
 # 256 query pixels. That measures something else: a head that looks one pixel to the left of every
 # query puts its peak on a different key for each query, and the average spreads it over the whole
-# image. The figure shows the first layer under both protocols, for the quadratic model (where the
-# attention does not depend on the image at all) and for the content model.
+# image. The figures show the first layer under both protocols, one figure per model (their runs
+# need not have the same number of heads): the quadratic model, where the attention does not
+# depend on the image at all, and the content model.
 
 # %%
-rows, titles = [], []
 for label in ("quadratic", "learned + content"):
-    rows += [viz.atlas_maps(atlases[label], "centre_mean")[0], viz.atlas_maps(atlases[label], "query_mean")[0]]
-    titles += [f"{label}:\nfixed query,\nmean of images", f"{label}:\none image,\nmean of queries"]
-fig = viz.attention_grid(np.stack(rows), height, width, query=viz.atlas_query(content, 0), row_titles=titles,
-                         panel_size=1.1)
+    atlas = atlases[label]
+    maps = np.stack([viz.atlas_maps(atlas, "centre_mean")[0], viz.atlas_maps(atlas, "query_mean")[0]])
+    fig = viz.attention_grid(maps, *atlas["grid"][0], query=viz.atlas_query(atlas, 0), panel_size=1.1,
+                             row_titles=["fixed query,\nmean of images", "one image,\nmean of queries"],
+                             suptitle=f"{label}, layer 1\n{source[label]}")
 
 # %% [markdown]
 # The peak of a map, the largest probability it gives to one key, measures the smear: it is 1 for
@@ -119,7 +129,7 @@ peaks = {label: {protocol: float(viz.atlas_maps(atlases[label], protocol)[0].max
                  for protocol in ("centre_mean", "query_mean")} for label in ("quadratic", "learned + content")}
 for label, p in peaks.items():
     print(f"{label:18s} fixed query, mean of images: {p['centre_mean']:.2f}   "
-          f"one image, mean of queries: {p['query_mean']:.2f}")
+          f"one image, mean of queries: {p['query_mean']:.2f}   ({kind[label]})")
 
 # %% [markdown]
 # The paper's Fig. 6 is the first protocol for every layer. Heads whose map stays a compact blob
@@ -129,7 +139,8 @@ for label, p in peaks.items():
 # %%
 fig = viz.attention_grid(viz.atlas_maps(content, "centre_mean"), height, width,
                          query=viz.atlas_query(content, 0),
-                         suptitle="learned + content: centre query, mean over test images (Fig. 6)")
+                         suptitle="learned + content: centre query, mean over test images (Fig. 6)\n"
+                                  + source["learned + content"])
 
 # %% [markdown]
 # ## Gaussian heads: Figs. 4 and 3
@@ -147,8 +158,9 @@ fig = viz.attention_grid(viz.atlas_maps(content, "centre_mean"), height, width,
 
 # %%
 quadratic = snapshots["quadratic"]
-fig = viz.plot_gaussian_heads(quadratic[-1], side=width,
-                              suptitle=f"quadratic, epoch {quadratic[-1]['epoch']} (Fig. 4)")
+side = atlases["quadratic"]["grid"][0][1]
+fig = viz.plot_gaussian_heads(quadratic[-1], side=side,
+                              suptitle=f"quadratic, epoch {quadratic[-1]['epoch']} (Fig. 4)\n{source['quadratic']}")
 
 # %% [markdown]
 # Fig. 3 follows one layer, the fourth, through training: at initialisation the centres are drawn
@@ -157,14 +169,14 @@ fig = viz.plot_gaussian_heads(quadratic[-1], side=width,
 
 # %%
 layer = min(3, len(quadratic[-1]["centers"]) - 1)
-fig = viz.plot_center_evolution(quadratic, layer=layer, side=width)
+fig = viz.plot_center_evolution(quadratic, layer=layer, side=side, suptitle=f"quadratic: {source['quadratic']}")
 
 # %% [markdown]
 # The same layer as trajectories: each head's centre from its first snapshot (small dot) to its
 # last (large dot), relative to the query (red cross), and its precision $\alpha$ over the epochs.
 
 # %%
-fig = viz.plot_center_trajectories(quadratic, layer=layer)
+fig = viz.plot_center_trajectories(quadratic, layer=layer, suptitle=f"quadratic: {source['quadratic']}")
 
 # %% [markdown]
 # **Anisotropic heads** (claim 13). The generalised quadratic encoding gives each head a full
@@ -175,7 +187,9 @@ fig = viz.plot_center_trajectories(quadratic, layer=layer)
 # %%
 if "quadratic, anisotropic" in snapshots:
     last = snapshots["quadratic, anisotropic"][-1]
-    fig = viz.plot_gaussian_heads(last, side=width, suptitle="quadratic, anisotropic")
+    fig = viz.plot_gaussian_heads(last, side=atlases["quadratic, anisotropic"]["grid"][0][1],
+                                  suptitle=f"quadratic, anisotropic, epoch {last['epoch']}\n"
+                                           + source["quadratic, anisotropic"])
     degenerate = viz.degenerate_heads(last["centers"], last["spreads"])
     print("degenerate heads per layer:", degenerate.sum(1).tolist())
 else:
@@ -192,8 +206,9 @@ else:
 
 # %%
 learned = snapshots["learned"][-1]
-fig = viz.learned_position_maps(learned["centre_probs"], side=width, zoom=7,
-                                suptitle=f"learned, position only, epoch {learned['epoch']} (Fig. 5)")
+fig = viz.learned_position_maps(learned["centre_probs"], side=atlases["learned"]["grid"][0][1], zoom=7,
+                                suptitle=f"learned, position only, epoch {learned['epoch']} (Fig. 5)\n"
+                                         + source["learned"])
 
 # %% [markdown]
 # ## How much does the map depend on the query?
@@ -212,37 +227,61 @@ fig = viz.learned_position_maps(learned["centre_probs"], side=width, zoom=7,
 # fixed-shift head then scores 0, a head with the same absolute map for every query does not.
 # Low raw scores mean FCViT's regime; low aligned scores mean the convolution-like regime.
 # The scores are computed on the atlas images, with the model when its checkpoint is there
-# (every query pixel), otherwise from the atlas's few query pixels.
+# (every query pixel), otherwise from the atlas's few query pixels (the GPU runs are committed
+# without checkpoints). Each model is one line over its own layers; the legend says which are
+# GPU runs and which CPU stand-ins.
 
 # %%
-scores = {label: viz.run_query_irrelevance(run_dir, atlases[label]) for label, (run_dir, _) in runs.items()}
+scores = {f"{label} ({kind[label]})": viz.run_query_irrelevance(run_dir, atlases[label])
+          for label, (run_dir, _) in runs.items()}
 fig = viz.plot_query_irrelevance({k: s["raw"] for k, s in scores.items()},
                                  aligned={k: s["aligned"] for k, s in scores.items()})
 for label, s in scores.items():
-    print(f"{label:24s} raw {s['raw'].mean():.2f}   query-centred {s['aligned'].mean():.2f}   "
-          f"(from the {s['source']})")
+    print(f"{label:38s} raw {s['raw'].mean():.2f}   query-centred {s['aligned'].mean():.2f}   "
+          f"(from the {s['source']}, {len(s['raw'])} layers)")
 
 # %% [markdown]
 # Position-only layers (quadratic, learned) give every query the same *shifted* map, up to the
-# image border, so their query-centred scores are low by construction and their raw scores are
-# high exactly when the heads are sharp. The content model is where the question is open: heads
-# whose raw score stays low behave like FCViT's global maps, heads with a low query-centred score
-# like convolutions.
+# image border: a sharp head's query-centred score is low by construction and its raw score high,
+# while a broad head, whose window the border cuts differently for every query, scores higher on
+# the query-centred measure (and a uniform head scores 0 on the raw one). The content model is
+# where the question is open: heads whose raw score stays low behave like FCViT's global maps,
+# heads with a low query-centred score like convolutions.
 #
 # ## Explorer
 #
 # The explorer switches between precomputed images in the browser, without a Python kernel: pick
 # a model, an atlas image and a query pixel (the centre first, then the quarter points). Every
-# layer and head of the chosen model is shown at once.
+# layer and head of the chosen model is shown at once. GPU runs and CPU stand-ins see different
+# images (CIFAR-10 test images, generated shapes) and train for different numbers of epochs, so
+# each group has its own explorer, headed by where its runs come from.
 
 # %%
-views, axes = viz.atlas_views(atlases, images=3)
-viz.explorer(views, axes, dropdown=["model"])
+groups = {"GPU runs": [label for label in runs if kind[label] == "GPU run"],
+          "CPU stand-ins (their maps are not results)": [label for label in runs if kind[label] == "CPU stand-in"]}
+groups = {title: labels for title, labels in groups.items() if labels}
+
+
+def group_header(title, labels):
+    """A Markdown heading for one explorer: the group, then each model's run."""
+    return Markdown(f"**{title}**\n\n" + "\n".join(f"- {label}: {source[label]}" for label in labels))
+
+
+for title, labels in groups.items():
+    display(group_header(title, labels))
+    views, axes = viz.atlas_views({label: atlases[label] for label in labels}, images=3)
+    display(viz.explorer(views, axes, dropdown=["model"]))
 
 # %% [markdown]
-# And through training: the centre query's attention on one fixed test image, at the snapshot
-# epochs the runs share.
+# And through training: the centre query's attention on one fixed test image, at up to eight
+# snapshot epochs from the first to the last; one explorer per group and schedule length.
 
 # %%
-views, axes = viz.snapshot_views(snapshots, max_epochs=8)
-viz.explorer(views, axes, dropdown=["model"])
+for title, labels in groups.items():
+    by_length = {}
+    for label in labels:
+        by_length.setdefault(snapshots[label][-1]["epoch"], []).append(label)
+    for same in by_length.values():
+        display(group_header(title, same))
+        views, axes = viz.snapshot_views({label: snapshots[label] for label in same}, max_epochs=8)
+        display(viz.explorer(views, axes, dropdown=["model"]))

@@ -234,6 +234,15 @@ def test_attention_grid_has_one_axes_per_layer_and_head():
         viz.attention_grid(p, 5, 6)
 
 
+def test_attention_grid_keeps_a_two_line_title_above_the_column_titles():
+    p = np.random.default_rng(0).dirichlet(np.ones(36), size=(2, 3))
+    fig = viz.attention_grid(p, 6, 6, query=(2, 3), suptitle="model\nGPU run: data, 3 epochs, seed 1, GPU")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title_bottom = fig._suptitle.get_window_extent(renderer).y0
+    assert all(ax.title.get_window_extent(renderer).y1 <= title_bottom for ax in fig.axes)
+
+
 def test_fig_to_png_closes_the_figure():
     fig = plt.figure()
     png = viz.fig_to_png(fig, dpi=20)
@@ -325,6 +334,14 @@ def test_atlas_helpers_and_views():
     views, axes = viz.atlas_views({"a": atlas, "b": _fake_atlas(seed=1)}, images=5)
     assert axes == [("model", ["a", "b"]), ("image", ["1 (cat)", "2 (dog)"]), ("query", ["(2, 2)", "(1, 1)", "(1, 3)"])]
     assert len(views) == 2 * 2 * 3 and all(v[:4] == b"\x89PNG" for v in views.values())
+    # atlases of other images or query pixels (a stand-in next to a GPU run) never share an explorer
+    other = _fake_atlas(seed=1)
+    other["query_index"] = [torch.tensor([0, 5, 7])] * 2
+    with pytest.raises(ValueError, match="separate explorers"):
+        viz.atlas_views({"a": atlas, "b": other})
+    with pytest.raises(ValueError, match="separate explorers"):
+        viz.atlas_views({"a": {**atlas, "test_index": torch.tensor([0, 1])},
+                         "b": {**_fake_atlas(seed=1), "test_index": torch.tensor([0, 2])}})
     # sampled-query irrelevance: the atlas rows with their query indices
     scores = viz.run_query_irrelevance("/nonexistent", atlas, margin=1)
     assert scores["source"] == "atlas" and scores["raw"].shape == (2, 2)
@@ -351,3 +368,38 @@ def test_find_run_prefers_committed_gpu_runs_and_reuses_a_finished_stand_in(tmp_
     assert sorted(p.name for p in done.iterdir()) == ["config.yaml", "run.json"]
     table = viz.runs_table({"q": (done, "quick"), "l": (gpu / "paper_learned", "gpu")})
     assert table.count("\n") == 3 and "CPU stand-in" in table and "GPU run" in table
+
+
+def test_run_label_reads_data_schedule_seed_and_device_from_the_run(tmp_path):
+    import json
+
+    import yaml
+
+    from satconv.config import REPO_ROOT, load, to_dict
+
+    config = REPO_ROOT / "configs" / "paper_learned.yaml"
+    run = tmp_path / "paper_learned"
+    run.mkdir()
+    raw = to_dict(load(config))
+    raw["train"].update(epochs=3, seed=7)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "val_acc": 0.5}) + "\n" for e in (1, 2)))
+    (run / "run.json").write_text(json.dumps({"device": "Some GPU", "seed": 7, "status": "running",
+                                              "data": {"description": "CIFAR-10 (JPEG q75 copy)"}}))
+    full = load(config).train.epochs
+    info = viz.run_info(run, "gpu")
+    assert (info["epochs_run"], info["epochs_planned"], info["epochs_full"], info["seed"]) == (2, 3, full, 7)
+    assert viz.run_label(run, "gpu") == (f"GPU run: CIFAR-10 (JPEG q75 copy), 2 epochs of 3 (config: {full}), "
+                                         "seed 7, Some GPU")
+    label = viz.run_label(run, "quick")
+    assert label.startswith("CPU stand-in, not a result") and "config:" not in label
+    assert "| 7 |" in viz.runs_table({"l": (run, "gpu")})
+
+
+def test_snapshot_views_refuse_runs_of_different_lengths():
+    maps = np.full((1, 1, 16), 1 / 16, dtype=np.float32)
+    snaps = lambda n: [{"epoch": e, "centre_probs": maps} for e in range(n + 1)]  # noqa: E731
+    views, axes = viz.snapshot_views({"a": snaps(4), "b": snaps(4)}, max_epochs=3)
+    assert axes == [("model", ["a", "b"]), ("epoch", [0, 2, 4])] and len(views) == 6
+    with pytest.raises(ValueError, match="different epochs"):
+        viz.snapshot_views({"gpu": snaps(30), "stand-in": snaps(2)})

@@ -18,7 +18,8 @@ module              contents
                     :func:`plot_query_irrelevance`
 ``explorer``        :func:`explorer` (nested ``widgets.Stack`` switched by ``widgets.jslink``: works in
                     the static book), :func:`atlas_views`, :func:`snapshot_views`
-``runs``            :func:`find_run` (committed GPU run or a quick CPU stand-in), :func:`runs_table`,
+``runs``            :func:`find_run` (committed GPU run or a quick CPU stand-in), :func:`run_info`,
+                    :func:`run_label` (where a figure's panels come from), :func:`runs_table`,
                     :func:`load_atlas`, :func:`atlas_maps`, :func:`atlas_query`, :func:`load_snapshots`
 ``common``          :func:`fig_to_png`, :func:`query_index`
 ==================  ==================================================================================
@@ -33,7 +34,7 @@ from .gaussian import (degenerate_heads, gaussian_mass_contours, mass_region, ma
 from .irrelevance import model_query_irrelevance, plot_query_irrelevance, query_irrelevance, run_query_irrelevance
 from .maps import attention_grid, learned_position_maps, position_attention, query_attention, query_averaged_attention
 from .runs import (GPU_RUNS_DIR, QUICK_OVERRIDES, QUICK_RUNS_DIR, atlas_maps, atlas_query, find_run, load_atlas,
-                   load_snapshots, quick_config, runs_table)
+                   load_snapshots, quick_config, run_info, run_label, runs_table)
 
 __all__ = [
     "EXPLORER_DPI", "fig_to_png", "query_index",
@@ -42,6 +43,7 @@ __all__ = [
     "plot_gaussian_heads", "plot_center_evolution", "plot_center_trajectories", "degenerate_heads",
     "query_irrelevance", "model_query_irrelevance", "run_query_irrelevance", "plot_query_irrelevance",
     "explorer", "atlas_views", "snapshot_views",
-    "GPU_RUNS_DIR", "QUICK_RUNS_DIR", "QUICK_OVERRIDES", "quick_config", "find_run", "runs_table", "load_atlas",
+    "GPU_RUNS_DIR", "QUICK_RUNS_DIR", "QUICK_OVERRIDES", "quick_config", "find_run", "run_info", "run_label",
+    "runs_table", "load_atlas",
     "atlas_maps", "atlas_query", "load_snapshots",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .common import _square_side, fig_to_png
+from .common import _numpy, _square_side, fig_to_png
 from .maps import attention_grid
 from .runs import atlas_maps, atlas_query
 
@@ -86,8 +86,9 @@ def atlas_views(atlases: dict, images: int = 4, dpi: int = 60, panel_size: float
     """Explorer views of atlases: one layers x heads grid per (model, image, query pixel).
 
     Args:
-        atlases: ``name -> atlas`` (:func:`load_atlas`); they should share images and query pixels
-            (runs on the same test set do); labels come from the first.
+        atlases: ``name -> atlas`` (:func:`load_atlas`) that share their first ``images`` images and
+            their query pixels (runs on the same test set do; a CPU stand-in on generated images and
+            a GPU run on CIFAR-10 do not: give them separate explorers); labels come from the first.
         images: at most this many images per model.
         dpi, panel_size: PNG resolution and inches per panel (the book embeds every PNG).
 
@@ -102,6 +103,11 @@ def atlas_views(atlases: dict, images: int = 4, dpi: int = 60, panel_size: float
     classes = first.get("classes")
     img_labels = [f"{i + 1}" + (f" ({classes[int(first['labels'][i])]})" if classes else "") for i in range(n_img)]
     q_labels = [str(atlas_query(first, j)) for j in range(n_q)]
+    shown = {name: (tuple(_numpy(a["test_index"][:n_img]).tolist()) if "test_index" in a else (),
+                    tuple(atlas_query(a, j) for j in range(n_q))) for name, a in atlases.items()}
+    if len(set(shown.values())) > 1:
+        raise ValueError(f"the atlases do not share their images and query pixels ({shown}); "
+                         "draw them in separate explorers")
     views = {}
     for name, atlas in atlases.items():
         height, width = atlas["grid"][0]
@@ -118,6 +124,8 @@ def snapshot_views(snapshots: dict, max_epochs: int = 8, zoom: int | None = None
 
     Args:
         snapshots: ``name -> load_snapshots(run_dir)``; models without ``centre_probs`` are skipped.
+            The models must end at the same epoch (runs of one schedule): a 2-epoch stand-in next to
+            a 30-epoch run would leave only the run's first epochs; give such runs separate explorers.
         max_epochs: at most this many epochs (evenly spaced among those all models share).
         zoom: crop window around the query (``None``: whole grid).
         dpi, panel_size: see :func:`atlas_views`.
@@ -130,6 +138,9 @@ def snapshot_views(snapshots: dict, max_epochs: int = 8, zoom: int | None = None
     usable = {n: e for n, e in usable.items() if e}
     if not usable:
         raise ValueError("no snapshot holds centre_probs")
+    last = {n: max(e) for n, e in usable.items()}
+    if len(set(last.values())) > 1:
+        raise ValueError(f"the models' snapshots end at different epochs {last}; draw them in separate explorers")
     epochs = _evenly(sorted(set.intersection(*(set(e) for e in usable.values()))), max_epochs)
     if not epochs:
         raise ValueError("the models share no snapshot epoch")

@@ -149,10 +149,14 @@ def _draw_heads(ax, maps: np.ndarray, levels, title: str | None = None) -> None:
         ax.set_title(title, fontsize=8)
 
 
-def _panel_figure(n: int, ncols: int, size: float):
+def _panel_figure(n: int, ncols: int, size: float, title_lines: int = 0):
+    """A figure of ``n`` square panels; ``title_lines`` > 1 reserves room for a multi-line suptitle."""
     ncols = min(n, ncols)
     nrows = -(-n // ncols)
-    fig = _new_figure((size * ncols, size * nrows + 0.3))
+    extra = 0.17 * max(title_lines - 1, 0)  # ~0.17 in per 9 pt line beyond the first
+    fig = _new_figure((size * ncols, size * nrows + 0.3 + extra))
+    if extra:
+        fig.subplots_adjust(top=1.0 - (0.45 + extra) / (size * nrows + 0.3 + extra))
     return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
 
 
@@ -181,7 +185,7 @@ def plot_gaussian_heads(attn_layers_or_params, side: int = 16, levels: Sequence[
 
 def plot_center_evolution(snapshots: Sequence[tuple], layer: int, side: int = 16,
                           levels: Sequence[float] = (0.5, 0.9), max_panels: int = 7,
-                          panel_size: float = 2.0) -> Figure:
+                          panel_size: float = 2.0, suptitle: str | None = None) -> Figure:
     """Paper Fig. 3: one layer's Gaussian heads at several epochs.
 
     Args:
@@ -191,6 +195,7 @@ def plot_center_evolution(snapshots: Sequence[tuple], layer: int, side: int = 16
         side: grid side; levels: mass fractions.
         max_panels: at most this many epochs, evenly spaced, first and last included.
         panel_size: inches.
+        suptitle: a line added under the figure title ``"layer <n>"`` (e.g. where the run comes from).
 
     Returns:
         A figure with one axes per shown epoch.
@@ -198,7 +203,8 @@ def plot_center_evolution(snapshots: Sequence[tuple], layer: int, side: int = 16
     if not snapshots:
         raise ValueError("snapshots is empty")
     pick = np.unique(np.linspace(0, len(snapshots) - 1, min(max_panels, len(snapshots))).round().astype(int))
-    fig, axes = _panel_figure(len(pick), len(pick), panel_size)
+    title = f"layer {layer + 1}" + (f"\n{suptitle}" if suptitle else "")
+    fig, axes = _panel_figure(len(pick), len(pick), panel_size, title_lines=title.count("\n") + 1)
     for ax, i in zip(axes, pick):
         snap = snapshots[i]
         epoch, centers, spreads = (snap["epoch"], snap["centers"], snap["spreads"]) if isinstance(snap, dict) else snap
@@ -207,11 +213,12 @@ def plot_center_evolution(snapshots: Sequence[tuple], layer: int, side: int = 16
             raise ValueError(f"layer must be in [0, {len(centers)}), got {layer}")
         maps = quadratic_center_maps(centers[layer:layer + 1], spreads[layer:layer + 1], side)[0]
         _draw_heads(ax, maps, levels, f"epoch {epoch}")
-    fig.suptitle(f"layer {layer + 1}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return fig
 
 
-def plot_center_trajectories(snapshots: Sequence, layer: int, panel_size: tuple = (3.4, 3.0)) -> Figure:
+def plot_center_trajectories(snapshots: Sequence, layer: int, panel_size: tuple = (3.4, 3.0),
+                             suptitle: str | None = None) -> Figure:
     """Per-head trajectories of one quadratic layer over training (claim 5: record (mu, alpha)).
 
     Left: each head's centre ``mu`` (offset from the query, column right, row down) from its first
@@ -222,6 +229,7 @@ def plot_center_trajectories(snapshots: Sequence, layer: int, panel_size: tuple 
         snapshots: the dicts of :func:`load_snapshots` (or ``(epoch, centers, spreads)`` tuples).
         layer: 0-based layer index.
         panel_size: inches per panel.
+        suptitle: figure title.
 
     Returns:
         A figure with two axes.
@@ -254,6 +262,8 @@ def plot_center_trajectories(snapshots: Sequence, layer: int, panel_size: tuple 
     ax2.set_yscale("log")
     ax2.set_xlabel("epoch")
     ax2.set_title("precision alpha", fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     return fig
 

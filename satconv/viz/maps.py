@@ -67,9 +67,13 @@ def attention_grid(probs, height: int, width: int, query=None, image=None, row_t
     q = None if query is None else query_index(query, height, width)
     qr, qc = (None, None) if q is None else divmod(q, width)
     extra = 2 if image is not None else 0  # image column + a spacer for the row titles
-    fig = _new_figure((panel_size * (n_heads + 1.4 * (extra > 0)) + 0.6, panel_size * n_layers + 0.5))
+    title_lines = suptitle.count("\n") + 1 if suptitle else 0
+    height_in = panel_size * n_layers + 0.5 + 0.17 * title_lines  # a title line is ~0.17 in at 9 pt
+    fig = _new_figure((panel_size * (n_heads + 1.4 * (extra > 0)) + 0.6, height_in))
+    # with a title, keep the column titles (~0.3 in) and the title's lines clear of each other
+    top = {"top": 1.0 - (0.3 + 0.17 * title_lines) / height_in} if suptitle else {}
     gs = GridSpec(n_layers, n_heads + extra, figure=fig, wspace=0.08, hspace=0.08,
-                  width_ratios=[1.0, 0.4][:extra] + [1.0] * n_heads)
+                  width_ratios=[1.0, 0.4][:extra] + [1.0] * n_heads, **top)
     row_titles = row_titles or [f"layer {i + 1}" for i in range(n_layers)]
     col_titles = col_titles or [f"head {j + 1}" for j in range(n_heads)]
     if extra:

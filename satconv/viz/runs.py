@@ -69,6 +69,59 @@ def find_run(name: str, runs_dir=None, quick_dir=None, train_quick: bool = True)
     return out, "quick"
 
 
+def run_info(run_dir, kind: str) -> dict:
+    """What a figure label needs to know about a run, read from its files (nothing typed in).
+
+    Args:
+        run_dir: a run directory (``config.yaml``, ``metrics.jsonl``, ``run.json``).
+        kind: ``"gpu"`` or ``"quick"`` (from :func:`find_run`).
+
+    Returns:
+        ``kind``; ``name`` (the config); ``data`` (``run.json``'s data description); ``epochs_run``
+        (the last epoch in ``metrics.jsonl``); ``epochs_planned`` (the run's ``train.epochs``);
+        ``epochs_full`` (``train.epochs`` of ``configs/<name>.yaml``, ``None`` without it);
+        ``seed``; ``device``; ``status``; ``test_acc`` (final weights, ``None`` when absent).
+        Values a run does not record are ``None``.
+    """
+    run_dir = Path(run_dir)
+    text = lambda f: (run_dir / f).read_text() if (run_dir / f).is_file() else ""  # noqa: E731
+    info = json.loads(text("run.json") or "{}")
+    raw = yaml.safe_load(text("config.yaml")) or {}
+    metrics = [json.loads(line) for line in text("metrics.jsonl").splitlines() if line.strip()]
+    train = raw.get("train", {})
+    name = raw.get("name", run_dir.name)
+    full = REPO_ROOT / "configs" / f"{name}.yaml"
+    return {"kind": kind, "name": name, "data": info.get("data", {}).get("description"),
+            "epochs_run": metrics[-1].get("epoch") if metrics else None, "epochs_planned": train.get("epochs"),
+            "epochs_full": load(full).train.epochs if full.is_file() else None,
+            "seed": info.get("seed", train.get("seed")), "device": info.get("device"), "status": info.get("status"),
+            "test_acc": info.get("results", {}).get("final", {}).get("test_acc")}
+
+
+def _epochs_text(info: dict) -> str:
+    """``"30 epochs (config: 300)"``: epochs run, of how many planned, and the config file's schedule."""
+    run, planned, full = info["epochs_run"], info["epochs_planned"], info["epochs_full"]
+    text = f"{'?' if run is None else run} epochs"
+    if planned is not None and run != planned:
+        text += f" of {planned}"
+    if info["kind"] == "gpu" and full is not None and full != (planned if planned is not None else run):
+        text += f" (config: {full})"
+    return text
+
+
+def run_label(run_dir, kind: str) -> str:
+    """One line saying where a figure's panels come from, for titles and captions.
+
+    A GPU run: ``"GPU run: <data set>, <N> epochs (config: <M>), seed <S>, <device>"``; a CPU
+    stand-in says that it is one and that its maps are not results.  Read by :func:`run_info`.
+    """
+    info = run_info(run_dir, kind)
+    if kind == "gpu":
+        return (f"GPU run: {info['data'] or '?'}, {_epochs_text(info)}, seed {info['seed']}, "
+                f"{info['device'] or '?'}")
+    return f"CPU stand-in, not a result: 'quick' profile, {info['data'] or '?'}, {_epochs_text(info)}"
+
+
 def runs_table(runs: dict) -> str:
     """A Markdown table saying where each model's maps come from (no paths).
 
@@ -76,22 +129,18 @@ def runs_table(runs: dict) -> str:
         runs: ``label -> (run_dir, kind)`` from :func:`find_run`.
 
     Returns:
-        Markdown: model, run (GPU run and its device, or CPU stand-in), data, epochs, and the
+        Markdown: model, run (GPU run and its device, or CPU stand-in), data, epochs, seed, and the
         test accuracy of GPU runs (a stand-in's accuracy is meaningless and machine-dependent).
     """
-    lines = ["| model | run | data | epochs | test accuracy |", "|---|---|---|---|---|"]
+    lines = ["| model | run | data | epochs | seed | test accuracy (final weights) |", "|---|---|---|---|---|---|"]
     for label, (run_dir, kind) in runs.items():
-        run_dir = Path(run_dir)
-        info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-        metrics = run_dir / "metrics.jsonl"
-        epochs = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else "?"
-        data = info.get("data", {}).get("description", "?")
+        info = run_info(run_dir, kind)
         if kind == "gpu":
-            acc = info.get("results", {}).get("final", {}).get("test_acc")
-            run, acc = f"GPU run ({info.get('device', '?')})", "?" if acc is None else f"{100 * acc:.2f}%"
+            acc = info["test_acc"]
+            run, acc = f"GPU run ({info['device'] or '?'})", "?" if acc is None else f"{100 * acc:.2f}%"
         else:
             run, acc = "CPU stand-in (`quick` profile)", "not shown"
-        lines.append(f"| {label} | {run} | {data} | {epochs} | {acc} |")
+        lines.append(f"| {label} | {run} | {info['data'] or '?'} | {_epochs_text(info)} | {info['seed']} | {acc} |")
     return "\n".join(lines)
 
 
