@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from . import config as cfgmod
 from .flops import _config_flops, flops_per_image, paper_convention_flops  # noqa: F401 (public here too)
@@ -439,6 +440,41 @@ def largest_batch(cfg: ExperimentConfig, device=None, precision: str | None = No
     return lo
 
 
+def bench_batch(cfg: ExperimentConfig, batch: int | str, backoff: float = 0.9, tries: int = 4,
+                **bench_kwargs) -> dict:
+    """:func:`bench_model` at ``batch``, or at the largest batch that fits for ``batch="max"``.
+
+    The largest batch is searched with two bare training steps; the benchmark itself also holds an
+    evaluation pass, timing buffers and a fragmented cache, so at that batch it can still run out of
+    memory.  It then retries at ``backoff`` times the batch, up to ``tries`` times in all, and records
+    the searched batch as ``batch_searched``.
+
+    Returns:
+        One row of :func:`bench_model`.
+
+    Raises:
+        RuntimeError: out of memory at a fixed batch, or at every try.
+    """
+    if batch != "max":
+        return bench_model(cfg, batch=batch, **bench_kwargs)
+    searched = largest_batch(cfg, bench_kwargs.get("device"), bench_kwargs.get("precision"),
+                             channels_last=bench_kwargs.get("channels_last", False))
+    b = searched
+    for attempt in range(tries):
+        try:
+            row = bench_model(cfg, batch=b, **bench_kwargs)
+            row["batch_searched"] = searched
+            return row
+        except RuntimeError as exc:
+            if not _is_oom(exc) or attempt == tries - 1 or b <= 1:
+                raise
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            b = max(1, int(b * backoff))
+    raise AssertionError("unreachable")
+
+
 def with_image_side(cfg: ExperimentConfig, side: int) -> ExperimentConfig:
     """``cfg`` at input side ``side``; learned relative embeddings are widened to cover the token grid."""
     overrides = [f"model.image_size={side}"]
@@ -469,11 +505,7 @@ def scaling(cfg: ExperimentConfig, sides: Iterable[int] = (16, 32, 64), batch: i
     for side in sides:
         c = with_image_side(cfg, side)
         try:
-            b = batch
-            if batch == "max":
-                b = largest_batch(c, bench_kwargs.get("device"), bench_kwargs.get("precision"),
-                                  channels_last=bench_kwargs.get("channels_last", False))
-            row = bench_model(c, batch=b, **bench_kwargs)
+            row = bench_batch(c, batch, **bench_kwargs)
         except RuntimeError as exc:
             if not _is_oom(exc):
                 raise
@@ -633,6 +665,36 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def epochs_from_run(run_dir: str | Path) -> dict | None:
+    """Whole-epoch timing of a finished training run, in the shape of :func:`epoch_timing`'s rows.
+
+    The median ``epoch_time_s`` of ``metrics.jsonl`` over the epochs after the first (which absorbs
+    compilation), leaving out epochs with a test pass (runs written before ``epoch_time_s`` stopped
+    at validation counted the test pass in).
+
+    Args:
+        run_dir: a run directory of :func:`satconv.train.train` (``run.json``, ``metrics.jsonl``).
+
+    Returns:
+        ``{"config", "device", "batch", "data", "images", "epoch_time_s", "epochs_timed", "epochs",
+        "seed", "source": "training run", "run"}``, or ``None`` when fewer than two epochs ran or no
+        epoch without a test pass remains.
+    """
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["epoch_time_s"] for r in rows[1:] if "test_acc" not in r and r.get("epoch_time_s")]
+    if not times:
+        return None
+    cfg_file = run_dir / "config.yaml"
+    cfg = (yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None) or {}
+    return {"config": cfg.get("name") or run_dir.name, "device": info.get("device"),
+            "batch": (cfg.get("train") or {}).get("batch_size"),
+            "data": (info.get("data") or {}).get("description"), "images": info["data"]["sizes"]["train"],
+            "epoch_time_s": statistics.median(times), "epochs_timed": len(times), "epochs": len(rows),
+            "seed": info.get("seed"), "source": "training run", "run": run_dir.name}
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """``python -m satconv bench ...``: parse ``argv``, bench every (config, batch[, side]).
 
@@ -671,9 +733,7 @@ def bench_main(argv: list[str] | None = None) -> int:
                 rows = scaling(cfg, args.sides, batch=batch, **kw)
             else:
                 try:
-                    b = batch if batch != "max" else largest_batch(cfg, device, args.precision,
-                                                                   channels_last=args.channels_last)
-                    rows = [bench_model(cfg, batch=b, **kw)]
+                    rows = [bench_batch(cfg, batch, **kw)]
                 except RuntimeError as exc:
                     if not _is_oom(exc):
                         raise
@@ -688,7 +748,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     return status
 
 
-__all__ = ["flops_per_image", "paper_convention_flops", "bench_model", "largest_batch", "scaling",
+__all__ = ["flops_per_image", "paper_convention_flops", "bench_model", "largest_batch", "scaling", "epochs_from_run", "bench_batch",
            "with_image_side", "measure_matmul_peak", "device_peak_tflops", "device_name", "resolve_device",
            "time_repeats", "epoch_time_projection", "epoch_timing", "append_jsonl", "build_parser", "bench_main", "DEVICE_PEAKS"]
 

@@ -471,9 +471,10 @@ class _Run:
             row["val_loss"], row["val_acc"] = evaluate_model(self.forward, self.val_loader, self.bf16)
             # a NaN gradient in the epoch's last step leaves a finite loss but broken weights
             self._check_finite(torch.tensor(not math.isfinite(row["val_loss"])), epoch)
+        # a whole epoch: data, augmentation, training steps and validation (not the occasional test pass)
+        row["epoch_time_s"] = time.perf_counter() - epoch_start
         if (epoch + 1) % t.test_every == 0 or epoch + 1 == t.epochs:
             row["test_loss"], row["test_acc"] = evaluate_model(self.forward, self.test_loader, self.bf16)
-        row["epoch_time_s"] = time.perf_counter() - epoch_start
         if self.cuda:  # peak device memory so far (GiB), for the run report
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self.metrics.append(row)

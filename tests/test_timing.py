@@ -208,3 +208,41 @@ def test_grouped_conv_backward_counts_twice_the_forward(groups):
     assert flops_per_image(model, 16, "eval", batch=1) == stem_flops + mixer_flops
     # backward: the stem needs only its weight gradient (the images need none), the mixer both
     assert flops_per_image(model, 16, "train", batch=1) == 2 * stem_flops + 3 * mixer_flops
+
+
+def test_epochs_from_run_takes_the_median_of_steady_epochs_without_test(tmp_path):
+    """Epoch 1 (compilation) and epochs with a test pass are left out; the rest's median is reported."""
+    import json as _json
+    (tmp_path / "run.json").write_text(_json.dumps({"device": "GPU X", "seed": 7, "data": {
+        "description": "CIFAR-10 (JPEG q75 copy)", "sizes": {"train": 45000, "val": 5000, "test": 10000}}}))
+    (tmp_path / "config.yaml").write_text("name: demo\ntrain: {batch_size: 100}\n")
+    times = [50.0, 6.0, 7.0, 30.0, 5.0]
+    rows = [{"epoch": i + 1, "epoch_time_s": t} for i, t in enumerate(times)]
+    rows[3]["test_acc"] = 0.5
+    (tmp_path / "metrics.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    row = timing.epochs_from_run(tmp_path)
+    assert row["epoch_time_s"] == 6.0 and row["epochs_timed"] == 3 and row["epochs"] == 5
+    assert (row["config"], row["device"], row["batch"], row["images"], row["seed"]) == ("demo", "GPU X", 100, 45000, 7)
+    rows = rows[:1]
+    (tmp_path / "metrics.jsonl").write_text(_json.dumps(rows[0]) + "\n")
+    assert timing.epochs_from_run(tmp_path) is None
+
+
+def test_bench_batch_backs_off_when_the_searched_batch_runs_out_of_memory(monkeypatch):
+    """At the searched largest batch the benchmark retries at 90% until it fits; other errors pass through."""
+    tried = []
+
+    def fake_bench(cfg, batch, **kw):
+        tried.append(batch)
+        if batch > 85:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"batch": batch}
+
+    monkeypatch.setattr(timing, "largest_batch", lambda *a, **k: 100)
+    monkeypatch.setattr(timing, "bench_model", fake_bench)
+    row = timing.bench_batch(None, "max")
+    assert tried == [100, 90, 81] and row == {"batch": 81, "batch_searched": 100}
+    tried.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        timing.bench_batch(None, 120)  # a fixed batch is not changed
+    assert tried == [120]
