@@ -45,6 +45,8 @@ from myst_nb import glue
 from torch.utils.flop_counter import FlopCounterMode
 
 from satconv import config, timing
+from satconv.attention import LearnedRelativeAttention
+from satconv.attention.base import explicit_paths
 from satconv.config import REPO_ROOT
 from satconv.models import build_model, count_parameters
 
@@ -287,6 +289,59 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # python -m satconv bench --config configs/paper_quadratic.yaml --batch 100 max --compile reduce-overhead
 # ```
 #
+# ## Fast paths
+#
+# The package computes eq. (2) two ways: the **explicit route** (scores, softmax, $P_h V_h$ per head,
+# $W_{out}$), kept as the reference, and **fast paths** that compute the same function with fewer FLOPs
+# or fewer memory passes. `satconv.attention.explicit_paths()` switches a block of code to the explicit
+# route; `tests/test_fast_paths.py` compares the two (outputs, probabilities and every gradient in float64
+# on the CPU; bf16 and `torch.compile` against float32 on a GPU).
+#
+# - **Folded query–key products.** With concatenated heads ($D_h = D$, the paper's choice) the query and
+#   key projections enter only through $W^{(h)}_{qry}{}^\top W^{(h)}_{key}$ (the product Lemma 1 reasons
+#   about). Multiplying it out once per step, a $D \times D$ matrix per head whose cost does not grow with
+#   the batch, removes the key projection. The bias terms that are constant along the keys cancel in the
+#   softmax and are dropped. The $q \cdot r$ tables of the learned relative encoding fold the same way.
+#   A value projection followed by $W_{out}$ (the [Re]'s ViT) folds into one matrix.
+#
+# ```{literalinclude} ../satconv/attention/folded.py
+# :pyobject: fold_query_key
+# ```
+#
+# - **One layout for all heads.** The folded queries of all heads form one $(N \cdot N_h) \times D$ matrix
+#   per image, so the scores come out as $(B, N, N_h, N)$ and $P\,X$ lands in the $(B, N, N_h D)$ layout
+#   that $W_{out}$ reads: no head transposes. Under autocast the probabilities are saved for the backward
+#   pass in bf16 rather than float32.
+# - **Probabilities shared by the batch.** Quadratic and learned position-only attention do not depend on
+#   the input: their $(N_h, N, N)$ probabilities are computed once per step and applied to the whole batch
+#   as one GEMM.
+#
+# The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
+# on the `meta` device). MFU in this chapter always uses the explicit count, the model's FLOPs.
+
+# %%
+rows = []
+for name in ("paper_learned_content", "re_vit", "paper_learned"):
+    with torch.device("meta"):
+        net = build_model(CONFIGS[name])
+    explicit = timing.flops_per_image(net, 32, "train", device="meta", batch=100)
+    fast = timing.flops_per_image(net, 32, "train", device="meta", batch=100, explicit=False)
+    rows.append([name, f"{explicit / 1e9:.2f}", f"{fast / 1e9:.2f}", f"{fast / explicit:.0%}"])
+html_table(["config", "explicit route GFLOP / training image", "fast path GFLOP / training image",
+            "fast / explicit"], rows)
+
+# %%
+# the fast path and the explicit route on one layer of the content model (float64, random weights)
+torch.manual_seed(0)
+layer = LearnedRelativeAttention(16, 3, variant="content_query_position", max_position=8).double()
+tokens = torch.randn(2, 6, 6, 16, dtype=torch.float64)
+with torch.no_grad():
+    fast_out = layer(tokens)
+    with explicit_paths():
+        explicit_out = layer(tokens)
+gap = (fast_out - explicit_out).abs().max().item()
+print(f"largest difference between the routes: below 1e-12: {gap < 1e-12}")
+
 # ## CPU figures (measured during the book build)
 #
 # The book is built on a CPU-only machine, so the figures measured here use the `quick` profile of each

@@ -152,3 +152,11 @@ def test_return_attention_is_exact_on_gpu():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, probs = m(x, return_attention=True)
     torch.testing.assert_close(probs.float().sum(-1), torch.ones(2, 2, 16, device="cuda"), rtol=0, atol=1e-2)
+
+
+def test_folded_path_runs_on_the_meta_device():
+    """FLOP counting builds models on ``meta``: the fast path must run there (no autocast query)."""
+    with torch.device("meta"):
+        m = LearnedRelativeAttention(8, 2, variant="content_query_position", max_position=4)
+        out = m(torch.randn(2, 3, 3, 8))
+    assert out.shape == (2, 3, 3, 8) and out.device.type == "meta"

@@ -144,7 +144,8 @@ class LowPrecisionSoftmax(torch.autograd.Function):
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    if torch.is_autocast_enabled(x.device.type):
+    """The autocast dtype on ``x``'s device, or ``None`` (no autocast there, e.g. the meta device)."""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 
