@@ -160,3 +160,27 @@ def test_folded_path_runs_on_the_meta_device():
         m = LearnedRelativeAttention(8, 2, variant="content_query_position", max_position=4)
         out = m(torch.randn(2, 3, 3, 8))
     assert out.shape == (2, 3, 3, 8) and out.device.type == "meta"
+
+
+def test_layer_norm_keeps_the_autocast_dtype():
+    """Under autocast the model's LayerNorm returns bf16 computed from float32 statistics (within bf16
+    rounding of ``nn.LayerNorm`` in float32); outside autocast and on the explicit route it is
+    ``nn.LayerNorm`` exactly (autocast's float32 output)."""
+    from satconv.models.common import LayerNorm
+    torch.manual_seed(0)
+    ln, ref = LayerNorm(16, eps=1e-12), torch.nn.LayerNorm(16, eps=1e-12)
+    for p in ln.parameters():
+        torch.nn.init.normal_(p)
+    ref.load_state_dict(ln.state_dict())
+    x = torch.randn(4, 7, 16) * 3 + 1
+    torch.testing.assert_close(ln(x), ref(x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ln(x)
+        with explicit_paths():
+            full = ln(x)
+    assert low.dtype == torch.bfloat16 and full.dtype == torch.float32
+    torch.testing.assert_close(full, ref(x), rtol=0, atol=0)
+    assert _rel(low, ref(x)) < 1e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (g_low,) = torch.autograd.grad(ln(x).float().sum(), ln.weight)
+    assert g_low.dtype == torch.float32  # the float32 parameter gets a float32 gradient

@@ -11,7 +11,8 @@ Per step the fold computes ``M_h = Q_h^T K_h`` (``D x D``, cheap: it does not sc
 and ``c_h = a_h K_h``; per image one ``dim -> heads*dim`` GEMM gives ``x M_h + c_h``, which then
 meets the raw key input ``y``.  This removes the key projection: about a fifth of the content
 model's FLOPs.  The ``q . r`` tables of the learned relative encoding fold the same way
-(``q_h[:Dk/2] . e_row = x Q_h[:Dk/2]^T e_row^T + a_h[:Dk/2] e_row^T``).
+(``q_h[:Dk/2] . e_row = x Q_h[:Dk/2]^T e_row^T + a_h[:Dk/2] e_row^T``), and their logits are built
+per axis (:func:`relative_query_terms`) and broadcast-added to the content logits.
 
 With a value projection ``v_h = x V_h^T + v0_h`` followed by ``W_out`` (the [Re]'s ViT), the two
 fold into one ``heads*dim -> out_dim`` map applied to ``softmax(A_h) x``::
@@ -150,7 +151,11 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, tables=None,
+#: key counts are padded to a multiple of this (masked keys) so that the score rows stay 16-byte aligned
+KEY_ALIGN = 8
+
+
+def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, relative=None,
                    return_attention: bool = False):
     """Dense multi-head attention of ``module`` by the folded route (same function as the explicit one).
 
@@ -159,33 +164,46 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
             ``head_dim >= dim``, optional ``value`` linear, ``proj``, ``attn_drop``.
         x: ``(B, H, W, D)`` tokens (queries and values).
         key_source: ``(B, H, W, D)`` keys' input, or ``None`` (= ``x``).
-        tables: ``None`` or ``(weight, bias, add)``: a folded ``D -> heads * C`` projection whose
-            output ``(B, N, heads, C)`` ``add(t, height, width)`` turns into extra logits
-            ``(B, N, heads, N)`` (the ``q . r`` term).
+        relative: ``None`` or a callable ``(tokens (B, N, D), height, width) -> (row, col)`` giving the
+            per-axis logits ``row: (B, H, W, heads, H)`` (query pixel, head, key row) and
+            ``col: (B, H, W, heads, W)`` (key column) that are broadcast-added to the content logits
+            (the ``q . r`` term, :func:`relative_query_terms`).
         return_attention: also return the probabilities ``(B, heads, N, N)`` in float32.
 
     Returns:
         ``(B, H, W, out_dim)``, or ``(out, probs)``.
+
+    When ``N`` is not a multiple of :data:`KEY_ALIGN` (ViT's class token: 257) and there is no
+    relative term, keys and values are padded with zero rows whose logits are ``-inf``: their
+    probabilities are exactly 0, and the score rows stay aligned for the tensor-core kernels.
     """
     b, height, width, d = x.shape
     n, heads = height * width, module.num_heads
     tokens = x.reshape(b, n, d)  # (B, N, D)
     keys = tokens if key_source is None else key_source.reshape(b, n, -1)  # (B, N, D_key)
+    values = tokens
+    pad = (-n) % KEY_ALIGN if relative is None else 0
+    if pad:
+        keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(tokens, (0, 0, 0, pad))  # (B, N + pad, .)
+    nk = n + pad
     weight, bias = fold_query_key(module.query, module.key, heads, 1.0 / math.sqrt(module.head_dim))
     folded_q = F.linear(tokens, weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype))
-    logits = torch.bmm(folded_q.view(b, n * heads, -1), keys.transpose(1, 2)).view(b, n, heads, n)  # (B, N, H, N)
-    if tables is not None:
-        t_weight, t_bias, add = tables
-        t = F.linear(tokens, t_weight.to(tokens.dtype), None if t_bias is None else t_bias.to(tokens.dtype))
-        logits = logits + add(t.view(b, n, heads, -1), height, width)  # (B, N, H, N)
+    logits = torch.bmm(folded_q.view(b, n * heads, -1), keys.transpose(1, 2)).view(b, n, heads, nk)  # (B, N, H, Nk)
+    if relative is not None:
+        row, col = relative(tokens, height, width)  # (B, H, W, heads, H), (B, H, W, heads, W)
+        logits = (logits.view(b, height, width, heads, height, width)
+                  + row[..., :, None] + col[..., None, :]).view(b, n, heads, n)  # (B, N, H, N)
+    if pad:
+        valid = torch.arange(nk, device=x.device) < n  # (Nk,)
+        logits = logits.masked_fill(~valid, float("-inf"))
     low = _autocast_dtype(x)
     if low is not None and not return_attention:
-        probs = LowPrecisionSoftmax.apply(logits, low)  # (B, N, H, N) in the autocast dtype
+        probs = LowPrecisionSoftmax.apply(logits, low)  # (B, N, H, Nk) in the autocast dtype
     else:
-        probs = softmax_keys(logits)  # (B, N, H, N), float32 at least
+        probs = softmax_keys(logits)  # (B, N, H, Nk), float32 at least
         probs = probs if low is not None else probs.to(x.dtype)
     dropped = module.attn_drop(probs)
-    mixed = torch.bmm(dropped.view(b, n * heads, n), tokens)
+    mixed = torch.bmm(dropped.view(b, n * heads, nk), values)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
     if module.value is None:
         out = module.proj(mixed)  # (B, N, out_dim)
@@ -196,28 +214,48 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
             out = out + dropped.sum(-1).to(out.dtype) @ head_bias.to(out.dtype)  # rowsum(P_h) v0_h W_out,h
     out = out.reshape(b, height, width, -1)
     if return_attention:
-        return out, probs.permute(0, 2, 1, 3)  # (B, H, N, N)
+        return out, probs[..., :n].permute(0, 2, 1, 3)  # (B, H, N, N)
     return out
 
 
-def relative_table_logits(t: torch.Tensor, height: int, width: int, max_position: int) -> torch.Tensor:
-    """Turn per-offset ``q . r`` tables into logits ``(B, N, heads, N)`` by two small gathers.
+def relative_query_terms(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                         height: int, width: int, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded ``q . r`` logits per axis, straight from the tokens.
+
+    The row term of query ``(r_q, c_q)`` and key ``(r_k, c_k)`` is ``x_q . W_row[h, r_k - r_q + M - 1]``
+    (plus bias): for a fixed query row it reads a contiguous window of ``height`` rows of the folded
+    table weights.  So the queries are grouped by row (columns: by column) and each group meets its
+    own window in one batched GEMM, ``(H, B*W, D) @ (H, D, heads*H)``: no ``(B, N, heads, 2M-1)``
+    table, no gather on activations, and half the FLOPs of projecting onto every offset.
 
     Args:
-        t: ``(B, N, heads, 2T)``: ``q_h[:Dk/2] . e_row[t]`` in ``[..., :T]`` and ``q_h[Dk/2:] . e_col[t]``
-            in ``[..., T:]``, ``T = 2 * max_position - 1``, offset ``t = delta + max_position - 1``.
-        height, width: grid, ``N = height * width``.
+        tokens: ``(B, N, D)``, ``N = height * width`` row-major.
+        weight, bias: :func:`fold_query_tables` output, ``(heads * 2T, D)`` and ``(heads * 2T,)`` or ``None``,
+            ``T = 2 * max_position - 1``.
+        num_heads: ``heads``.
+        height, width: grid, each at most ``max_position``.
+        max_position: ``M``.
 
     Returns:
-        ``(B, N, heads, N)``: ``row[q, d1(q, k)] + col[q, d2(q, k)]``, keys row-major.
+        ``(row, col)``: ``(B, height, width, heads, height)`` and ``(B, height, width, heads, width)``.
     """
-    b, n, heads, two_t = t.shape
-    m = max_position
-    rows = torch.arange(height, device=t.device)
-    cols = torch.arange(width, device=t.device)
-    row_idx = (rows[None, :] - rows[:, None] + m - 1)[:, None, None, :]  # (h_q, 1, 1, h_k)
-    col_idx = (cols[None, :] - cols[:, None] + m - 1)[None, :, None, :]  # (1, w_q, 1, w_k)
-    t = t.view(b, height, width, heads, two_t)
-    row = t[..., : two_t // 2].gather(-1, row_idx.expand(height, width, heads, height).expand(b, -1, -1, -1, -1))
-    col = t[..., two_t // 2:].gather(-1, col_idx.expand(height, width, heads, width).expand(b, -1, -1, -1, -1))
-    return (row[..., :, None] + col[..., None, :]).reshape(b, n, heads, n)  # (B, N, H, N)
+    b, n, d = tokens.shape
+    m, t = max_position, 2 * max_position - 1
+    w_all = weight.view(num_heads, 2 * t, d).to(tokens.dtype)
+    b_all = None if bias is None else bias.view(num_heads, 2 * t).to(tokens.dtype)
+    x = tokens.view(b, height, width, d)
+
+    def axis(half: slice, size: int, grouped: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(size, device=tokens.device)
+        idx = pos[None, :] - pos[:, None] + m - 1  # (size_q, size_k): key - query, shifted into the table
+        win = w_all[:, half][:, idx].permute(1, 0, 2, 3).reshape(size, num_heads * size, d)  # (q, heads*k, D)
+        if b_all is None:
+            return torch.bmm(grouped, win.transpose(1, 2))  # (q, B*other, heads*k)
+        win_b = b_all[:, half][:, idx].permute(1, 0, 2).reshape(size, 1, num_heads * size)
+        return torch.baddbmm(win_b, grouped, win.transpose(1, 2))
+
+    by_row = x.permute(1, 0, 2, 3).reshape(height, b * width, d)  # (r_q, B*c_q, D)
+    row = axis(slice(0, t), height, by_row).view(height, b, width, num_heads, height).permute(1, 0, 2, 3, 4)
+    by_col = x.permute(2, 0, 1, 3).reshape(width, b * height, d)  # (c_q, B*r_q, D)
+    col = axis(slice(t, 2 * t), width, by_col).view(width, b, height, num_heads, width).permute(1, 2, 0, 3, 4)
+    return row, col

@@ -30,7 +30,7 @@ from torch import nn
 
 from .base import AttentionBase, InputIndependentAttention, fast_paths_enabled, relative_index, scaled
 from .content import split_heads
-from .folded import fold_query_tables, folded_forward, relative_table_logits
+from .folded import fold_query_tables, folded_forward, relative_query_terms
 
 VARIANTS = ("position_only", "query_position", "content_query_position")
 
@@ -101,13 +101,33 @@ class LearnedRelativeAttention(InputIndependentAttention):
             lambda h, w, dev: torch.stack(relative_index(h, w, self.max_position, device=dev)))  # (2, N, N)
 
     def position_scores(self, height: int, width: int) -> torch.Tensor:
-        """``position_only`` logits ``w_row . e_row[d1] + w_col . e_col[d2]``, ``(1, H, N, N)``."""
+        """``position_only`` logits ``w_row . e_row[d1] + w_col . e_col[d2]``, ``(1, H, N, N)``.
+
+        The fast path builds a ``(H, height, height)`` row term and a ``(H, width, width)`` column term
+        and broadcast-adds them (no ``(N, N)`` index, and in the backward pass sums over the broadcast
+        axes instead of an ``N * N`` scatter); :func:`~satconv.attention.base.explicit_paths` indexes
+        the tables with the full relative-offset index.
+        """
         if not self.input_independent:
             raise ValueError(f"position_scores exists for variant 'position_only' only, not {self.variant!r}")
-        row_index, col_index = self.position_index(height, width)  # (N, N) each
         row_logits = self.head_keys_row(self.row_embeddings.weight).t()  # (H, 2M-1)
         col_logits = self.head_keys_col(self.col_embeddings.weight).t()  # (H, 2M-1)
-        return (row_logits[:, row_index] + col_logits[:, col_index])[None]  # (1, H, N, N)
+        if not fast_paths_enabled():
+            row_index, col_index = self.position_index(height, width)  # (N, N) each
+            return (row_logits[:, row_index] + col_logits[:, col_index])[None]  # (1, H, N, N)
+        self._check_grid(height, width)
+        m, h = self.max_position, self.num_heads
+        rows = torch.arange(height, device=row_logits.device)
+        cols = torch.arange(width, device=row_logits.device)
+        row = row_logits[:, rows[None, :] - rows[:, None] + m - 1]  # (H, h_q, h_k)
+        col = col_logits[:, cols[None, :] - cols[:, None] + m - 1]  # (H, w_q, w_k)
+        n = height * width
+        return (row[:, :, None, :, None] + col[:, None, :, None, :]).reshape(1, h, n, n)  # (1, H, N, N)
+
+    def _check_grid(self, height: int, width: int) -> None:
+        if height > self.max_position or width > self.max_position:
+            raise ValueError(f"grid {height}x{width} exceeds max_position={self.max_position}; relative "
+                             f"embeddings cover sides up to {self.max_position}")
 
     def query_position_scores(self, q: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unscaled ``q.r`` term ``q[:Dk/2] . e_row[d1] + q[Dk/2:] . e_col[d2]``.
@@ -126,9 +146,7 @@ class LearnedRelativeAttention(InputIndependentAttention):
         """
         b, h, n, _ = q.shape
         m = self.max_position
-        if height > m or width > m:
-            raise ValueError(f"grid {height}x{width} exceeds max_position={m}; relative embeddings cover "
-                             f"sides up to {m}")
+        self._check_grid(height, width)
         half = self.head_dim // 2
         row_table = q[..., :half] @ self.row_embeddings.weight.t()  # (B, H, N, 2M-1): every row offset
         col_table = q[..., half:] @ self.col_embeddings.weight.t()  # (B, H, N, 2M-1): every column offset
@@ -177,12 +195,11 @@ class LearnedRelativeAttention(InputIndependentAttention):
             return super().forward(x, return_attention=return_attention)
         if fast_paths_enabled() and self.variant == "content_query_position" and self.head_dim >= self.dim:
             # W_qry W_key^T and W_qry e^T folded per step (satconv.attention.folded)
-            height, width = x.shape[1:3]
-            if height > self.max_position or width > self.max_position:
-                raise ValueError(f"grid {height}x{width} exceeds max_position={self.max_position}; relative "
-                                 f"embeddings cover sides up to {self.max_position}")
+            self._check_grid(*x.shape[1:3])
             weight, bias = fold_query_tables(self.query, self.row_embeddings.weight, self.col_embeddings.weight,
                                              self.num_heads, 1.0 / math.sqrt(self.head_dim))
-            tables = (weight, bias, lambda t, h, w: relative_table_logits(t, h, w, self.max_position))
-            return folded_forward(self, x, key_source, tables=tables, return_attention=return_attention)
+
+            def relative(tokens, height, width):
+                return relative_query_terms(tokens, weight, bias, self.num_heads, height, width, self.max_position)
+            return folded_forward(self, x, key_source, relative=relative, return_attention=return_attention)
         return AttentionBase.forward(self, x, return_attention=return_attention, key_source=key_source)

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..attention import ATTENTION
+from ..attention.base import fast_paths_enabled
+from ..attention.folded import _autocast_dtype
 from ..config import OPTION_SECTION, AttentionConfig
 
 
@@ -46,3 +50,23 @@ def stage_sizes(cfg, default_depths: tuple[int, ...]) -> tuple[tuple[int, ...], 
     if len(widths) != len(depths):
         raise ValueError(f"stage_widths {widths} and stage_depths {depths} must have the same length")
     return depths, widths
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis, ``(..., D) -> (..., D)``, that keeps autocast's dtype.
+
+    Autocast runs LayerNorm in float32 and returns float32, so a post-norm residual stream is
+    float32 and every linear layer re-casts it.  On the fast paths, under autocast, this layer
+    takes and returns the autocast dtype (bf16) while the statistics and the affine map are
+    computed in float32 (the kernel's accumulation type): half the bytes for every residual
+    tensor and the activations saved for the backward pass.  Outside autocast, or inside
+    :func:`~satconv.attention.base.explicit_paths`, it is ``nn.LayerNorm``.  Same parameters and
+    state dict as ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = _autocast_dtype(x)
+        if low is None or not fast_paths_enabled():
+            return super().forward(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.to(low), self.normalized_shape, self.weight.to(low), self.bias.to(low), self.eps)

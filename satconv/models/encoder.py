@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import make_attention
+from .common import LayerNorm, make_attention
 
 
 class FeedForward(nn.Module):
@@ -49,9 +49,9 @@ class EncoderBlock(nn.Module):
         self.attn = attn
         self.dense = nn.Linear(dim, dim)  # BertSelfOutput.dense
         self.drop = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
         """``x: (B, H, W, D)`` -> ``(B, H, W, D)``, or ``(out, probs)`` with ``probs: (B or 1, heads, N, N)``."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import make_attention
+from .common import LayerNorm, make_attention
 from .encoder import FeedForward
 from .resnet import make_stage
 
@@ -26,10 +26,10 @@ class PreNormBlock(nn.Module):
 
     def __init__(self, attn: nn.Module, dim: int, ffn_dim: int, activation: str, dropout: float, eps: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
         self.attn = attn
         self.drop = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
@@ -80,7 +80,7 @@ class ViT(nn.Module):
             PreNormBlock(make_attention(cfg.attention, d, value_proj=True), d, cfg.ffn_dim, cfg.activation,
                          cfg.dropout, cfg.layer_norm_eps)
             for _ in range(1 if cfg.hierarchical else cfg.num_layers))
-        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm = LayerNorm(d, eps=cfg.layer_norm_eps)
         self.classifier = nn.Linear(d, cfg.num_classes)
 
     def attention_layers(self) -> list[nn.Module]:

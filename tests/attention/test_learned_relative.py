@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from satconv.attention.base import explicit_paths
+
 from satconv.attention.learned_relative import LearnedRelativeAttention
 from tests.reference import assert_gradients_reach, flatten, ref_learned_logits, ref_output, ref_softmax
 
@@ -146,9 +148,10 @@ def test_grid_change_and_state_dict_has_no_index_buffer():
     torch.testing.assert_close(out, ref_output(m, ref_softmax(reference_logits(m, x, height=3, width=3)), x),
                                atol=BASE_SOFTMAX_ATOL, rtol=0)
     assert not any("index" in k for k in m.state_dict())
-    pos = make("position_only")  # the position-only variant keeps its (2, N, N) index as a buffer
-    pos(torch.randn(1, HEIGHT, WIDTH, DIM, dtype=torch.float64))
-    pos(x)
+    pos = make("position_only")  # its explicit route keeps the (2, N, N) index as a buffer
+    with explicit_paths():
+        pos(torch.randn(1, HEIGHT, WIDTH, DIM, dtype=torch.float64))
+        pos(x)
     assert dict(pos.named_buffers())["relative_position_index"].shape == (2, 9, 9)
     assert not any("index" in k for k in pos.state_dict())
 
