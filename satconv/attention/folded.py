@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import softmax_keys
-from .fused_softmax import attention_softmax, triton_available
 
 
 def _wide(p: torch.Tensor) -> torch.Tensor:
@@ -190,27 +189,20 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     weight, bias = fold_query_key(module.query, module.key, heads, 1.0 / math.sqrt(module.head_dim))
     folded_q = F.linear(tokens, weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype))
     logits = torch.bmm(folded_q.view(b, n * heads, -1), keys.transpose(1, 2)).view(b, n, heads, nk)  # (B, N, H, Nk)
-    rel = None if relative is None else relative(tokens, height, width)  # (B, H, W, heads, H), (..., W)
+    if relative is not None:
+        row, col = relative(tokens, height, width)  # (B, H, W, heads, H), (B, H, W, heads, W)
+        logits = (logits.view(b, height, width, heads, height, width)
+                  + row[..., :, None] + col[..., None, :]).view(b, n, heads, n)  # (B, N, H, N)
+    if pad:
+        valid = torch.arange(nk, device=x.device) < n  # (Nk,)
+        logits = logits.masked_fill(~valid, float("-inf"))
     low = _autocast_dtype(x)
-    if low is not None and not return_attention and x.device.type == "cuda" and triton_available():
-        # one Triton pass: + q.r, key mask, float32 softmax, dropout (satconv.attention.fused_softmax)
-        p = module.attn_drop.p if module.training else 0.0
-        row, col = (None, None) if rel is None else (rel[0].reshape(-1, height), rel[1].reshape(-1, width))
-        dropped = attention_softmax(logits.reshape(b * n * heads, nk), row, col, n_valid=n, p=p,
-                                    width=width).view(b, n, heads, nk)
+    if low is not None and not return_attention:
+        probs = LowPrecisionSoftmax.apply(logits, low)  # (B, N, H, Nk) in the autocast dtype
     else:
-        if rel is not None:
-            logits = (logits.view(b, height, width, heads, height, width)
-                      + rel[0][..., :, None] + rel[1][..., None, :]).view(b, n, heads, n)  # (B, N, H, N)
-        if pad:
-            valid = torch.arange(nk, device=x.device) < n  # (Nk,)
-            logits = logits.masked_fill(~valid, float("-inf"))
-        if low is not None and not return_attention:
-            probs = LowPrecisionSoftmax.apply(logits, low)  # (B, N, H, Nk) in the autocast dtype
-        else:
-            probs = softmax_keys(logits)  # (B, N, H, Nk), float32 at least
-            probs = probs if low is not None else probs.to(x.dtype)
-        dropped = module.attn_drop(probs)
+        probs = softmax_keys(logits)  # (B, N, H, Nk), float32 at least
+        probs = probs if low is not None else probs.to(x.dtype)
+    dropped = module.attn_drop(probs)
     mixed = torch.bmm(dropped.view(b, n * heads, nk), values)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
     if module.value is None:
