@@ -314,7 +314,26 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   pass in bf16 rather than float32.
 # - **Probabilities shared by the batch.** Quadratic and learned position-only attention do not depend on
 #   the input: their $(N_h, N, N)$ probabilities are computed once per step and applied to the whole batch
-#   as one GEMM.
+#   as one GEMM. The learned logits are a row term plus a column term, built as two small
+#   $(N_h, H, H)$ and $(N_h, W, W)$ tables and broadcast-added: no $(N, N)$ index and, in the backward
+#   pass, no $N^2$ scatter.
+# - **Relative logits per axis, from windows of the folded tables.** The row part of $q \cdot r$ for a query in
+#   grid row $r_q$ and a key in row $r_k$ reads table entry $r_k - r_q + M - 1$: for one query row that
+#   is a contiguous window of $H$ entries. Grouping the queries by row (and by column for the column
+#   part), each group meets its window of the folded table weights in one batched GEMM, so the
+#   $(B, N, N_h, H)$ and $(B, N, N_h, W)$ terms come straight from the tokens and are broadcast-added
+#   to the content logits, with no gather over the $(B, N, N_h, N)$ scores.
+# - **Aligned key counts.** ViT's class token makes 257 tokens; rows of 257 two-byte scores are not
+#   16-byte aligned, which pushes the batched products onto old, slow tensor-core kernels. The keys and
+#   values are padded to a multiple of 8 with zero rows whose logits are $-\infty$, so their
+#   probabilities are exactly 0 and the function is unchanged.
+# - **LayerNorm in the autocast dtype.** Autocast runs LayerNorm in float32 and returns float32, which
+#   makes a post-norm residual stream float32 and every following linear layer re-cast it. The models'
+#   `LayerNorm` reads and writes bf16 under autocast (statistics in float32), halving those bytes.
+#
+# Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
+# probabilities, and a hand-written Triton kernel for the content model's softmax and dropout (inductor's
+# fused kernel was as fast once the relative terms were computed per axis).
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
 # on the `meta` device). MFU in this chapter always uses the explicit count, the model's FLOPs.
