@@ -453,26 +453,32 @@ def bench_batch(cfg: ExperimentConfig, batch: int | str, backoff: float = 0.9, t
         One row of :func:`bench_model`.
 
     Raises:
-        RuntimeError: out of memory at a fixed batch, or at every try.
+        RuntimeError: out of memory at a fixed batch, or at every try; for ``"max"`` the message names
+            the searched batch and every batch tried.
     """
     if batch != "max":
         return bench_model(cfg, batch=batch, **bench_kwargs)
     searched = largest_batch(cfg, bench_kwargs.get("device"), bench_kwargs.get("precision"),
                              channels_last=bench_kwargs.get("channels_last", False))
-    b = searched
-    for attempt in range(tries):
+    b, tried, failure = searched, [], None
+    for _ in range(tries):
+        tried.append(b)
         try:
             row = bench_model(cfg, batch=b, **bench_kwargs)
             row["batch_searched"] = searched
             return row
         except RuntimeError as exc:
-            if not _is_oom(exc) or attempt == tries - 1 or b <= 1:
+            if not _is_oom(exc):
                 raise
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            b = max(1, int(b * backoff))
-    raise AssertionError("unreachable")
+            failure = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        # outside the except block: the failed attempt's frames (and tensors) are released first
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if b <= 1:
+            break
+        b = max(1, int(b * backoff))
+    raise RuntimeError(f"out of memory at every batch tried {tried} (largest_batch found {searched}): {failure}")
 
 
 def with_image_side(cfg: ExperimentConfig, side: int) -> ExperimentConfig:
@@ -517,10 +523,14 @@ def scaling(cfg: ExperimentConfig, sides: Iterable[int] = (16, 32, 64), batch: i
     return rows
 
 
-def _oom_row(cfg: ExperimentConfig, batch, device) -> dict:
+def _oom_row(cfg: ExperimentConfig, batch, device, detail: str | None = None) -> dict:
+    """The row recorded for a (config, batch) that ran out of memory; ``detail``: what was tried."""
     device = resolve_device(device)
-    return {"config": cfg.name, "arch": cfg.model.arch, "image_size": cfg.model.image_size, "batch": batch,
-            "device": device_name(device), "torch": torch.__version__, "error": "out of memory"}
+    row = {"config": cfg.name, "arch": cfg.model.arch, "image_size": cfg.model.image_size, "batch": batch,
+           "device": device_name(device), "torch": torch.__version__, "error": "out of memory"}
+    if detail:
+        row["error_detail"] = detail
+    return row
 
 
 def epoch_time_projection(img_s: float, epochs: int, train_images: int = 45000) -> float:
@@ -737,7 +747,7 @@ def bench_main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:
                     if not _is_oom(exc):
                         raise
-                    rows = [_oom_row(cfg, batch, device)]
+                    rows = [_oom_row(cfg, batch, device, detail=str(exc).splitlines()[0][:400])]
             for row in rows:
                 if batch == "max":
                     row["batch_mode"] = "max"

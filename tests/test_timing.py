@@ -246,3 +246,9 @@ def test_bench_batch_backs_off_when_the_searched_batch_runs_out_of_memory(monkey
     with pytest.raises(torch.OutOfMemoryError):
         timing.bench_batch(None, 120)  # a fixed batch is not changed
     assert tried == [120]
+    tried.clear()
+    monkeypatch.setattr(timing, "largest_batch", lambda *a, **k: 200)
+    with pytest.raises(RuntimeError, match=r"out of memory at every batch tried \[200, 180, 162, 145\] "
+                                           r"\(largest_batch found 200\): CUDA out of memory"):
+        timing.bench_batch(None, "max")
+    assert tried == [200, 180, 162, 145]
