@@ -411,12 +411,13 @@ html_table(header, rows)
 # %%
 # Literature values, not run outputs: reference figures of the performance issue, [Re] code on one H200,
 # fp32, batch 100 (training images/s and peak GiB). The [Re]'s SAN does not run.
+# "target": the performance issue's target training images/s on the same GPU at batch 100.
 RE_REFERENCE = {
-    "paper_learned_content": {"label": "learned + content", "img_s": 508, "gib": 13.3},
-    "paper_learned": {"label": "learned, position-only", "img_s": 1410, "gib": 5.4},
-    "paper_quadratic": {"label": "quadratic", "img_s": 1437, "gib": 4.5},
-    "re_vit": {"label": "ViT", "img_s": 425, "gib": 15.5},
-    "paper_resnet18": {"label": "ResNet18", "img_s": 16108, "gib": 1.4},
+    "paper_learned_content": {"label": "learned + content", "img_s": 508, "gib": 13.3, "target": 5000},
+    "paper_learned": {"label": "learned, position-only", "img_s": 1410, "gib": 5.4, "target": 11300},
+    "paper_quadratic": {"label": "quadratic", "img_s": 1437, "gib": 4.5, "target": 11500},
+    "re_vit": {"label": "ViT", "img_s": 425, "gib": 15.5, "target": 4250},
+    "paper_resnet18": {"label": "ResNet18", "img_s": 16108, "gib": 1.4, "target": 40000},
 }
 RE_DOES_NOT_RUN = {"re_san_pairwise", "re_san_patchwise"}
 BENCH_DIR = Path(os.environ.get("SATCONV_BENCH_DIR", REPO_ROOT / "book" / "bench"))
@@ -504,6 +505,31 @@ else:
     speedups = gpu_table(gpu)
 glue("speedup_summary", ", ".join(f"{RE_REFERENCE[c]['label']} {s:.1f}x" for c, s in speedups.items())
      or "not measured yet", display=False)
+
+# %%
+# the same rows as a picture: the [Re], this package and the performance target, per model
+if gpu is not None and speedups:
+    names = [c for c in RE_REFERENCE if c in speedups]
+    ours = {c: max(r["train_img_s"] for r in gpu if r.get("config") == c and "error" not in r) for c in names}
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    ys = range(len(names))
+    ax.barh([y + 0.27 for y in ys], [RE_REFERENCE[c]["img_s"] for c in names], height=0.27, color="tab:gray",
+            label="[Re], fp32")
+    ax.barh(list(ys), [ours[c] for c in names], height=0.27, color="tab:blue", label="satconv, bf16")
+    ax.barh([y - 0.27 for y in ys], [RE_REFERENCE[c]["target"] for c in names], height=0.27, color="none",
+            edgecolor="tab:red", linestyle="--", label="target")
+    for y, c in zip(ys, names):
+        ax.text(ours[c] * 1.05, y, f"{speedups[c]:.1f}x", va="center", fontsize=8)
+    ax.set(xscale="log", yticks=list(ys), yticklabels=[RE_REFERENCE[c]["label"] for c in names],
+           xlabel="training images / s at batch 100 (log scale)")
+    ax.invert_yaxis()
+    ax.set_xlim(200, None)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"Training throughput on {gpu[0]['device']}", fontsize=10)
+    fig.tight_layout()
+    plt.show()
+else:
+    print("no throughput chart: GPU figures not measured yet")
 
 # %% [markdown]
 # Speed-up over the [Re] at batch 100 (training images per second, best row per model):
