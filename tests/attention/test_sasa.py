@@ -10,7 +10,7 @@ def reference(m, x, key_source=None):
     """softmax_ab(q_ij.k_ab + q_ij[:Dh/2].r_row[a-i] + q_ij[Dh/2:].r_col[b-j]) v_ab over in-image keys, per head."""
     b, height, width, d = x.shape
     ks = x if key_source is None else key_source
-    h, dh, k, r = m.num_heads, m.head_dim, m.kernel_size, m.kernel_size // 2
+    h, dh, r = m.num_heads, m.head_dim, m.kernel_size // 2
     q = linear(x, m.query).view(b, height, width, h, dh)
     kk = linear(ks, m.key).view(b, height, width, h, dh)
     v = (linear(x, m.value) if m.value is not None else x.repeat(1, 1, 1, h)).view(b, height, width, h, dh)
