@@ -44,7 +44,7 @@ rc=0; $(BIN)/pytest $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 endef
 
-.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench gpu-bench-speed gpu-bench-scale clean clean-all
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench gpu-bench-speed gpu-bench-scale gpu-bench-kernels clean clean-all
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -139,7 +139,7 @@ CONV_CONFIGS ?= configs/paper_resnet18.yaml
 SCALE_CONFIGS ?= configs/paper_quadratic.yaml configs/paper_learned.yaml configs/paper_learned_content.yaml \
   configs/re_san_pairwise.yaml configs/sasa.yaml configs/fcvit.yaml
 BENCH = $(PYTHON) -m satconv bench --precision bf16
-gpu-bench: gpu-bench-speed gpu-bench-scale
+gpu-bench: gpu-bench-speed gpu-bench-scale gpu-bench-kernels
 
 # each half fits one 10-minute call on the GPU machine
 gpu-bench-speed:
@@ -159,6 +159,14 @@ gpu-bench-scale:
 	  --out $(BENCH_OUT)_epochs.jsonl
 	$(BENCH) --config $(CONV_CONFIGS) --epoch --compile reduce-overhead --channels-last \
 	  $(if $(GPU_DATA),--data $(GPU_DATA)) --out $(BENCH_OUT)_epochs.jsonl
+
+# where a training step's time goes (satconv.kernels), batch 100, the same compile modes as gpu-bench-speed
+gpu-bench-kernels:
+	mkdir -p book/bench
+	rm -f $(BENCH_OUT)_kernels.jsonl
+	$(BENCH) --kernels --config $(ATTN_CONFIGS) --batch 100 --compile reduce-overhead --out $(BENCH_OUT)_kernels.jsonl
+	$(BENCH) --kernels --config $(CONV_CONFIGS) --batch 100 --compile reduce-overhead --channels-last \
+	  --out $(BENCH_OUT)_kernels.jsonl
 
 ## --- cleaning -----------------------------------------------------------------------------------
 clean:

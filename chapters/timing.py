@@ -48,6 +48,7 @@ from satconv import config, timing
 from satconv.attention import LearnedRelativeAttention
 from satconv.attention.base import explicit_paths
 from satconv.config import REPO_ROOT
+from satconv.kernels import kernel_breakdown
 from satconv.models import build_model, count_parameters
 
 torch.manual_seed(0)
@@ -538,7 +539,74 @@ else:
 # the same GPU reaches on one large matrix product; these networks multiply small matrices (at most 256
 # tokens of 400 channels per image, fewer in the local and convolutional networks), spend time in
 # softmax, normalisation and gathers that are not matrix FLOPs, and so stay well below that rate.
+
+# %% [markdown]
+# ### Where the time goes
 #
+# `python -m satconv bench --kernels` profiles three training steps after the warm-up and adds up the
+# time of every device kernel by category (`satconv.kernels.categorise` reads the kernel names: matrix
+# products, convolutions, softmax, normalisation, layout copies, optimizer, other element-wise work).
+# Where the wall time of a step exceeds its summed kernel time, the difference is launch overhead and
+# idle time. The committed GPU breakdown is `book/bench/h200_kernels.jsonl` (`make gpu-bench-kernels`).
+# On a CPU the same breakdown sums the self time of the aten operators, which run on several threads,
+# so it can exceed the wall time; the example below, tiny models measured during the book build, only
+# shows what the tool reports.
+
+# %%
+KERNEL_COLOURS = {"matrix product": "tab:blue", "convolution": "tab:cyan", "softmax": "tab:orange",
+                  "normalisation": "tab:green", "layout copy": "tab:red", "optimizer": "tab:purple",
+                  "other element-wise": "tab:gray", "launch gaps and idle": "white"}
+
+
+def kernel_chart(rows, title):
+    """Stacked bars: milliseconds per training step by kernel category, one bar per config."""
+    fig, ax = plt.subplots(figsize=(9, max(2.2, 0.8 + 0.45 * len(rows))))
+    shown = set()
+    for y, r in enumerate(rows):
+        parts = dict(r["categories"])
+        gap = r["step_ms"] - r["kernel_ms"]
+        if gap > 0:
+            parts["launch gaps and idle"] = gap
+        left = 0.0
+        for cat, colour in KERNEL_COLOURS.items():
+            if parts.get(cat):
+                ax.barh(y, parts[cat], left=left, color=colour, edgecolor="black", linewidth=0.4,
+                        label=None if cat in shown else cat)
+                shown.add(cat)
+                left += parts[cat]
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set(yticks=range(len(rows)), yticklabels=[r["config"] for r in rows], xlabel="ms per training step")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    plt.show()
+
+
+def kernel_table(rows, top=5):
+    """The most expensive kernels of each config, per step."""
+    cells = [[r["config"], k["category"], k["name"][:90], f"{k['ms']:.3f}", f"{k['calls']:g}"]
+             for r in rows for k in r["kernels"][:top]]
+    return html_table(["config", "category", "kernel", "ms / step", "calls / step"], cells)
+
+
+gpu_kernels = read_rows("h200_kernels.jsonl")
+if gpu_kernels is None:
+    display(not_measured("Kernel time by category on the GPU", "h200_kernels.jsonl"))
+else:
+    display(Markdown(f"Measured on {device_line(gpu_kernels)}, batch {gpu_kernels[0]['batch']}."))
+    kernel_chart(gpu_kernels, f"Training step by kernel category, {gpu_kernels[0]['device']}")
+    display(kernel_table(gpu_kernels))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# CPU timings vary from run to run: the output is not compared by nbval.
+cpu_kernels = [kernel_breakdown(config.load(REPO_ROOT / f"configs/{name}.yaml", profile="quick"), batch=8,
+                                device="cpu", warmup=1, steps=2)
+               for name in ("paper_quadratic", "paper_learned_content")]
+kernel_chart(cpu_kernels, f"CPU, quick profile (tiny models), {cpu_kernels[0]['device']}: aten operators by category")
+display(kernel_table(cpu_kernels, top=3))
+
+# %% [markdown]
 # ### Batch 100 against the largest batch that fits
 #
 # `largest_batch` doubles the batch from 100 until a training step runs out of memory, then bisects.

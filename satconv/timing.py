@@ -614,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the config's batch size")
     p.add_argument("--data", default=None, help="with --epoch: an image-folder root (default: generated images)")
     p.add_argument("--epochs", type=_positive_int, default=2, help="with --epoch: epochs to train (>= 2)")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead of timing: profile 3 training steps and split their kernel time by category "
+                        "(satconv.kernels; --batch takes sizes, not 'max')")
     return p
 
 
@@ -730,6 +733,18 @@ def bench_main(argv: list[str] | None = None) -> int:
     kw = dict(device=device, precision=args.precision, compile=args.compile, warmup=args.warmup,
               repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak)
     status = 0
+    if args.kernels:  # where a training step's time goes, by kernel category
+        if "max" in args.batch or args.sides or args.epoch:
+            parser.error("--kernels takes fixed batch sizes and no --sides or --epoch")
+        from .kernels import kernel_breakdown
+        for cfg in configs:
+            for batch in args.batch:
+                row = kernel_breakdown(cfg, batch=batch, device=device, precision=args.precision,
+                                       compile=args.compile, channels_last=args.channels_last, warmup=args.warmup)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    append_jsonl(args.out, [row])
+        return status
     if args.epoch:  # whole epochs against the model alone, at each config's own batch size
         for cfg in configs:
             row = epoch_timing(cfg, data=args.data, epochs=args.epochs, **kw)

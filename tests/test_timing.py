@@ -252,3 +252,37 @@ def test_bench_batch_backs_off_when_the_searched_batch_runs_out_of_memory(monkey
                                            r"\(largest_batch found 200\): CUDA out of memory"):
         timing.bench_batch(None, "max")
     assert tried == [200, 180, 162, 145]
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_sm90_tst_80x256_64x5_1x2_h_bz_coopA_bias_TNN", "matrix product"),
+    ("void cutlass::Kernel2<cutlass_75_tensorop_bf16_s1688gemm_bf16_256x128_nt_align1>", "matrix product"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "matrix product"),
+    ("triton_red_fused__softmax__to_copy_add_exp_native_dropout_prepare_softmax_online_view_23", "softmax"),
+    ("triton_per_fused__to_copy_add_native_dropout_backward_native_layer_norm_backward_view_9", "normalisation"),
+    ("triton_poi_fused__unsafe_view_bmm_clone_permute_view_13", "layout copy"),
+    ("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>", "layout copy"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>>", "optimizer"),
+    ("triton_poi_fused_gelu_gelu_backward_view_6", "other element-wise"),
+    ("aten::addmm", "matrix product"),
+    ("aten::bmm", "matrix product"),
+    ("aten::native_layer_norm_backward", "normalisation"),
+    ("aten::mul", "other element-wise"),
+])
+def test_kernel_names_are_categorised(name, category):
+    """Kernel names as an H200 profile of the models printed them (and CPU operator names)."""
+    from satconv.kernels import categorise
+    assert categorise(name) == category
+
+
+def test_kernel_breakdown_on_cpu_sums_its_categories():
+    from satconv.kernels import kernel_breakdown
+    row = kernel_breakdown(C.load(QUADRATIC_YAML, profile="quick"), batch=4, device="cpu", warmup=1, steps=1, top=5)
+    assert row["device_type"] == "cpu" and row["batch"] == 4 and row["step_ms"] > 0
+    assert abs(sum(row["categories"].values()) - row["kernel_ms"]) < 1e-9
+    assert "matrix product" in row["categories"] and "softmax" in row["categories"]
+    assert len(row["kernels"]) == 5 and row["kernels"][0]["ms"] >= row["kernels"][-1]["ms"]
+    json.dumps(row)  # JSON-ready
+    with pytest.raises(ValueError, match="warmup, steps and batch"):
+        kernel_breakdown(C.load(QUADRATIC_YAML, profile="quick"), batch=4, device="cpu", steps=0)

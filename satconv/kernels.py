@@ -1,0 +1,159 @@
+"""Where a training step spends its time: the device kernels of a few profiled steps, by category.
+
+``python -m satconv bench --kernels`` (or :func:`kernel_breakdown`) runs the training step of
+:func:`satconv.timing.bench_model` (same model, optimizer, precision, compile mode and random input),
+profiles a few steps with ``torch.profiler`` after the warm-up, and reports per step:
+
+- the wall time of a step (CUDA events, or ``time.perf_counter`` on the CPU) and the summed time of
+  the kernels (on the CPU: of the aten operators, self time), whose difference is launch overhead and
+  idle time;
+- that time by category (:func:`categorise`: matrix products, convolutions, softmax, normalisation,
+  layout copies, optimizer, other element-wise work);
+- the most expensive kernels with their calls per step.
+
+Under CUDA graphs (``reduce-overhead``) the profiler still sees the replayed kernels; with
+``--compile default`` the kernel names show inductor's fusions.  Kernel times do not depend on the
+compile mode, launch gaps do.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import statistics
+import sys
+
+import torch
+
+from .config import ExperimentConfig
+
+#: (category, pattern) in priority order: the first pattern found in a kernel's lower-cased name wins.
+#: Inductor names fused kernels after every op they hold, so softmax and normalisation come first.
+CATEGORIES: list[tuple[str, str]] = [
+    ("softmax", r"softmax"),
+    ("normalisation", r"layer_norm|batch_norm|group_norm|native_norm"),
+    ("convolution", r"conv|implicit_gemm|fprop|dgrad|wgrad|winograd"),
+    ("matrix product", r"gemm|nvjet|cutlass|cublas|splitk|\bmm\b|aten::(mm|addmm|bmm|baddbmm|matmul|linear)\b|triton_mm"),
+    ("layout copy", r"copy|clone|permute|transpose|contiguous|\bcat\b|_cat_|constant_pad"),
+    ("optimizer", r"multi_tensor|fused_sgd|_foreach_|\bsgd\b"),
+]
+OTHER = "other element-wise"
+#: profiler rows that are host-side operators or runtime calls, not device kernels
+HOST_PREFIXES = ("aten::", "autograd::", "Optimizer", "cuda", "Torch-Compiled", "CompiledFunction", "TorchDynamo",
+                 "ProfilerStep", "##", "Lazy", "torch::", "c10d::", "inductor::")
+
+
+def categorise(name: str) -> str:
+    """The category of a kernel or operator name (:data:`CATEGORIES`, else ``"other element-wise"``)."""
+    low = name.lower()
+    for category, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return category
+    return OTHER
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool):
+    """Send file descriptor 2 to /dev/null inside the block (the CPU profiler's C++ start/stop log
+    lines, which notebooks would show); Python exceptions still propagate and are printed later."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _self_time_us(event, device_type: str) -> float:
+    if device_type == "cuda":
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+    return float(event.self_cpu_time_total)
+
+
+def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, precision: str | None = None,
+                     compile=False, channels_last: bool = False, warmup: int = 5, steps: int = 3,
+                     top: int = 15) -> dict:
+    """Profile ``steps`` training steps of ``cfg`` and split their time by kernel category.
+
+    Args:
+        cfg: the experiment config.
+        batch: images per step.
+        device, precision, compile, channels_last: as in :func:`satconv.timing.bench_model`.
+        warmup: untimed steps first (compilation and CUDA-graph capture fall here), >= 1.
+        steps: profiled steps, >= 1; times are reported per step.
+        top: kernels listed individually.
+
+    Returns:
+        One JSON-ready dict: ``step_ms`` (median wall time per step, timed separately from the
+        profiled steps), ``kernel_ms`` (summed self time of the device kernels, CPU operators on a
+        CPU), ``categories`` (``{category: ms per step}``, summing to ``kernel_ms``), ``kernels``
+        (the ``top`` most expensive: ``name``, ``category``, ``ms``, ``calls`` per step), and the
+        device, precision, compile mode, batch, torch version and date.
+
+    Raises:
+        ValueError: ``warmup < 1``, ``steps < 1`` or ``batch < 1``.
+    """
+    from . import timing
+    if warmup < 1 or steps < 1 or batch < 1:
+        raise ValueError(f"warmup, steps and batch must be >= 1, got {warmup}, {steps}, {batch}")
+    device = timing.resolve_device(device)
+    precision = timing._resolve_precision(precision, device)
+    torch.manual_seed(cfg.train.seed)
+    model, run, opt = timing._train_setup(cfg, device, precision, channels_last, compile)
+    model.train()
+    x, y = timing._inputs(cfg, batch, device, channels_last)
+    step = timing._make_train_step(run, opt, x, y, device, precision)
+    step_s = timing.time_repeats(step, device, warmup, max(3, steps))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with _quiet_native_stderr(device.type != "cuda"), torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        timing._sync(device)
+    per_name: dict[str, list[float]] = {}
+    for ev in prof.key_averages():
+        host_side = ev.key.startswith(HOST_PREFIXES)
+        if (device.type == "cuda" and host_side) or (device.type != "cuda" and not ev.key.startswith("aten::")):
+            continue
+        us = _self_time_us(ev, device.type)
+        if us <= 0:
+            continue
+        slot = per_name.setdefault(ev.key, [0.0, 0])
+        slot[0] += us
+        slot[1] += ev.count
+    categories: dict[str, float] = {}
+    kernels = []
+    for name, (us, calls) in per_name.items():
+        cat = categorise(name)
+        ms = us / 1e3 / steps
+        categories[cat] = categories.get(cat, 0.0) + ms
+        kernels.append({"name": name, "category": cat, "ms": ms, "calls": calls / steps})
+    kernels.sort(key=lambda k: -k["ms"])
+    del model, run, opt, step, prof
+    return {
+        "config": cfg.name,
+        "device": timing.device_name(device),
+        "device_type": device.type,
+        "precision": precision,
+        "compile": compile,
+        "channels_last": channels_last,
+        "batch": batch,
+        "steps": steps,
+        "torch": torch.__version__,
+        "step_ms": statistics.median(step_s) * 1e3,
+        "kernel_ms": sum(categories.values()),
+        "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        "kernels": kernels[:top],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+__all__ = ["CATEGORIES", "categorise", "kernel_breakdown"]
