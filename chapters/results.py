@@ -359,19 +359,21 @@ plt.show()
 # ## Where each run came from
 #
 # The versions, dates and commit each run recorded in its `run.json`, and the sizes of its data
-# splits.
+# splits. The source digest (`satconv.train.source_digest`, a hash of the package's Python files) names
+# the code a run executed even where the GPU machine's copy of the checkout carried a stale git history
+# (a commit marked `+dirty`); runs made before it was recorded say so.
 
 # %% tags=["hide-input", "full-width"]
 # NBVAL_IGNORE_OUTPUT
 # (dates, commits, versions and machine names of the runs)
 display(html_table(
-    ["config", "status", "started", "ended", "satconv", "torch", "python", "git commit", "device",
-     "images train / val / test"],
+    ["config", "status", "started", "ended", "satconv", "torch", "python", "git commit", "source digest",
+     "device", "images train / val / test"],
     [[r["name"], r["status"], r["info"].get("start_time", ""), r["info"].get("end_time", ""),
       r["info"].get("satconv", ""), r["info"].get("torch", ""), r["info"].get("python", ""),
       (r["info"].get("git_commit") or "")[:12] + ("+dirty" if (r["info"].get("git_commit") or "").endswith("+dirty")
                                                   else ""),
-      r["device"], " / ".join(str(r["sizes"].get(k, "")) for k in ("train", "val", "test"))] for r in runs]))
+      r["info"].get("satconv_source", "not recorded"), r["device"], " / ".join(str(r["sizes"].get(k, "")) for k in ("train", "val", "test"))] for r in runs]))
 
 # %% [markdown]
 # ## What these runs can say about the paper's claims

@@ -35,12 +35,13 @@ import sys
 import torch
 
 import satconv
+from satconv.train import source_digest
 
 print(f"python   {sys.version.split()[0]} ({platform.python_implementation()})")
 print(f"platform {platform.platform()}")
 print(f"machine  {platform.machine()}, {torch.get_num_threads()} torch threads")
 print(f"torch    {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-print(f"satconv  {satconv.__version__}")
+print(f"satconv  {satconv.__version__}, source digest {source_digest()}")
 
 # %% [markdown]
 # The versions of the book toolchain itself:

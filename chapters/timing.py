@@ -450,6 +450,11 @@ def device_line(rows):
     text = "; ".join(f"**{d}**, {p}, torch {t}" for d, p, t in seen)
     if dates:
         text += f"; measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+    sources = sorted({r["satconv_source"] for r in rows if r.get("satconv_source")})
+    unrecorded = sum(1 for r in rows if "error" not in r and not r.get("satconv_source"))
+    if sources or unrecorded:
+        text += "; satconv source " + ", ".join(f"`{s}`" for s in sources)
+        text += (", " if sources and unrecorded else "") + (f"not recorded for {unrecorded} rows" if unrecorded else "")
     return text
 
 

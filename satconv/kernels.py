@@ -95,7 +95,8 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         profiled steps), ``kernel_ms`` (summed self time of the device kernels, CPU operators on a
         CPU), ``categories`` (``{category: ms per step}``, summing to ``kernel_ms``), ``kernels``
         (the ``top`` most expensive: ``name``, ``category``, ``ms``, ``calls`` per step), and the
-        device, precision, compile mode, batch, torch version and date.
+        device, precision, compile mode, batch, torch version, date and ``satconv_source``
+        (:func:`satconv.train.source_digest`).
 
     Raises:
         ValueError: ``warmup < 1``, ``steps < 1`` or ``batch < 1``.
@@ -153,6 +154,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         "kernels": kernels[:top],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "satconv_source": timing._source_digest(),
     }
 
 

@@ -239,6 +239,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         of the explicit formulation (``flops_per_image_train_executed``: what the fast paths run, fewer
         for folded attention); ``mfu`` against the
         datasheet ``peak_tflops`` (``peak_tflops_source``), ``mfu_measured`` against the GEMM rate.
+        ``satconv_source``: :func:`satconv.train.source_digest` of the code that ran.
         In fp32 PyTorch leaves TF32 off for matmuls but on for cuDNN convolutions
         (``tf32_matmul``/``tf32_cudnn``), so a conv network's fp32 MFU can exceed the plain-FP32
         peak (the H200's ResNet18 reached ``mfu_measured`` 1.01): compare fp32 conv MFU with care.
@@ -350,7 +351,13 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "measured_matmul_tflops": measured,
         "mfu_measured": None if measured is None else ach_train / measured,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "satconv_source": _source_digest(),
     }
+
+
+def _source_digest() -> str:
+    from .train import source_digest  # lazy: train pulls in the data and atlas modules
+    return source_digest()
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -195,6 +195,27 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def source_digest(package_dir: str | Path | None = None) -> str:
+    """A digest of the package's Python sources: which code a result ran on.
+
+    The first 16 hex digits of a SHA-256 over every ``*.py`` file below ``package_dir`` (default: this
+    package), in sorted relative-path order, each contributing its path and its bytes.  Unlike the
+    git commit it is read from the files themselves, so it is right on a machine whose copy of the
+    checkout has no, or a stale, git history, and equal wherever the same code runs.
+
+    Args:
+        package_dir: a directory of Python sources (``None``: ``satconv/``).
+
+    Returns:
+        16 lower-case hex digits.
+    """
+    root = Path(__file__).resolve().parent if package_dir is None else Path(package_dir)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _git_commit() -> str | None:
     try:
         sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -603,11 +624,13 @@ class _Run:
         info = json.loads(path.read_text()) if path.is_file() else {}
         if not info:
             info = {"satconv": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                    "device": _device_name(self.device), "git_commit": _git_commit(), "seed": self.cfg.train.seed,
+                    "device": _device_name(self.device), "git_commit": _git_commit(),
+                    "satconv_source": source_digest(), "seed": self.cfg.train.seed,
                     "data": self.data.info(), "start_time": _now(), "resumes": []}
         elif resumed and status == "running":
             info["resumes"].append({"time": _now(), "epoch": self.epoch, "step": self.step,
-                                    "device": _device_name(self.device), "torch": torch.__version__})
+                                    "device": _device_name(self.device), "torch": torch.__version__,
+                                    "satconv_source": source_digest()})
         info["status"] = status
         if status != "running":
             info["end_time"] = _now()

@@ -49,7 +49,9 @@ def test_resume_after_stop_mid_epoch_is_exact(reference, tmp_path):
     resumed = run(tmp_path)
     assert resumed.completed and resumed.results == reference.results
     assert_same_run(reference.run_dir, tmp_path)
-    assert len(json.loads((tmp_path / "run.json").read_text())["resumes"]) == 1
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert len(info["resumes"]) == 1
+    assert info["satconv_source"] == info["resumes"][0]["satconv_source"] == T.source_digest()
 
 
 def test_resume_after_kill_is_exact(reference, tmp_path):
@@ -233,3 +235,21 @@ def test_evaluation_records_no_autograd_graph():
     loader = T.DeviceLoader(data.val, 16, "cpu", cfg.data.mean, cfg.data.std)
     T.evaluate_model(model, loader)
     assert seen and not any(grad or req for grad, req in seen)
+
+
+def test_source_digest_follows_the_file_contents(tmp_path):
+    """Equal for equal sources wherever they lie, different when one byte changes; ignores non-Python files."""
+    from satconv.train import source_digest
+    for root in (tmp_path / "a", tmp_path / "b"):
+        (root / "sub").mkdir(parents=True)
+        (root / "x.py").write_text("x = 1\n")
+        (root / "sub" / "y.py").write_text("y = 2\n")
+    (tmp_path / "b" / "notes.txt").write_text("not code")
+    a, b = source_digest(tmp_path / "a"), source_digest(tmp_path / "b")
+    assert a == b and len(a) == 16 and int(a, 16) >= 0
+    (tmp_path / "b" / "sub" / "y.py").write_text("y = 3\n")
+    assert source_digest(tmp_path / "b") != a
+    (tmp_path / "b" / "sub" / "y.py").write_text("y = 2\n")
+    (tmp_path / "b" / "sub" / "y.py").rename(tmp_path / "b" / "sub" / "z.py")  # a renamed file counts
+    assert source_digest(tmp_path / "b") != a
+    assert len(source_digest()) == 16  # the package itself
