@@ -200,6 +200,13 @@ class AttentionBase(nn.Module):
         return (out, probs) if return_attention else out
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype on ``x``'s device, or ``None`` (no autocast there, e.g. the meta device)."""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def softmax_keys(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over keys (last axis), in float32 at least (half-precision logits are upcast).
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import softmax_keys
+from .base import autocast_dtype, softmax_keys
 
 
 def _wide(p: torch.Tensor) -> torch.Tensor:
@@ -144,13 +144,6 @@ class LowPrecisionSoftmax(torch.autograd.Function):
         return (p * (g - (g * p).sum(-1, keepdim=True))).to(ctx.logits_dtype), None
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype on ``x``'s device, or ``None`` (no autocast there, e.g. the meta device)."""
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
-
 #: key counts are padded to a multiple of this (masked keys) so that the score rows stay 16-byte aligned
 KEY_ALIGN = 8
 
@@ -196,7 +189,7 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     if pad:
         valid = torch.arange(nk, device=x.device) < n  # (Nk,)
         logits = logits.masked_fill(~valid, float("-inf"))
-    low = _autocast_dtype(x)
+    low = autocast_dtype(x)
     if low is not None and not return_attention:
         probs = LowPrecisionSoftmax.apply(logits, low)  # (B, N, H, Nk) in the autocast dtype
     else:
@@ -225,8 +218,9 @@ def relative_query_terms(tokens: torch.Tensor, weight: torch.Tensor, bias: torch
     The row term of query ``(r_q, c_q)`` and key ``(r_k, c_k)`` is ``x_q . W_row[h, r_k - r_q + M - 1]``
     (plus bias): for a fixed query row it reads a contiguous window of ``height`` rows of the folded
     table weights.  So the queries are grouped by row (columns: by column) and each group meets its
-    own window in one batched GEMM, ``(H, B*W, D) @ (H, D, heads*H)``: no ``(B, N, heads, 2M-1)``
-    table, no gather on activations, and half the FLOPs of projecting onto every offset.
+    own window in one batched GEMM, ``(height, B*width, D) @ (height, D, heads*height)``: no
+    ``(B, N, heads, 2M-1)`` table, no gather on activations, and half the FLOPs of projecting onto
+    every offset.
 
     Args:
         tokens: ``(B, N, D)``, ``N = height * width`` row-major.

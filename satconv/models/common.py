@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import ATTENTION
-from ..attention.base import fast_paths_enabled
-from ..attention.folded import _autocast_dtype
+from ..attention.base import autocast_dtype, fast_paths_enabled
 from ..config import OPTION_SECTION, AttentionConfig
 
 
@@ -65,7 +64,7 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = _autocast_dtype(x)
+        low = autocast_dtype(x)
         if low is None or not fast_paths_enabled():
             return super().forward(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
