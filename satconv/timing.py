@@ -360,6 +360,12 @@ def _source_digest() -> str:
     return source_digest()
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type name."""
+    lines = str(exc).splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -477,7 +483,7 @@ def bench_batch(cfg: ExperimentConfig, batch: int | str, backoff: float = 0.9, t
         except RuntimeError as exc:
             if not _is_oom(exc):
                 raise
-            failure = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            failure = _first_line(exc)
         # outside the except block: the failed attempt's frames (and tensors) are released first
         gc.collect()
         if torch.cuda.is_available():
@@ -769,7 +775,7 @@ def bench_main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:
                     if not _is_oom(exc):
                         raise
-                    rows = [_oom_row(cfg, batch, device, detail=str(exc).splitlines()[0][:400])]
+                    rows = [_oom_row(cfg, batch, device, detail=_first_line(exc, 400))]
             for row in rows:
                 if batch == "max":
                     row["batch_mode"] = "max"

@@ -61,6 +61,20 @@ def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) 
     return grid[None, :, :] - grid[:, None, :]  # (N, N, 2): key - query
 
 
+def axis_offset_index(size: int, max_position: int, device=None) -> torch.Tensor:
+    """Offsets ``key - query`` along one grid axis, shifted to index a table of ``2 * max_position - 1`` rows.
+
+    Args:
+        size: grid side along the axis (at most ``max_position``; callers check).
+        max_position: largest supported side.
+
+    Returns:
+        ``(size, size)`` long, ``[q, k] = k - q + max_position - 1``.
+    """
+    pos = torch.arange(size, device=device)
+    return pos[None, :] - pos[:, None] + max_position - 1
+
+
 def relative_index(height: int, width: int, max_position: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer row and column offsets shifted to index embedding tables of ``2 * max_position - 1`` rows.
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import autocast_dtype, softmax_keys
+from .base import autocast_dtype, axis_offset_index, softmax_keys
 
 
 def _wide(p: torch.Tensor) -> torch.Tensor:
@@ -240,8 +240,7 @@ def relative_query_terms(tokens: torch.Tensor, weight: torch.Tensor, bias: torch
     x = tokens.view(b, height, width, d)
 
     def axis(half: slice, size: int, grouped: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(size, device=tokens.device)
-        idx = pos[None, :] - pos[:, None] + m - 1  # (size_q, size_k): key - query, shifted into the table
+        idx = axis_offset_index(size, m, tokens.device)  # (size_q, size_k): key - query, shifted into the table
         win = w_all[:, half][:, idx].permute(1, 0, 2, 3).reshape(size, num_heads * size, d)  # (q, heads*k, D)
         if b_all is None:
             return torch.bmm(grouped, win.transpose(1, 2))  # (q, B*other, heads*k)

@@ -28,7 +28,8 @@ import math
 import torch
 from torch import nn
 
-from .base import AttentionBase, InputIndependentAttention, fast_paths_enabled, relative_index, scaled
+from .base import (AttentionBase, InputIndependentAttention, axis_offset_index, fast_paths_enabled,
+                   relative_index, scaled)
 from .content import split_heads
 from .folded import fold_query_tables, folded_forward, relative_query_terms
 
@@ -117,10 +118,8 @@ class LearnedRelativeAttention(InputIndependentAttention):
             return (row_logits[:, row_index] + col_logits[:, col_index])[None]  # (1, H, N, N)
         self._check_grid(height, width)
         m, h = self.max_position, self.num_heads
-        rows = torch.arange(height, device=row_logits.device)
-        cols = torch.arange(width, device=row_logits.device)
-        row = row_logits[:, rows[None, :] - rows[:, None] + m - 1]  # (H, h_q, h_k)
-        col = col_logits[:, cols[None, :] - cols[:, None] + m - 1]  # (H, w_q, w_k)
+        row = row_logits[:, axis_offset_index(height, m, row_logits.device)]  # (H, h_q, h_k)
+        col = col_logits[:, axis_offset_index(width, m, row_logits.device)]  # (H, w_q, w_k)
         n = height * width
         return (row[:, :, None, :, None] + col[:, None, :, None, :]).reshape(1, h, n, n)  # (1, H, N, N)
 
@@ -150,10 +149,8 @@ class LearnedRelativeAttention(InputIndependentAttention):
         half = self.head_dim // 2
         row_table = q[..., :half] @ self.row_embeddings.weight.t()  # (B, H, N, 2M-1): every row offset
         col_table = q[..., half:] @ self.col_embeddings.weight.t()  # (B, H, N, 2M-1): every column offset
-        rows = torch.arange(height, device=q.device)
-        cols = torch.arange(width, device=q.device)
-        row_idx = (rows[None, :] - rows[:, None] + m - 1)[:, None, :]  # (height_q, 1, height_k): d1 + M - 1
-        col_idx = (cols[None, :] - cols[:, None] + m - 1)[None, :, :]  # (1, width_q, width_k): d2 + M - 1
+        row_idx = axis_offset_index(height, m, q.device)[:, None, :]  # (height_q, 1, height_k): d1 + M - 1
+        col_idx = axis_offset_index(width, m, q.device)[None, :, :]  # (1, width_q, width_k): d2 + M - 1
         row_table = row_table.view(b, h, height, width, -1)
         col_table = col_table.view(b, h, height, width, -1)
         row = row_table.gather(-1, row_idx.expand(height, width, height).expand(b, h, -1, -1, -1))  # (B,H,h,w,h)

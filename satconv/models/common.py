@@ -68,4 +68,5 @@ class LayerNorm(nn.LayerNorm):
         if low is None or not fast_paths_enabled():
             return super().forward(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.layer_norm(x.to(low), self.normalized_shape, self.weight.to(low), self.bias.to(low), self.eps)
+            weight, bias = (None if p is None else p.to(low) for p in (self.weight, self.bias))
+            return F.layer_norm(x.to(low), self.normalized_shape, weight, bias, self.eps)
