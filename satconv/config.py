@@ -206,6 +206,9 @@ class TrainConfig:
     # torch.compile mode; reduce-overhead and max-autotune add CUDA graphs (fixed batch shapes)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     channels_last: bool = False  # channels_last memory format for convolutional networks (CUDA only)
+    # fast path of the folded dense attention (content, q.k + q.r, ViT): folded GEMMs with stored
+    # probabilities, or fused scaled_dot_product_attention kernels (same function, other dropout draws)
+    attention_route: Literal["folded", "sdpa"] = "folded"
     checkpoint_every: int = positive(default=10)  # epochs between checkpoints (and one at the end)
     test_every: int = positive(default=10)  # epochs between test evaluations (for curves)
     snapshot_attention: bool = True  # per-epoch snapshots of the attention parameters

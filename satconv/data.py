@@ -399,6 +399,28 @@ def load_data(cfg: ExperimentConfig) -> DataBundle:
 # ---------------------------------------------------------------------------------------------
 # Augmentation and loading on the device
 # ---------------------------------------------------------------------------------------------
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` moved to ``device`` without making the host wait for the device.
+
+    Copying pageable CPU memory to a GPU is synchronous: ``.to("cuda")`` returns only once the
+    device's queue has drained, so a few random numbers moved that way per batch stall the pipeline
+    at every training step (the GPU idles while the host prepares the next step).  Pinned memory
+    copied with ``non_blocking=True`` is enqueued instead; PyTorch's caching host allocator keeps the
+    pinned block until the copy has run, so ``t`` may be freed or reused at once.
+
+    Args:
+        t: any tensor (CPU tensors are pinned for a CUDA ``device``; anything else is a plain ``.to``).
+        device: the target device.
+
+    Returns:
+        ``t`` on ``device``, same shape, dtype and values.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """``(x / 255 - mean) / std`` per channel, in float32.
 
@@ -406,8 +428,8 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
         x: ``(B, 3, H, W)`` uint8, or float on the same 0..255 scale.
         mean, std: 3 values each, for pixel values in [0, 1].
     """
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m = host_to_device(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), x.device)
+    s = host_to_device(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), x.device)
     return (x.float() / 255 - m) / s
 
 
@@ -425,14 +447,14 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generat
     """
     b, c, h, w = x.shape
     if padding > 0:
-        off = torch.randint(0, 2 * padding + 1, (b, 2), generator=g).to(x.device)
+        off = host_to_device(torch.randint(0, 2 * padding + 1, (b, 2), generator=g), x.device)
         xp = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
         rows = off[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
         cols = off[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
         bi = torch.arange(b, device=x.device).view(b, 1, 1)
         x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
     if flip:
-        coin = (torch.rand(b, generator=g) < 0.5).to(x.device).view(b, 1, 1, 1)
+        coin = host_to_device(torch.rand(b, generator=g) < 0.5, x.device).view(b, 1, 1, 1)
         x = torch.where(coin, x.flip(-1), x)
     return x.contiguous()
 
@@ -440,7 +462,7 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generat
 def random_rotation(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
     """torchvision ``RandomRotation(degrees)`` (nearest, fill 0), batched; ``x: (B, C, H, W)`` float."""
     b = x.shape[0]
-    angle = ((torch.rand(b, generator=g) * 2 - 1) * math.radians(degrees)).to(x.device)
+    angle = host_to_device((torch.rand(b, generator=g) * 2 - 1) * math.radians(degrees), x.device)
     cos, sin = angle.cos(), angle.sin()
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
@@ -486,10 +508,11 @@ def color_jitter(x: torch.Tensor, jitter, p: float, g: torch.Generator) -> torch
     """
     b = x.shape[0]
     bright, contrast, sat, hue = jitter
-    apply = (torch.rand(b, generator=g) < p).to(x.device).view(b, 1, 1, 1)
+    apply = host_to_device(torch.rand(b, generator=g) < p, x.device).view(b, 1, 1, 1)
 
     def factor(amount):
-        return (1 - amount + 2 * amount * torch.rand(b, generator=g)).clamp_min(0).to(x.device).view(b, 1, 1, 1)
+        return host_to_device((1 - amount + 2 * amount * torch.rand(b, generator=g)).clamp_min(0),
+                              x.device).view(b, 1, 1, 1)
 
     y = x
     if bright > 0:
@@ -501,7 +524,7 @@ def color_jitter(x: torch.Tensor, jitter, p: float, g: torch.Generator) -> torch
         f = factor(sat)
         y = (f * y + (1 - f) * _gray(y)).clamp(0, 1)
     if hue > 0:
-        shift = ((torch.rand(b, generator=g) * 2 - 1) * hue).to(x.device).view(b, 1, 1)
+        shift = host_to_device((torch.rand(b, generator=g) * 2 - 1) * hue, x.device).view(b, 1, 1)
         hsv = rgb_to_hsv(y)
         y = hsv_to_rgb(torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1))
     return torch.where(apply, y, x)
@@ -550,9 +573,9 @@ class DeviceLoader:
 
     def batch(self, idx: torch.Tensor, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``(b, 3, H, W)`` float (augmented when configured, needs ``g``) and labels ``(b,)``."""
-        idx = idx.to(self.split.images.device)
-        x = self.split.images[idx].to(self.device, non_blocking=True)
-        y = self.split.labels[idx].to(self.device, non_blocking=True)
+        idx = host_to_device(idx, self.split.images.device)
+        x = host_to_device(self.split.images[idx], self.device)
+        y = host_to_device(self.split.labels[idx], self.device)
         if self.augment is None:
             return normalize(x, self.mean, self.std), y
         return augment(x, self.augment, self.mean, self.std, g), y
@@ -561,10 +584,10 @@ class DeviceLoader:
         """Sequential, unaugmented batches (evaluation)."""
         n = len(self.split)
         for start in range(0, n, self.batch_size):
-            yield self.batch(torch.arange(start, min(start + self.batch_size, n)))
+            yield self.batch(torch.arange(start, min(start + self.batch_size, n), device=self.split.images.device))
 
 
 __all__ = ["DataError", "Split", "DataBundle", "load_data", "resolve_root", "cache_dir_for", "load_image_folder",
            "load_cifar10", "synthetic_images", "stratified_split", "normalize", "random_crop_flip",
-           "random_rotation", "color_jitter", "rgb_to_hsv", "hsv_to_rgb", "augment", "DeviceLoader",
+           "random_rotation", "color_jitter", "rgb_to_hsv", "hsv_to_rgb", "augment", "DeviceLoader", "host_to_device",
            "CIFAR10_CLASSES"]

@@ -33,6 +33,7 @@ import yaml
 
 from . import config as cfgmod
 from .flops import _config_flops, flops_per_image, paper_convention_flops  # noqa: F401 (public here too)
+from .attention.base import dense_attention_route
 from .config import ExperimentConfig
 
 GIB = 2 ** 30
@@ -200,10 +201,10 @@ def _inputs(cfg: ExperimentConfig, batch: int, device, channels_last: bool):
     return x, y
 
 
-def _make_train_step(run, opt, x, y, device, precision):
+def _make_train_step(run, opt, x, y, device, precision, route: str = "folded"):
     def step():
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, precision):
+        with _autocast(device, precision), dense_attention_route(route):
             loss = F.cross_entropy(run(x), y)
         loss.backward()
         opt.step()
@@ -256,53 +257,54 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
     is_cuda = device.type == "cuda"
     prev_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
-    try:
-        torch.manual_seed(cfg.train.seed)
-        model, run, opt = _train_setup(cfg, device, precision, channels_last, compile)
-        from .models import count_parameters
-        params = count_parameters(model)
-        flops_train, flops_eval, flops_executed = _config_flops(cfg, model, executed=True)
+    with dense_attention_route(cfg.train.attention_route):
+        try:
+            torch.manual_seed(cfg.train.seed)
+            model, run, opt = _train_setup(cfg, device, precision, channels_last, compile)
+            from .models import count_parameters
+            params = count_parameters(model)
+            flops_train, flops_eval, flops_executed = _config_flops(cfg, model, executed=True)
 
-        # (a) training step
-        model.train()
-        x, y = _inputs(cfg, batch, device, channels_last)
-        step = _make_train_step(run, opt, x, y, device, precision)
-        if is_cuda:
-            _sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t_train = time_repeats(step, device, warmup, repeats)
-        peak_mem = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
-        opt.zero_grad(set_to_none=True)
+            # (a) training step
+            model.train()
+            x, y = _inputs(cfg, batch, device, channels_last)
+            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route)
+            if is_cuda:
+                _sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t_train = time_repeats(step, device, warmup, repeats)
+            peak_mem = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
+            opt.zero_grad(set_to_none=True)
 
-        # (b) eval forward at the same batch
-        model.eval()
+            # (b) eval forward at the same batch
+            model.eval()
 
-        def forward(inp):
-            def fn():
-                with torch.inference_mode(), _autocast(device, precision):
-                    return run(inp)
-            return fn
+            def forward(inp):
+                def fn():
+                    with torch.inference_mode(), _autocast(device, precision):
+                        return run(inp)
+                return fn
 
-        if is_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t_eval = time_repeats(forward(x), device, warmup, repeats)
-        peak_eval = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
+            if is_cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t_eval = time_repeats(forward(x), device, warmup, repeats)
+            peak_eval = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
 
-        # (c) batch-1 latency
-        x1, _ = _inputs(cfg, 1, device, channels_last)
-        t_lat = time_repeats(forward(x1), device, warmup, repeats)
-        del model, run, opt, x, y, x1, step
-        if is_cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
+            # (c) batch-1 latency
+            x1, _ = _inputs(cfg, 1, device, channels_last)
+            t_lat = time_repeats(forward(x1), device, warmup, repeats)
+            del model, run, opt, x, y, x1, step
+            if is_cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
 
-        name = device_name(device)
-        peak, source = device_peak_tflops(name, precision) if is_cuda else (None, "no datasheet peak for CPU")
-        measured = None
-        if is_cuda and measure_peak:
-            measured = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    finally:
-        torch.backends.cudnn.benchmark = prev_benchmark
+            name = device_name(device)
+            peak, source = device_peak_tflops(name, precision) if is_cuda else (None, "no datasheet peak for CPU")
+            measured = None
+            if is_cuda and measure_peak:
+                measured = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        finally:
+            torch.backends.cudnn.benchmark = prev_benchmark
 
     train_s, eval_s = statistics.median(t_train), statistics.median(t_eval)
     train_img_s, eval_img_s = batch / train_s, batch / eval_s
@@ -324,6 +326,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "cpu_threads": None if is_cuda else torch.get_num_threads(),
         "compile": compile,
         "channels_last": channels_last,
+        "attention_route": cfg.train.attention_route,
         "batch": batch,
         "image_size": m.image_size,
         "params": params,
@@ -406,7 +409,7 @@ def largest_batch(cfg: ExperimentConfig, device=None, precision: str | None = No
         ok = True
         try:
             x, y = _inputs(cfg, b, device, channels_last)
-            step = _make_train_step(run, opt, x, y, device, precision)
+            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route)
             torch.cuda.reset_peak_memory_stats(device)
             step()
             step()
@@ -685,7 +688,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
     last = result.metrics[-1]
     model_only_s = images / model_only_img_s
     return {"config": cfg.name, "device": device_name(device), "precision": precision, "compile": compile,
-            "channels_last": channels_last, "batch": batch, "data": data or "synthetic", "images": images,
+            "channels_last": channels_last, "attention_route": cfg.train.attention_route, "batch": batch,
+            "data": data or "synthetic", "images": images,
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

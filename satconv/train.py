@@ -50,6 +50,7 @@ from torch import nn
 from . import __version__
 from .config import REPO_ROOT, ExperimentConfig, TrainConfig, apply_profile, from_dict, load, override, to_dict
 from .atlas import ATLAS_MAX_BYTES, attention_snapshot, build_atlas, load_atlas
+from .attention.base import dense_attention_route
 from .data import DataError, DeviceLoader, load_data, normalize
 
 log = logging.getLogger(__name__)
@@ -432,6 +433,7 @@ class _Run:
         t = self.cfg.train
         n = len(self.data.train)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(_derived_seed(t.seed, epoch, "order")))
+        perm = perm.to(self.data.train.images.device)  # one copy per epoch: batches then index without a host wait
         g = torch.Generator()
         if self.aug_state is not None:
             g.set_state(self.aug_state)
@@ -562,7 +564,7 @@ class _Run:
                 self.phase = "eval"
                 self._snapshot(0)
                 self.phase = "train"
-            with self._catch_sigint():
+            with self._catch_sigint(), dense_attention_route(t.attention_route):
                 for epoch in range(self.epoch, t.epochs):
                     if bar is not None:
                         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")

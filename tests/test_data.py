@@ -181,3 +181,29 @@ def test_device_loader_eval_order():
     batches = list(loader)
     assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
     assert torch.cat([y for _, y in batches]).tolist() == list(range(10))
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+def test_device_loader_never_makes_the_host_wait_for_the_gpu():
+    """Per-batch indices, random draws and normalisation constants reach the GPU without a synchronising
+    copy (the host would otherwise idle the GPU at every training step); crop + flip batches equal the
+    CPU ones for the same generator state."""
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    split = D.Split(images, torch.arange(64) % 10, torch.arange(64))
+    gpu_split = split.to("cuda")
+    idx = torch.randperm(64)[:16]
+    idx_gpu = idx.cuda()
+    extras = AugmentConfig(rotation=5.0, color_jitter=(0.4, 0.4, 0.4, 0.1))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        xg, yg = D.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD, AugmentConfig()).batch(
+            idx_gpu, torch.Generator().manual_seed(3))
+        D.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD, extras).batch(idx_gpu, torch.Generator().manual_seed(4))
+        evals = list(D.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    xc, yc = D.DeviceLoader(split, 16, "cpu", MEAN, STD, AugmentConfig()).batch(idx, torch.Generator().manual_seed(3))
+    assert torch.equal(yg.cpu(), yc) and (xg.cpu() - xc).abs().max() < 1e-5
+    assert len(evals) == 4 and torch.equal(torch.cat([y for _, y in evals]).cpu(), split.labels)

@@ -10,8 +10,9 @@ import torch
 
 from satconv import config as C
 from satconv.attention import ContentAttention, LearnedRelativeAttention, QuadraticAttention
-from satconv.attention.base import explicit_paths
-from satconv.attention.folded import LowPrecisionSoftmax, fold_query_key
+from satconv.attention import folded as folded_module
+from satconv.attention.base import dense_attention_route, explicit_paths
+from satconv.attention.folded import LowPrecisionSoftmax, fold_query_key, key_axis_codes
 from satconv.models import build_model
 
 EXACT = dict(rtol=0, atol=1e-12)  # float64, same arithmetic up to summation order
@@ -92,6 +93,87 @@ def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+SDPA_ROUTED = ["content, heads concatenated", "content, value projection folded into W_out", "learned q.k + q.r"]
+
+
+def _count_sdpa_calls(monkeypatch) -> list:
+    calls, real = [], folded_module.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(folded_module.F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("hierarchical", [False, True], ids=["own keys", "key_source"])
+@pytest.mark.parametrize("name", SDPA_ROUTED)
+def test_sdpa_route_equals_explicit_path_with_gradients(name, hierarchical, monkeypatch):
+    """The ``"sdpa"`` route (one scaled_dot_product_attention of N*heads queries, the q.r term as
+    extra query/key features, rowsum(P) as a ones column) computes eq. (2) exactly: outputs and every
+    gradient agree with the explicit route in float64.  Feature counts (8 + 4 + 5, 8 + 1) are not
+    multiples of the alignment, so the zero padding is exercised too."""
+    calls = _count_sdpa_calls(monkeypatch)
+    torch.manual_seed(0)
+    m = FOLDED[name]().double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    ks = torch.randn(3, 4, 5, 8, dtype=torch.float64) if hierarchical else None
+    weights = torch.linspace(-1, 1, 3 * 4 * 5 * m.out_dim, dtype=torch.float64).view(3, 4, 5, -1)
+
+    def run():
+        out = m(x, key_source=ks)
+        return out, torch.autograd.grad((out * weights).sum(), [x, *m.parameters()], allow_unused=True,
+                                        materialize_grads=True)
+    with dense_attention_route("sdpa"):
+        fast = run()
+    assert len(calls) == 1 and calls[0][2] == 4 * 5 * 3  # one attention of N * heads queries
+    with explicit_paths():
+        ref = run()
+    torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-12)
+    for a, b in zip(fast[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["content, value projection folded into W_out", "learned q.k + q.r"])
+def test_sdpa_route_dropout_is_unbiased(name):
+    """In training the route drops probabilities (outputs vary) and, as the layer is linear in the
+    probabilities, the mean over independent masks is the eval-mode output (within 5 standard errors)."""
+    torch.manual_seed(0)
+    m = FOLDED[name]().double()
+    m.attn_drop.p = 0.5
+    x = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    many = x.expand(4000, -1, -1, -1)
+    with dense_attention_route("sdpa"), torch.no_grad():
+        ref = m.eval()(x)[0]
+        samples = m.train()(many)  # (4000, 2, 3, out_dim): independent masks per image
+    std = samples.std(0)
+    assert (std > 1e-3).all()
+    assert ((samples.mean(0) - ref).abs() < 5 * std / 4000 ** 0.5 + 1e-9).all()
+
+
+def test_key_axis_codes_pick_row_and_column_logits():
+    """A query's [row logits, column logits] against the key codes is row[r_k] + col[c_k] for every key."""
+    h, w = 3, 4
+    codes = key_axis_codes(h, w, dtype=torch.float64)
+    row, col = torch.randn(h, dtype=torch.float64), torch.randn(w, dtype=torch.float64)
+    expected = (row[:, None] + col[None, :]).reshape(-1)  # keys row-major
+    torch.testing.assert_close(codes @ torch.cat([row, col]), expected, rtol=0, atol=1e-15)
+
+
+def test_unknown_route_is_refused_and_the_config_offers_every_route():
+    import typing
+    from satconv.attention import DENSE_ROUTES
+    with pytest.raises(ValueError, match="folded, sdpa"):
+        with dense_attention_route("flash"):
+            pass
+    hints = typing.get_type_hints(C.TrainConfig)
+    assert typing.get_args(hints["attention_route"]) == DENSE_ROUTES
+    with pytest.raises(C.ConfigError, match="train.attention_route"):
+        C.override(C.ExperimentConfig(), ["train.attention_route=flash"])
+
+
 def test_low_precision_softmax_gradient_matches_autograd():
     """The softmax that saves its output in the autocast dtype has softmax's gradient (float32 here:
     exact up to rounding; in bf16 the saved probabilities carry bf16 rounding only)."""
@@ -142,6 +224,32 @@ def test_bf16_and_compile_match_fp32_on_gpu(name):
         fast = torch.compile(model)(x)
     assert _rel(low, ref) < BF16_REL
     assert _rel(fast, ref) < COMPILE_REL
+
+
+@cuda
+@pytest.mark.parametrize("name", ["paper_learned_content", "re_vit"])
+def test_sdpa_route_matches_fp32_on_gpu(name):
+    """The ``"sdpa"`` route in bf16 autocast (fused kernels) and compiled in float32, against the explicit
+    float32 model; and a bf16 training step's gradients against the folded route's."""
+    torch.manual_seed(0)
+    model = build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml")).cuda().eval()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    with torch.inference_mode():
+        with explicit_paths():
+            ref = model(x)
+        with dense_attention_route("sdpa"):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                low = model(x)
+            fast = torch.compile(model)(x)
+    assert _rel(low, ref) < BF16_REL
+    assert _rel(fast, ref) < COMPILE_REL
+    grads = {}
+    for route in ("folded", "sdpa"):
+        model.zero_grad(set_to_none=True)
+        with dense_attention_route(route), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x).float().square().mean().backward()
+        grads[route] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert _rel(grads["sdpa"], grads["folded"]) < BF16_REL
 
 
 @cuda

@@ -215,6 +215,24 @@ def test_build_model_quick_profile(tmp_path):
     assert atlas["probs_stacked"].shape == (1, 2, 4, 2, 16)  # images, layers, heads, queries, N = 4x4 tokens
 
 
+@pytest.mark.parametrize("route", ["folded", "sdpa"])
+def test_training_takes_the_configured_attention_route(route, tmp_path, monkeypatch):
+    """``train.attention_route`` reaches every training step: the "sdpa" route calls the fused attention
+    (once per layer and step), the folded route never does."""
+    from satconv.attention import folded
+    calls, real = [], folded.F.scaled_dot_product_attention
+    monkeypatch.setattr(folded.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = load("configs/paper_learned_content.yaml", profile="quick")
+    cfg = override(cfg, ["data.source=synthetic", "data.synthetic_train=48", "data.synthetic_test=16",
+                         "data.val_size=16", "model.image_size=8", "train.batch_size=16", "train.atlas_images=0",
+                         "train.snapshot_attention=false", f"train.attention_route={route}"])
+    result = T.train(cfg, out_dir=tmp_path, device="cpu", progress=False)
+    assert result.completed and math.isfinite(result.metrics[-1]["train_loss"])
+    layers, steps = cfg.model.num_layers, 2  # 32 training images in batches of 16
+    assert len(calls) >= (layers * steps if route == "sdpa" else 0)
+    assert (len(calls) > 0) == (route == "sdpa")
+
+
 def test_progress_bar_only_when_asked_for_and_in_a_terminal(tmp_path, monkeypatch, capsys):
     assert not T._progress_enabled(True)  # pytest's captured stderr is no terminal: quiet
     assert not T._progress_enabled(False)

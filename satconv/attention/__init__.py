@@ -22,7 +22,8 @@ Every mechanism takes ``x: (B, height, width, dim)`` and returns ``(B, height, w
 or ``(out, probs)`` with ``probs: (B or 1, heads, N, N)`` when ``return_attention=True``.
 :data:`ATTENTION` maps the YAML name (``model.attention.kind``) to the class.
 """
-from .base import AttentionBase, relative_index, relative_offsets
+from .base import (DENSE_ROUTES, AttentionBase, dense_attention_route, dense_route, explicit_paths,
+                   relative_index, relative_offsets)
 from .content import ContentAttention
 from .fcvit import FCViTTokenMixer
 from .learned_relative import LearnedRelativeAttention
@@ -43,7 +44,7 @@ ATTENTION = {
 }
 
 __all__ = [
-    "ATTENTION", "AttentionBase", "relative_index", "relative_offsets", "ContentAttention", "FCViTTokenMixer",
+    "ATTENTION", "AttentionBase", "DENSE_ROUTES", "dense_attention_route", "dense_route", "explicit_paths", "relative_index", "relative_offsets", "ContentAttention", "FCViTTokenMixer",
     "LearnedRelativeAttention", "QuadraticAttention", "no_decay_param_groups", "SANPairwiseAttention",
     "SANPatchwiseAttention", "SASAAttention",
 ]

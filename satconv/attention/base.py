@@ -46,6 +46,40 @@ def explicit_paths(explicit: bool = True):
         _FAST_PATHS.pop()
 
 
+#: routes of the folded dense attention (:func:`satconv.attention.folded.folded_forward`)
+DENSE_ROUTES = ("folded", "sdpa")
+_DENSE_ROUTE = ["folded"]
+
+
+def dense_route() -> str:
+    """The route folded dense attention takes on its fast path: ``"folded"`` (default) or ``"sdpa"``.
+
+    ``"folded"`` materialises the ``(B, N, heads, N)`` logits and probabilities and multiplies them
+    out with batched GEMMs; ``"sdpa"`` hands the folded queries, keys and values to
+    ``F.scaled_dot_product_attention`` (fused kernels that never store the probabilities).  Both
+    compute the same function; they draw different dropout masks.  Set with :func:`dense_attention_route`.
+    """
+    return _DENSE_ROUTE[-1]
+
+
+@contextlib.contextmanager
+def dense_attention_route(route: str):
+    """Within the block folded dense attention takes ``route`` (one of :data:`DENSE_ROUTES`).
+
+    Read when a layer runs (under ``torch.compile``: when it is traced).  Not thread-safe.
+
+    Raises:
+        ValueError: an unknown route.
+    """
+    if route not in DENSE_ROUTES:
+        raise ValueError(f"unknown dense attention route {route!r}; choose one of {', '.join(DENSE_ROUTES)}")
+    _DENSE_ROUTE.append(route)
+    try:
+        yield
+    finally:
+        _DENSE_ROUTE.pop()
+
+
 def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Offsets ``delta = key - query`` between all pixel pairs of a grid.
 

@@ -25,8 +25,18 @@ Scores and probabilities are laid out ``(B, N_query, heads, N_key)`` so that que
 form one ``(N * heads, dim)`` matrix per image and ``P @ x`` lands directly in the
 ``(B, N, heads*dim)`` layout that ``W_out`` reads: no head transposes.  In autocast the
 probabilities are kept in the autocast dtype for the backward pass (:class:`LowPrecisionSoftmax`),
-halving the largest saved activation.  ``tests/test_fast_paths.py`` pins every route to the
-explicit one (:func:`satconv.attention.base.explicit_paths`).
+halving the largest saved activation.
+
+The ``"sdpa"`` route (:func:`satconv.attention.base.dense_attention_route`, :func:`sdpa_forward`)
+hands the same folded queries, raw keys and values to ``F.scaled_dot_product_attention`` as one
+head of ``N * heads`` queries, so fused kernels compute ``softmax(A) x`` without storing the
+logits or probabilities.  The ``q . r`` term enters as extra query/key features: query ``(r_q, c_q)``
+of head ``h`` carries its row logits for every key row and its column logits for every key column,
+and each key carries the one-hot codes of its row and column, so their dot product adds exactly
+``row[r_k] + col[c_k]``.  ``rowsum(P_h)`` rides along as a column of ones in the values.
+
+``tests/test_fast_paths.py`` pins every route to the explicit one
+(:func:`satconv.attention.base.explicit_paths`).
 """
 from __future__ import annotations
 
@@ -36,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import autocast_dtype, axis_offset_index, softmax_keys
+from .base import autocast_dtype, axis_offset_index, dense_route, softmax_keys
 
 
 def _wide(p: torch.Tensor) -> torch.Tensor:
@@ -166,10 +176,13 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     Returns:
         ``(B, H, W, out_dim)``, or ``(out, probs)``.
 
-    When ``N`` is not a multiple of :data:`KEY_ALIGN` (ViT's class token: 257) and there is no
-    relative term, keys and values are padded with zero rows whose logits are ``-inf``: their
+    Under the ``"sdpa"`` route (:func:`~satconv.attention.base.dense_attention_route`) and without
+    ``return_attention`` this is :func:`sdpa_forward`.  When ``N`` is not a multiple of
+    :data:`KEY_ALIGN` (ViT's class token: 257) and there is no relative term, keys and values are padded with zero rows whose logits are ``-inf``: their
     probabilities are exactly 0, and the score rows stay aligned for the tensor-core kernels.
     """
+    if dense_route() == "sdpa" and not return_attention:
+        return sdpa_forward(module, x, key_source, relative)
     b, height, width, d = x.shape
     n, heads = height * width, module.num_heads
     tokens = x.reshape(b, n, d)  # (B, N, D)
@@ -252,3 +265,84 @@ def relative_query_terms(tokens: torch.Tensor, weight: torch.Tensor, bias: torch
     by_col = x.permute(2, 0, 1, 3).reshape(width, b * height, d)  # (c_q, B*r_q, D)
     col = axis(slice(t, 2 * t), width, by_col).view(width, b, height, num_heads, width).permute(1, 2, 0, 3, 4)
     return row, col
+
+
+#: feature counts handed to ``scaled_dot_product_attention`` are padded to a multiple of this with
+#: zero features (the fused CUDA kernels need 16-byte aligned rows)
+SDPA_ALIGN = 8
+
+
+def _pad_features(t: torch.Tensor, align: int = SDPA_ALIGN) -> torch.Tensor:
+    """``t`` with zero features appended to the last axis up to a multiple of ``align``."""
+    pad = (-t.shape[-1]) % align
+    return F.pad(t, (0, pad)) if pad else t
+
+
+def key_axis_codes(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """One-hot codes of every key's row and column.
+
+    Args:
+        height, width: grid; keys are flattened row-major.
+
+    Returns:
+        ``(N, height + width)``: ``[k, r_k] = 1`` and ``[k, height + c_k] = 1``, zeros elsewhere.
+    """
+    rows = torch.arange(height, device=device).repeat_interleave(width)  # (N,): r_k
+    cols = torch.arange(width, device=device).repeat(height)  # (N,): c_k
+    return torch.cat([F.one_hot(rows, height), F.one_hot(cols, width)], dim=1).to(dtype)  # (N, height + width)
+
+
+def sdpa_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, relative=None) -> torch.Tensor:
+    """:func:`folded_forward` through ``F.scaled_dot_product_attention`` (the ``"sdpa"`` route).
+
+    The heads share their keys (raw ``y``) and values (raw ``x``), so the layer is one attention of
+    ``N * heads`` queries over ``N`` keys:
+
+    - queries ``(x M_h + c_h) * scale``, followed, with a relative term, by the head's row logits
+      ``row[q, h, :]`` and column logits ``col[q, h, :]`` (``(N * heads, D_key + height + width)``);
+    - keys ``y``, followed by :func:`key_axis_codes` (``(N, D_key + height + width)``);
+    - values ``x``, followed by a column of ones when the value projection has a bias;
+    - the softmax scale is 1 (the fold already holds ``1 / sqrt(Dk)``).
+
+    Features are zero-padded to a multiple of :data:`SDPA_ALIGN`.  The output ``concat_h(P_h [x, 1])``
+    meets ``W_out`` (or the folded ``W_val W_out`` with the ``v0_h W_out,h`` column per head) in one
+    GEMM.  Dropout (the module's ``attn_drop.p`` in training) is drawn by the attention kernel.
+
+    Args:
+        module, x, key_source, relative: as for :func:`folded_forward`.
+
+    Returns:
+        ``(B, H, W, out_dim)``.
+    """
+    b, height, width, d = x.shape
+    n, heads = height * width, module.num_heads
+    tokens = x.reshape(b, n, d)  # (B, N, D)
+    keys = tokens if key_source is None else key_source.reshape(b, n, -1)  # (B, N, D_key)
+    weight, bias = fold_query_key(module.query, module.key, heads, 1.0 / math.sqrt(module.head_dim))
+    q = F.linear(tokens, weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype))
+    q = q.view(b, n, heads, -1)  # (B, N, H, D_key)
+    k = keys  # (B, N, D_key)
+    if relative is not None:
+        row, col = relative(tokens, height, width)  # (B, H, W, heads, H), (B, H, W, heads, W)
+        q = torch.cat([q, row.reshape(b, n, heads, height).to(q.dtype),
+                       col.reshape(b, n, heads, width).to(q.dtype)], dim=-1)  # (B, N, H, D_key + H + W)
+        codes = key_axis_codes(height, width, x.device, k.dtype)  # (N, height + width)
+        k = torch.cat([k, codes.expand(b, n, -1)], dim=-1)  # (B, N, D_key + H + W)
+    q, k = _pad_features(q), _pad_features(k)
+    if module.value is None:
+        out_w, head_bias = module.proj.weight.view(module.proj.out_features, heads, d), None  # (D_out, H, D)
+    else:
+        vo_weight, head_bias = fold_value_out(module.value, module.proj, heads)
+        out_w = vo_weight.view(-1, heads, d)  # (D_out, H, D)
+    v = tokens
+    if head_bias is not None:
+        v = torch.cat([tokens, tokens.new_ones(b, n, 1)], dim=-1)  # (B, N, D + 1): the ones give rowsum(P_h)
+        out_w = torch.cat([out_w, head_bias.t()[:, :, None].to(out_w.dtype)], dim=-1)  # (D_out, H, D + 1)
+    v, out_w = _pad_features(v), _pad_features(out_w)
+    p = module.attn_drop.p if module.training else 0.0
+    mixed = F.scaled_dot_product_attention(q.reshape(b, 1, n * heads, -1), k[:, None], v[:, None],
+                                           dropout_p=p, scale=1.0)  # (B, 1, N*H, Dv): rows (query, head)
+    mixed = mixed.reshape(b, n, -1)  # (B, N, H*Dv): concat_h(P_h [x, 1])
+    out = F.linear(mixed, out_w.reshape(out_w.shape[0], -1).to(mixed.dtype),
+                   None if module.proj.bias is None else module.proj.bias.to(mixed.dtype))
+    return out.reshape(b, height, width, -1)  # (B, H, W, out_dim)
