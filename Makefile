@@ -44,7 +44,7 @@ rc=0; $(BIN)/pytest $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 endef
 
-.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench gpu-bench-speed gpu-bench-scale gpu-bench-kernels clean clean-all
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-scale gpu-bench-kernels clean clean-all
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -139,7 +139,11 @@ CONV_CONFIGS ?= configs/paper_resnet18.yaml
 SCALE_CONFIGS ?= configs/paper_quadratic.yaml configs/paper_learned.yaml configs/paper_learned_content.yaml \
   configs/re_san_pairwise.yaml configs/sasa.yaml configs/fcvit.yaml
 BENCH = $(PYTHON) -m satconv bench --precision bf16
-gpu-bench: gpu-bench-speed gpu-bench-scale gpu-bench-kernels
+# the content models whose attention takes the folded dense route (train.attention_route applies)
+ROUTED_CONFIGS ?= configs/paper_learned_content.yaml configs/re_vit.yaml
+# near the memory limit a fragmented cache fails where the search succeeded: grow segments instead
+MAX_ALLOC = PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-scale gpu-bench-kernels
 
 # each half fits one 10-minute call on the GPU machine
 gpu-bench-speed:
@@ -149,7 +153,14 @@ gpu-bench-speed:
 	$(BENCH) --config $(CONV_CONFIGS) --batch 100 --compile reduce-overhead --channels-last --out $(BENCH_OUT).jsonl
 	$(BENCH) --config configs/re_san_pairwise.yaml configs/re_san_patchwise.yaml configs/sasa.yaml configs/fcvit.yaml \
 	  --batch 100 --out $(BENCH_OUT).jsonl
-	$(BENCH) --config $(ATTN_CONFIGS) $(CONV_CONFIGS) --batch max --out $(BENCH_OUT)_maxbatch.jsonl
+	$(MAX_ALLOC) $(BENCH) --config $(ATTN_CONFIGS) $(CONV_CONFIGS) --batch max --out $(BENCH_OUT)_maxbatch.jsonl
+
+# the fused-attention route of the routed configs, next to their folded rows (appends; after gpu-bench-speed)
+gpu-bench-routes:
+	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile reduce-overhead --set train.attention_route=sdpa \
+	  --out $(BENCH_OUT).jsonl
+	$(MAX_ALLOC) $(BENCH) --config $(ROUTED_CONFIGS) --batch max --set train.attention_route=sdpa \
+	  --out $(BENCH_OUT)_maxbatch.jsonl
 
 gpu-bench-scale:
 	mkdir -p book/bench
@@ -167,6 +178,8 @@ gpu-bench-kernels:
 	$(BENCH) --kernels --config $(ATTN_CONFIGS) --batch 100 --compile reduce-overhead --out $(BENCH_OUT)_kernels.jsonl
 	$(BENCH) --kernels --config $(CONV_CONFIGS) --batch 100 --compile reduce-overhead --channels-last \
 	  --out $(BENCH_OUT)_kernels.jsonl
+	$(BENCH) --kernels --config $(ROUTED_CONFIGS) --batch 100 --compile reduce-overhead \
+	  --set train.attention_route=sdpa --out $(BENCH_OUT)_kernels.jsonl
 
 ## --- cleaning -----------------------------------------------------------------------------------
 clean:

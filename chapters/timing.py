@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from satconv import config, timing
 from satconv.attention import LearnedRelativeAttention
-from satconv.attention.base import explicit_paths
+from satconv.attention.base import dense_attention_route, explicit_paths
 from satconv.config import REPO_ROOT
 from satconv.kernels import kernel_breakdown
 from satconv.models import build_model, count_parameters
@@ -74,6 +74,29 @@ def family(cfg_or_row):
         return cfg_or_row.get("attention") or cfg_or_row.get("arch", "?")
     m = cfg_or_row.model
     return m.arch if m.arch == "resnet18" else m.attention.kind
+
+
+def routed(name):
+    """Whether config ``name``'s attention takes the folded dense route (so ``train.attention_route`` matters)."""
+    path = REPO_ROOT / f"configs/{name}.yaml"
+    cfg = CONFIGS.get(name) or (config.load(path) if path.is_file() else None)
+    if cfg is None:
+        return False
+    a = cfg.model.attention
+    if cfg.model.arch not in ("encoder", "vit") or a.head_dim not in (None, cfg.model.hidden_dim):
+        return False
+    return a.kind == "content" or (a.kind == "learned_relative"
+                                   and a.learned_relative.variant == "content_query_position")
+
+
+def route_of(row):
+    """The attention route of a bench row ("folded" before rows recorded it), or "–" where it does not apply."""
+    return row.get("attention_route", "folded") if routed(row["config"]) else "–"
+
+
+def label_of(row):
+    """A bench row's config name, with the route when it is not the default one."""
+    return row["config"] + (" (sdpa)" if route_of(row) == "sdpa" else "")
 
 
 def html_table(header, rows):
@@ -277,7 +300,8 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   training FLOP rate divided by the datasheet's dense peak (`mfu`) and by a measured
 #   $8192^3$ GEMM on the same GPU (`mfu_measured`).
 #
-# Every row stores the device name, precision, batch, compile mode, torch version and date.
+# Every row stores the device name, precision, batch, compile mode, attention route (below), torch
+# version and date.
 #
 # ```{literalinclude} ../satconv/timing.py
 # :pyobject: bench_model
@@ -288,6 +312,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #
 # ```bash
 # python -m satconv bench --config configs/paper_quadratic.yaml --batch 100 max --compile reduce-overhead
+# python -m satconv bench --config configs/re_vit.yaml --compile reduce-overhead --set train.attention_route=sdpa
 # ```
 #
 # ## Fast paths
@@ -328,6 +353,17 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   16-byte aligned, which pushes the batched products onto old, slow tensor-core kernels. The keys and
 #   values are padded to a multiple of 8 with zero rows whose logits are $-\infty$, so their
 #   probabilities are exactly 0 and the function is unchanged.
+# - **Fused attention (the `sdpa` route).** `train.attention_route: sdpa` (or
+#   `satconv.attention.dense_attention_route("sdpa")`) sends the folded content attention through
+#   `torch.nn.functional.scaled_dot_product_attention`, whose fused kernels never store the
+#   $(B, N, N_h, N)$ logits or probabilities. The heads share their keys (the raw tokens) and values (the
+#   raw tokens again), so a layer is a single attention of $N \cdot N_h$ queries over $N$ keys. The
+#   $q \cdot r$ term becomes extra features: a query carries its row logits for every key row and its
+#   column logits for every key column, and each key carries the one-hot codes of its own row and column,
+#   so the dot product adds exactly the key's row and column terms. With a value projection, a column of
+#   ones in the values gives the $\mathrm{rowsum}(P_h)$ that the folded value bias needs. The function is
+#   the same; the dropout masks are drawn by the kernel. The default stays `folded` until the GPU run
+#   measures which is faster (both routes are benchmarked).
 # - **LayerNorm in the autocast dtype.** Autocast runs LayerNorm in float32 and returns float32, which
 #   makes a post-norm residual stream float32 and every following linear layer re-cast it. The models'
 #   `LayerNorm` reads and writes bf16 under autocast (statistics in float32), halving those bytes.
@@ -337,7 +373,9 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # fused kernel was as fast once the relative terms were computed per axis).
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
-# on the `meta` device). MFU in this chapter always uses the explicit count, the model's FLOPs.
+# on the `meta` device, where the fused attention is counted as its matrix products; the fused CUDA
+# backward also recomputes the logits, which this count leaves out). MFU in this chapter always uses the
+# explicit count, the model's FLOPs.
 
 # %%
 rows = []
@@ -346,9 +384,16 @@ for name in ("paper_learned_content", "re_vit", "paper_learned"):
         net = build_model(CONFIGS[name])
     explicit = timing.flops_per_image(net, 32, "train", device="meta", batch=100)
     fast = timing.flops_per_image(net, 32, "train", device="meta", batch=100, explicit=False)
-    rows.append([name, f"{explicit / 1e9:.2f}", f"{fast / 1e9:.2f}", f"{fast / explicit:.0%}"])
+    cells = [name, f"{explicit / 1e9:.2f}", f"{fast / 1e9:.2f}", f"{fast / explicit:.0%}"]
+    if routed(name):
+        with dense_attention_route("sdpa"):
+            fused = timing.flops_per_image(net, 32, "train", device="meta", batch=100, explicit=False)
+        cells.append(f"{fused / 1e9:.2f}")
+    else:
+        cells.append("same as the fast path")
+    rows.append(cells)
 html_table(["config", "explicit route GFLOP / training image", "fast path GFLOP / training image",
-            "fast / explicit"], rows)
+            "fast / explicit", "sdpa route GFLOP / training image"], rows)
 
 # %%
 # the fast path and the explicit route on one layer of the content model (float64, random weights)
@@ -482,19 +527,21 @@ print(f"book/runs: {len(run_epochs)} training runs with whole-epoch timings")
 # %%
 def gpu_table(rows):
     """Render the bench rows with MFU and the [Re]'s reference figures; returns the speed-up of each row."""
-    header = ["config", "family", "batch", "compile", "train img/s", "eval img/s", "latency b1 (ms)",
+    header = ["config", "family", "batch", "compile", "route", "train img/s", "eval img/s", "latency b1 (ms)",
               "peak GiB", "TFLOP/s", "MFU (datasheet)", "MFU (GEMM)", "[Re] img/s", "[Re] GiB", "speed-up"]
     cells, speedups = [], {}
     for r in rows:
         if "error" in r:
-            cells.append([r["config"], family(r), r.get("batch"), r.get("compile", ""), r["error"]] + [""] * 9)
+            cells.append([r["config"], family(r), r.get("batch"), r.get("compile", ""), route_of(r), r["error"]]
+                         + [""] * 9)
             continue
         ref = RE_REFERENCE.get(r["config"])
         speed = r["train_img_s"] / ref["img_s"] if ref else None
         if speed is not None:
             speedups[r["config"]] = max(speed, speedups.get(r["config"], 0))
         re_img = "does not run" if r["config"] in RE_DOES_NOT_RUN else fmt(ref and ref["img_s"], ",")
-        cells.append([r["config"], family(r), r["batch"], r.get("compile") or "no", f"{r['train_img_s']:,.0f}",
+        cells.append([r["config"], family(r), r["batch"], r.get("compile") or "no", route_of(r),
+                      f"{r['train_img_s']:,.0f}",
                       f"{r['eval_img_s']:,.0f}", fmt(r.get("latency_ms_b1"), ".2f"),
                       fmt(r.get("peak_mem_gib"), ".2f"),
                       fmt(r.get("achieved_tflops_train"), ".1f"), fmt(r.get("mfu"), ".1%"),
@@ -581,7 +628,7 @@ def kernel_chart(rows, title):
                 shown.add(cat)
                 left += parts[cat]
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set(yticks=range(len(rows)), yticklabels=[r["config"] for r in rows], xlabel="ms per training step")
+    ax.set(yticks=range(len(rows)), yticklabels=[label_of(r) for r in rows], xlabel="ms per training step")
     ax.invert_yaxis()
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -590,7 +637,7 @@ def kernel_chart(rows, title):
 
 def kernel_table(rows, top=5):
     """The most expensive kernels of each config, per step."""
-    cells = [[r["config"], k["category"], k["name"][:90], f"{k['ms']:.3f}", f"{k['calls']:g}"]
+    cells = [[label_of(r), k["category"], k["name"][:90], f"{k['ms']:.3f}", f"{k['calls']:g}"]
              for r in rows for k in r["kernels"][:top]]
     return html_table(["config", "category", "kernel", "ms / step", "calls / step"], cells)
 
@@ -626,17 +673,20 @@ else:
     at_100 = {}
     for r in gpu or []:
         if "error" not in r and r.get("batch") == 100:
-            at_100[r["config"]] = max(at_100.get(r["config"], r), r, key=lambda row: row["train_img_s"])
-    header = ["config", "family", "train img/s at 100", "peak GiB at 100", "largest batch", "train img/s",
+            key = (r["config"], route_of(r))
+            at_100[key] = max(at_100.get(key, r), r, key=lambda row: row["train_img_s"])
+    header = ["config", "family", "route", "train img/s at 100", "peak GiB at 100", "largest batch", "train img/s",
               "peak GiB", "eval img/s", "MFU (datasheet)", "gain over batch 100"]
     cells = []
     for r in gpu_max:
-        b100 = at_100.get(r["config"])
+        b100 = at_100.get((r["config"], route_of(r)))
         if "error" in r:
-            cells.append([r["config"], family(r), "", "", r.get("batch"), r["error"], "", "", "", ""])
+            detail = f" ({r['error_detail']})" if r.get("error_detail") else ""
+            cells.append([r["config"], family(r), route_of(r), "", "", r.get("batch"), r["error"] + detail,
+                          "", "", "", ""])
             continue
         gain = r["train_img_s"] / b100["train_img_s"] if b100 else None
-        cells.append([r["config"], family(r), fmt(b100 and b100["train_img_s"], ",.0f"),
+        cells.append([r["config"], family(r), route_of(r), fmt(b100 and b100["train_img_s"], ",.0f"),
                       fmt(b100 and b100.get("peak_mem_gib"), ".2f"), f"{r['batch']:,}", f"{r['train_img_s']:,.0f}",
                       fmt(r.get("peak_mem_gib"), ".2f"), f"{r['eval_img_s']:,.0f}",
                       fmt(r.get("mfu"), ".1%"),
@@ -685,6 +735,14 @@ html_table(header, cells)
 # GPU training runs under `book/runs/` (the median epoch after the first, epochs with a test pass left
 # out), each next to the batch-100 model-only row of `h200.jsonl`. The ratio is the epoch time over the
 # model-only time for as many images; the performance target is at most 1.15.
+#
+# The input pipeline never makes the host wait for the GPU. Copying pageable CPU memory to a GPU
+# returns only once the GPU's queue has drained, so the few random numbers of each batch's augmentation,
+# its indices and the normalisation constants, moved that way, would idle the GPU at every step while
+# the host prepared the next one. They travel through pinned memory with non-blocking copies
+# (`satconv.data.host_to_device`), the epoch's order moves to the GPU once, and evaluation indexes the
+# images where they are stored; a CUDA test checks this with `torch.cuda.set_sync_debug_mode("error")`.
+# Epoch rows measured before this change (the committed training runs among them) include those waits.
 
 # %%
 epoch_rows = [dict(e, source="bench --epoch") for e in gpu_epochs or [] if "error" not in e] + run_epochs

@@ -267,8 +267,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def compiled(model: nn.Module, mode: str = "default"):
-    """``torch.compile(model)`` in ``mode``; with CUDA graphs (reduce-overhead, max-autotune) every call
-    starts a new graph step, so outputs stay valid until the next call.
+    """``torch.compile(model, dynamic=False)`` in ``mode``; with CUDA graphs (reduce-overhead, max-autotune)
+    every call starts a new graph step, so outputs stay valid until the next call.
+
+    Static shapes: an epoch's smaller last batch, or the evaluation batch, gets a graph of its own.  With
+    dynamo's default (``dynamic=None``) the second batch size recompiles the model with a symbolic batch,
+    and the training steps of every later epoch run that slower, shape-generic graph (as the benchmark
+    compiles with ``dynamic=False``, the whole-epoch comparison would then not compare like with like).
 
     Args:
         model: maps ``(B, C, H, W)`` images to logits.
@@ -277,7 +282,7 @@ def compiled(model: nn.Module, mode: str = "default"):
     Returns:
         A callable with the model's forward signature.
     """
-    run = torch.compile(model, mode=None if mode == "default" else mode)
+    run = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
     return _GraphSteps(model, run) if mode in ("reduce-overhead", "max-autotune") else run
 
 

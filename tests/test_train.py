@@ -271,3 +271,13 @@ def test_source_digest_follows_the_file_contents(tmp_path):
     (tmp_path / "b" / "sub" / "y.py").rename(tmp_path / "b" / "sub" / "z.py")  # a renamed file counts
     assert source_digest(tmp_path / "b") != a
     assert len(source_digest()) == 16  # the package itself
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_model_keeps_static_shapes(mode, monkeypatch):
+    """The training run compiles like the benchmark (``dynamic=False``): a smaller last batch or the
+    evaluation batch gets its own graph instead of turning every later step shape-generic."""
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    T.compiled(torch.nn.Linear(2, 2), mode)
+    assert seen["dynamic"] is False and seen["mode"] == (None if mode == "default" else mode)
