@@ -233,6 +233,26 @@ def test_bf16_and_compile_match_fp32_on_gpu(name, route):
 
 
 @cuda
+@pytest.mark.parametrize("value_proj", [False, True], ids=["content", "ViT-like"])
+def test_sdpa_route_runs_a_fused_kernel_on_gpu(value_proj):
+    """At the paper's sizes (9 heads of width 400, 16 x 16 tokens, q.r features) the route's attention is one
+    the memory-efficient fused kernel takes, forward and backward, with dropout (the math fallback is
+    excluded here, so an unsupported shape fails instead of silently materialising the probabilities)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if value_proj:
+        m = ContentAttention(400, 9, value_proj=True, dropout=0.1).cuda().train()
+    else:
+        m = LearnedRelativeAttention(400, 9, variant="content_query_position", max_position=16, dropout=0.1)
+        m = m.cuda().train()
+    x = torch.randn(2, 16, 16, 400, device="cuda", requires_grad=True)
+    with dense_attention_route("sdpa"), torch.autocast("cuda", dtype=torch.bfloat16), \
+            sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = m(x)
+        out.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@cuda
 @pytest.mark.parametrize("name", ["paper_learned_content", "re_vit"])
 def test_sdpa_route_gradients_match_the_folded_route_on_gpu(name):
     """A bf16 training step's gradients (no dropout) agree between the sdpa and folded routes."""

@@ -109,6 +109,13 @@ def axis_offset_index(size: int, max_position: int, device=None) -> torch.Tensor
     return pos[None, :] - pos[:, None] + max_position - 1
 
 
+def check_grid(height: int, width: int, max_position: int) -> None:
+    """Raise ``ValueError`` unless a ``height x width`` grid fits relative tables of ``2 * max_position - 1`` offsets."""
+    if height > max_position or width > max_position:
+        raise ValueError(f"grid {height}x{width} exceeds max_position={max_position}; "
+                         f"relative embeddings cover sides up to {max_position}")
+
+
 def relative_index(height: int, width: int, max_position: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer row and column offsets shifted to index embedding tables of ``2 * max_position - 1`` rows.
 
@@ -119,11 +126,7 @@ def relative_index(height: int, width: int, max_position: int, device=None) -> t
     Returns:
         ``(row_index, col_index)``, each ``(N, N)`` long, ``delta + max_position - 1``.
     """
-    if height > max_position or width > max_position:
-        raise ValueError(
-            f"grid {height}x{width} exceeds max_position={max_position}; "
-            f"relative embeddings cover sides up to {max_position}"
-        )
+    check_grid(height, width, max_position)
     delta = relative_offsets(height, width, device=device, dtype=torch.long)
     return delta[..., 0] + max_position - 1, delta[..., 1] + max_position - 1
 

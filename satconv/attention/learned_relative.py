@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from .base import (AttentionBase, InputIndependentAttention, axis_offset_index, fast_paths_enabled,
+from .base import (AttentionBase, InputIndependentAttention, axis_offset_index, check_grid, fast_paths_enabled,
                    relative_index, scaled)
 from .content import split_heads
 from .folded import fold_query_tables, folded_forward, relative_query_terms
@@ -124,9 +124,7 @@ class LearnedRelativeAttention(InputIndependentAttention):
         return (row[:, :, None, :, None] + col[:, None, :, None, :]).reshape(1, h, n, n)  # (1, H, N, N)
 
     def _check_grid(self, height: int, width: int) -> None:
-        if height > self.max_position or width > self.max_position:
-            raise ValueError(f"grid {height}x{width} exceeds max_position={self.max_position}; relative "
-                             f"embeddings cover sides up to {self.max_position}")
+        check_grid(height, width, self.max_position)
 
     def query_position_scores(self, q: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unscaled ``q.r`` term ``q[:Dk/2] . e_row[d1] + q[Dk/2:] . e_col[d2]``.
