@@ -44,7 +44,7 @@ rc=0; $(BIN)/pytest $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 endef
 
-.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-scale gpu-bench-kernels clean clean-all
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-scale gpu-bench-kernels clean clean-all
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -143,7 +143,7 @@ BENCH = $(PYTHON) -m satconv bench --precision bf16
 ROUTED_CONFIGS ?= configs/paper_learned_content.yaml configs/re_vit.yaml
 # near the memory limit a fragmented cache fails where the search succeeded: grow segments instead
 MAX_ALLOC = PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-scale gpu-bench-kernels
+gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-scale gpu-bench-kernels
 
 # each half fits one 10-minute call on the GPU machine
 gpu-bench-speed:
@@ -155,10 +155,18 @@ gpu-bench-speed:
 	  --batch 100 --out $(BENCH_OUT).jsonl
 	$(MAX_ALLOC) $(BENCH) --config $(ATTN_CONFIGS) $(CONV_CONFIGS) --batch max --out $(BENCH_OUT)_maxbatch.jsonl
 
+# the whole training step as one CUDA graph (train.step_graph), next to the reduce-overhead rows (appends)
+gpu-bench-graphs:
+	$(BENCH) --config $(ATTN_CONFIGS) --batch 100 --compile --set train.step_graph=true --out $(BENCH_OUT).jsonl
+	$(BENCH) --config $(CONV_CONFIGS) --batch 100 --compile --channels-last --set train.step_graph=true \
+	  --out $(BENCH_OUT).jsonl
+
 # the fused-attention route of the routed configs, next to their folded rows (appends; after gpu-bench-speed)
 gpu-bench-routes:
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile reduce-overhead --set train.attention_route=sdpa \
 	  --out $(BENCH_OUT).jsonl
+	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile --set train.attention_route=sdpa \
+	  --set train.step_graph=true --out $(BENCH_OUT).jsonl
 	$(MAX_ALLOC) $(BENCH) --config $(ROUTED_CONFIGS) --batch max --set train.attention_route=sdpa \
 	  --out $(BENCH_OUT)_maxbatch.jsonl
 

@@ -94,9 +94,17 @@ def route_of(row):
     return row.get("attention_route", "folded") if routed(row["config"]) else "–"
 
 
+def compile_of(row):
+    """A bench row's compile mode, and "+ step graph" when the whole step ran as one CUDA graph."""
+    mode = row.get("compile") or "no"
+    mode = "default" if mode is True else mode
+    return mode + (" + step graph" if row.get("step_graph") else "")
+
+
 def label_of(row):
     """A bench row's config name, with the route when it is not the default one."""
-    return row["config"] + (" (sdpa)" if route_of(row) == "sdpa" else "")
+    return (row["config"] + (" (sdpa)" if route_of(row) == "sdpa" else "")
+            + (" (step graph)" if row.get("step_graph") else ""))
 
 
 def html_table(header, rows):
@@ -300,8 +308,8 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   training FLOP rate divided by the datasheet's dense peak (`mfu`) and by a measured
 #   $8192^3$ GEMM on the same GPU (`mfu_measured`).
 #
-# Every row stores the device name, precision, batch, compile mode, attention route (below), torch
-# version and date.
+# Every row stores the device name, precision, batch, compile mode, attention route and step graph (both
+# below), torch version and date.
 #
 # ```{literalinclude} ../satconv/timing.py
 # :pyobject: bench_model
@@ -313,6 +321,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # ```bash
 # python -m satconv bench --config configs/paper_quadratic.yaml --batch 100 max --compile reduce-overhead
 # python -m satconv bench --config configs/re_vit.yaml --compile reduce-overhead --set train.attention_route=sdpa
+# python -m satconv bench --config configs/paper_resnet18.yaml --compile --channels-last --set train.step_graph=true
 # ```
 #
 # ## Fast paths
@@ -364,6 +373,13 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   ones in the values gives the $\mathrm{rowsum}(P_h)$ that the folded value bias needs. The function is
 #   the same; the dropout masks are drawn by the kernel. The default stays `folded` until the GPU run
 #   measures which is faster (both routes are benchmarked).
+# - **The whole step in one CUDA graph.** `torch.compile`'s `reduce-overhead` mode graphs the forward
+#   and the backward pass separately; the loss, the optimiser step and the bookkeeping between them stay
+#   on the host, and a small network (ResNet18 runs about 2 ms of kernels per step at batch 100) waits on
+#   it. `train.step_graph: true` captures forward, loss, backward and the fused SGD step in one graph
+#   (`satconv.train.CapturedStep`) after a few eager steps, and each later step copies the batch in and
+#   replays it. The learning rate of the schedule reaches the replays through a one-element tensor that
+#   the captured optimiser step reads; a batch of another shape (an epoch's last) runs eagerly.
 # - **LayerNorm in the autocast dtype.** Autocast runs LayerNorm in float32 and returns float32, which
 #   makes a post-norm residual stream float32 and every following linear layer re-cast it. The models'
 #   `LayerNorm` reads and writes bf16 under autocast (statistics in float32), halving those bytes.
@@ -532,7 +548,7 @@ def gpu_table(rows):
     cells, speedups = [], {}
     for r in rows:
         if "error" in r:
-            cells.append([r["config"], family(r), r.get("batch"), r.get("compile", ""), route_of(r), r["error"]]
+            cells.append([r["config"], family(r), r.get("batch"), compile_of(r), route_of(r), r["error"]]
                          + [""] * 9)
             continue
         ref = RE_REFERENCE.get(r["config"])
@@ -540,7 +556,7 @@ def gpu_table(rows):
         if speed is not None:
             speedups[r["config"]] = max(speed, speedups.get(r["config"], 0))
         re_img = "does not run" if r["config"] in RE_DOES_NOT_RUN else fmt(ref and ref["img_s"], ",")
-        cells.append([r["config"], family(r), r["batch"], r.get("compile") or "no", route_of(r),
+        cells.append([r["config"], family(r), r["batch"], compile_of(r), route_of(r),
                       f"{r['train_img_s']:,.0f}",
                       f"{r['eval_img_s']:,.0f}", fmt(r.get("latency_ms_b1"), ".2f"),
                       fmt(r.get("peak_mem_gib"), ".2f"),

@@ -209,12 +209,19 @@ class TrainConfig:
     # fast path of the folded dense attention (content, q.k + q.r, ViT): folded GEMMs with stored
     # probabilities, or fused scaled_dot_product_attention kernels (same function, other dropout draws)
     attention_route: Literal["folded", "sdpa"] = "folded"
+    # capture the whole training step (forward, loss, backward, SGD step) in one CUDA graph and replay it
+    # (CUDA only; not with a compile_mode that adds CUDA graphs of its own)
+    step_graph: bool = False
     checkpoint_every: int = positive(default=10)  # epochs between checkpoints (and one at the end)
     test_every: int = positive(default=10)  # epochs between test evaluations (for curves)
     snapshot_attention: bool = True  # per-epoch snapshots of the attention parameters
     atlas_images: int = non_negative(default=8)  # test images in the final attention atlas
     atlas_queries: int = non_negative(default=5)  # query pixels per image in the atlas
     out_dir: Optional[str] = None  # null: runs/<name>
+
+
+#: ``train.compile_mode`` values in which ``torch.compile`` captures CUDA graphs itself
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -359,6 +366,10 @@ def _validate(obj, data: dict, source: str, prefix: str) -> None:
         if obj.arch == "fcvit" and obj.attention.kind != "fcvit":
             raise ConfigError(source, p + "attention.kind", obj.attention.kind, "the FCViT network allows fcvit")
     if isinstance(obj, TrainConfig):
+        if obj.step_graph and obj.compile and obj.compile_mode in CUDA_GRAPH_COMPILE_MODES:
+            raise ConfigError(source, p + "step_graph", obj.step_graph,
+                              f"cannot be combined with compile_mode {obj.compile_mode!r}, which adds CUDA graphs of "
+                              f"its own; use compile_mode default or max-autotune-no-cudagraphs")
         if any(b <= a for a, b in zip(obj.milestones, obj.milestones[1:])) or any(m <= 0 for m in obj.milestones):
             raise ConfigError(source, p + "milestones", list(obj.milestones),
                               "must be positive and strictly increasing")

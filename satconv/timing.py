@@ -201,13 +201,29 @@ def _inputs(cfg: ExperimentConfig, batch: int, device, channels_last: bool):
     return x, y
 
 
-def _make_train_step(run, opt, x, y, device, precision, route: str = "folded"):
-    def step():
-        opt.zero_grad(set_to_none=True)
+def _make_train_step(run, opt, x, y, device, precision, route: str = "folded", step_graph: bool = False):
+    """A training step on the fixed batch ``(x, y)``: forward, cross-entropy, backward, SGD step.
+
+    ``step_graph`` (CUDA): the whole step in one CUDA graph, :class:`satconv.train.CapturedStep`; its eager
+    warm-up steps and the capture run here, so every call of the returned step is a replay.
+    """
+    def body(xb, yb):
         with _autocast(device, precision), dense_attention_route(route):
-            loss = F.cross_entropy(run(x), y)
+            loss = F.cross_entropy(run(xb), yb)
         loss.backward()
         opt.step()
+        return (loss.detach(),)
+
+    if step_graph and device.type == "cuda":
+        from .train import CapturedStep
+        captured = CapturedStep(body, opt)
+        for _ in range(captured.warmup + 1):
+            captured(x, y)
+        return lambda: captured(x, y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        body(x, y)
     return step
 
 
@@ -251,6 +267,9 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
     _check_counts(warmup, repeats)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if cfg.train.step_graph and compile in cfgmod.CUDA_GRAPH_COMPILE_MODES:
+        raise ValueError(f"train.step_graph captures the whole step in a CUDA graph: compile mode {compile!r} adds "
+                         f"CUDA graphs of its own; use --compile (default) or max-autotune-no-cudagraphs")
     device = resolve_device(device)
     requested = precision
     precision = _resolve_precision(precision, device)
@@ -268,7 +287,8 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
             # (a) training step
             model.train()
             x, y = _inputs(cfg, batch, device, channels_last)
-            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route)
+            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route,
+                                    cfg.train.step_graph)
             if is_cuda:
                 _sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -327,6 +347,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "compile": compile,
         "channels_last": channels_last,
         "attention_route": cfg.train.attention_route,
+        "step_graph": cfg.train.step_graph,
         "batch": batch,
         "image_size": m.image_size,
         "params": params,
@@ -409,7 +430,8 @@ def largest_batch(cfg: ExperimentConfig, device=None, precision: str | None = No
         ok = True
         try:
             x, y = _inputs(cfg, b, device, channels_last)
-            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route)
+            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route,
+                                    cfg.train.step_graph)
             torch.cuda.reset_peak_memory_stats(device)
             step()
             step()
@@ -688,7 +710,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
     last = result.metrics[-1]
     model_only_s = images / model_only_img_s
     return {"config": cfg.name, "device": device_name(device), "precision": precision, "compile": compile,
-            "channels_last": channels_last, "attention_route": cfg.train.attention_route, "batch": batch,
+            "channels_last": channels_last, "attention_route": cfg.train.attention_route,
+            "step_graph": cfg.train.step_graph, "batch": batch,
             "data": data or "synthetic", "images": images,
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
@@ -747,6 +770,9 @@ def bench_main(argv: list[str] | None = None) -> int:
             configs.append(cfgmod.load(path, args.set, args.profile))
         except (FileNotFoundError, cfgmod.ConfigError) as exc:
             parser.error(str(exc))
+        if configs[-1].train.step_graph and args.compile in cfgmod.CUDA_GRAPH_COMPILE_MODES:
+            parser.error(f"{path}: train.step_graph cannot be combined with --compile {args.compile} (which adds CUDA "
+                         f"graphs of its own); use --compile or --compile max-autotune-no-cudagraphs")
     kw = dict(device=device, precision=args.precision, compile=args.compile, warmup=args.warmup,
               repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak)
     status = 0

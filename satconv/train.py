@@ -59,7 +59,7 @@ METRIC_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "va
                "epoch_time_s")
 #: config keys that may change between a run and its resumption (they do not affect the numbers)
 RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
-                    "train.compile", "train.compile_mode", "train.channels_last", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
+                    "train.compile", "train.compile_mode", "train.channels_last", "train.step_graph", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
                     "train.eval_batch_size", "data.root", "data.cache_dir", "data.device_resident"}
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
@@ -325,6 +325,109 @@ def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -
 
 
 # ---------------------------------------------------------------------------------------------
+# The whole training step in one CUDA graph (train.step_graph)
+# ---------------------------------------------------------------------------------------------
+class CapturedStep:
+    """A training step captured once in a CUDA graph and replayed (``train.step_graph``).
+
+    ``torch.compile``'s CUDA-graph modes graph the forward and the backward pass separately and leave
+    the loss, the optimiser step and their bookkeeping to the host at every step; a small network
+    (ResNet18 at batch 100 runs about 2 ms of kernels per step) then waits on the host.  Here one graph
+    holds forward, loss, backward and the optimiser step (the PyTorch CUDA-graphs notes' whole-network
+    capture), so a step costs one input copy and one replay.
+
+    - The first ``warmup`` calls run ``body`` eagerly on a side stream (optimiser state, cuDNN and
+      ``torch.compile`` autotuning happen there).
+    - The next call copies its inputs into static buffers, sets the gradients to ``None`` (the captured
+      backward writes them, it does not accumulate), captures ``body`` and replays it once: capture
+      records the work without running it.
+    - Later calls with the captured shapes copy and replay; other shapes (an epoch's smaller last
+      batch) run eagerly.  A replay's outputs are static tensors that the next replay overwrites.
+    - The learning rate reaches replays through a one-element CUDA tensor that the captured optimiser
+      step reads (:meth:`set_lr`); the optimiser's groups keep Python floats, so checkpoints are unchanged.
+
+    Args:
+        body: ``(x, y) -> tuple of tensors``: forward, loss, ``backward()`` and ``opt.step()``, no host
+            synchronisation.
+        opt: the optimiser ``body`` steps (SGD, ``fused=True``: a tensor learning rate is read on the device).
+        warmup: eager calls before the capture (>= 1).
+
+    ``__call__(x: (B, ...), y: (B,)) -> body's outputs``.  CUDA only.
+    """
+
+    def __init__(self, body: Callable, opt: torch.optim.Optimizer, warmup: int = 3):
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 eager call before the capture, got {warmup}")
+        self.body, self.opt, self.warmup = body, opt, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.lr: torch.Tensor | None = None
+        self.static_in: tuple[torch.Tensor, ...] = ()
+        self.static_out = None
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next step (eager calls and replays alike)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.lr is not None:
+            self.lr.fill_(lr)
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor):
+        self.opt.zero_grad(set_to_none=True)
+        return self.body(x, y)
+
+    def _matches(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        return all(a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+                   for a, b in zip((x, y), self.static_in))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.graph is not None:
+            if not self._matches(x, y):
+                return self._eager(x, y)
+            for static, new in zip(self.static_in, (x, y)):
+                static.copy_(new)
+            self.graph.replay()
+            return self.static_out
+        if self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._eager(x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            for t in out:  # made on the side stream, read on this one
+                if t.is_cuda:
+                    t.record_stream(torch.cuda.current_stream())
+            return out
+        return self._capture(x, y)
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor):
+        lrs = {float(group["lr"]) for group in self.opt.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(f"train.step_graph needs one learning rate for every parameter group, got {sorted(lrs)}")
+        lr = lrs.pop()
+        self.static_in = (x.clone(memory_format=torch.preserve_format), y.clone())
+        self.lr = torch.tensor(lr, dtype=torch.float32, device=x.device)
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr  # read on the device by the captured (fused) optimiser step
+        try:
+            with torch.cuda.graph(graph):
+                self.static_out = self.body(*self.static_in)
+        except RuntimeError as exc:
+            raise RuntimeError(f"train.step_graph: the training step cannot be captured in a CUDA graph "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                               f"set train.step_graph=false") from exc
+        finally:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+        self.graph = graph
+        self.graph.replay()  # the capture recorded this step without running it
+        return self.static_out
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 class _Run:
@@ -354,6 +457,7 @@ class _Run:
             torch.backends.cudnn.benchmark = True
         self.opt = torch.optim.SGD(param_groups(self.model, t.weight_decay), lr=t.lr, momentum=t.momentum,
                                    nesterov=t.nesterov, fused=self.cuda)  # one kernel for all parameters
+        self.captured = CapturedStep(self._step_body, self.opt) if t.step_graph and self.cuda else None
         mean, std = cfg.data.mean, cfg.data.std
         self.train_loader = DeviceLoader(self.data.train, t.batch_size, device, mean, std, cfg.data.augment)
         self.val_loader = DeviceLoader(self.data.val, t.eval_batch_size, device, mean, std)
@@ -411,18 +515,25 @@ class _Run:
         return True
 
     # -- training ------------------------------------------------------------------------------
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float):
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _step_body(self, x: torch.Tensor, y: torch.Tensor):
+        """Forward, loss, backward and SGD step (gradients already ``None``); ``(loss, correct)`` as tensors."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.captured is not None:  # train.step_graph: one replay (the outputs live until the next step)
+            self.captured.set_lr(lr)
+            return self.captured(x, y)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        return self._step_body(x, y)
 
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
         if bool(bad):

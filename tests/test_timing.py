@@ -150,6 +150,8 @@ def test_append_jsonl_appends(tmp_path):
     ["--config", QUADRATIC_YAML, "--precision", "fp16"],
     ["--config", "configs/does_not_exist.yaml"],
     ["--config", QUADRATIC_YAML, "--set", "model.num_layers=zero"],
+    ["--config", QUADRATIC_YAML, "--set", "train.attention_route=flash"],
+    ["--config", QUADRATIC_YAML, "--compile", "reduce-overhead", "--set", "train.step_graph=true"],
 ])
 def test_bench_main_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -281,3 +281,71 @@ def test_compiled_model_keeps_static_shapes(mode, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
     T.compiled(torch.nn.Linear(2, 2), mode)
     assert seen["dynamic"] is False and seen["mode"] == (None if mode == "default" else mode)
+
+
+
+def test_step_graph_refuses_compile_modes_with_their_own_cuda_graphs():
+    from satconv.config import ConfigError
+    with pytest.raises(ConfigError, match="train.step_graph.*reduce-overhead"):
+        tiny_config("train.step_graph=true", "train.compile=true", "train.compile_mode=reduce-overhead")
+    assert tiny_config("train.step_graph=true", "train.compile=true").train.step_graph  # default mode: fine
+
+
+def test_captured_step_needs_an_eager_warmup():
+    with pytest.raises(ValueError, match="warmup"):
+        T.CapturedStep(lambda x, y: (x,), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), warmup=0)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+
+
+@cuda
+def test_captured_step_replays_the_eager_steps():
+    """Replays of the captured step (forward, loss, backward, fused momentum SGD with a changing learning
+    rate, BatchNorm statistics) leave the same weights as eager steps; a batch of another shape after the
+    capture runs eagerly and the replays after it stay right."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    nets = [TinyNet(cfg.model).cuda() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        net.drop.p = 0.0  # the RNG streams of eager and replayed dropout are not compared here
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True) for n in nets]
+
+    def body_for(net, opt):
+        def body(x, y):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            return (loss.detach(),)
+        return body
+
+    captured = T.CapturedStep(body_for(nets[1], opts[1]), opts[1], warmup=2)
+    eager_body = body_for(nets[0], opts[0])
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for step in range(9):
+        b = 5 if step == 6 else 16
+        x = torch.randn(b, 3, 8, 8, device="cuda", generator=g)
+        y = torch.randint(0, 10, (b,), device="cuda", generator=g)
+        lr = 0.1 * (0.8 ** step)
+        for group in opts[0].param_groups:
+            group["lr"] = lr
+        opts[0].zero_grad(set_to_none=True)
+        (expected,) = eager_body(x, y)
+        captured.set_lr(lr)
+        (got,) = captured(x, y)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert captured.graph is not None
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_training_with_a_step_graph_matches_eager_training(tmp_path):
+    """``train.step_graph`` on a whole (tiny) run: the same losses as the eager run, within float tolerance."""
+    cfgs = {mode: tiny_config("train.epochs=2", f"train.step_graph={mode}") for mode in ("false", "true")}
+    results = {}
+    for mode, cfg in cfgs.items():
+        results[mode] = T.train(cfg, out_dir=tmp_path / mode, device="cuda", progress=False, model_factory=TinyNet)
+    for a, b in zip(results["false"].metrics, results["true"].metrics):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 and abs(a["val_loss"] - b["val_loss"]) < 0.05
