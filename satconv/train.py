@@ -415,6 +415,8 @@ class CapturedStep:
         try:
             with torch.cuda.graph(graph):
                 self.static_out = self.body(*self.static_in)
+        except OOM_ERRORS:
+            raise  # the run's out-of-memory advice applies as is
         except RuntimeError as exc:
             raise RuntimeError(f"train.step_graph: the training step cannot be captured in a CUDA graph "
                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
