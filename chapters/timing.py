@@ -345,8 +345,12 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #
 # - **One layout for all heads.** The folded queries of all heads form one $(N \cdot N_h) \times D$ matrix
 #   per image, so the scores come out as $(B, N, N_h, N)$ and $P\,X$ lands in the $(B, N, N_h D)$ layout
-#   that $W_{out}$ reads: no head transposes. Under autocast the probabilities are saved for the backward
-#   pass in bf16 rather than float32.
+#   that $W_{out}$ reads: no head transposes.
+# - **Less kept for the backward pass.** Softmax, dropout and $\tilde P X$ form one autograd function
+#   (`satconv.attention.folded.SoftmaxDropoutMix`). It keeps the probabilities in bf16 and the dropout
+#   mask packed eight entries to a byte, and recomputes the dropped probabilities in the backward pass,
+#   where they are needed for one GEMM, instead of storing them: per layer of the content model that
+#   keeps a $(B, N, N_h, N)$ bf16 tensor and a byte-per-entry mask out of memory.
 # - **Probabilities shared by the batch.** Quadratic and learned position-only attention do not depend on
 #   the input: their $(N_h, N, N)$ probabilities are computed once per step and applied to the whole batch
 #   as one GEMM. The learned logits are a row term plus a column term, built as two small

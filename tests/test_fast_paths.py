@@ -12,7 +12,8 @@ from satconv import config as C
 from satconv.attention import ContentAttention, LearnedRelativeAttention, QuadraticAttention
 from satconv.attention import folded as folded_module
 from satconv.attention.base import dense_attention_route, explicit_paths
-from satconv.attention.folded import LowPrecisionSoftmax, fold_query_key, key_axis_codes
+from satconv.attention.folded import (SoftmaxDropoutMix, fold_query_key, key_axis_codes, pack_mask,
+                                      unpack_mask)
 from satconv.models import build_model
 
 EXACT = dict(rtol=0, atol=1e-12)  # float64, same arithmetic up to summation order
@@ -55,9 +56,10 @@ def test_query_position_gather_equals_full_index():
     torch.testing.assert_close(m.query_position_scores(q, h, w), expected, **EXACT)
 
 
-def _forward_and_grads(m, x, key_source):
+def _forward_and_grads(m, x, key_source, return_attention=True):
     x = x.clone().requires_grad_()
-    out, probs = m(x, return_attention=True, key_source=key_source)
+    out, probs = m(x, return_attention=True, key_source=key_source) if return_attention else \
+        (m(x, key_source=key_source), None)
     grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
                                 [x, *m.parameters()], allow_unused=True, materialize_grads=True)
     return out, probs, grads
@@ -73,22 +75,25 @@ FOLDED = {
 }
 
 
+@pytest.mark.parametrize("return_attention", [True, False], ids=["with probabilities", "fused softmax-dropout"])
 @pytest.mark.parametrize("hierarchical", [False, True], ids=["own keys", "key_source"])
 @pytest.mark.parametrize("name", FOLDED)
-def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical):
+def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical, return_attention):
     """Folded weights and shared-probability products compute eq. (2) exactly: outputs, probabilities and
-    every gradient agree with the explicit route in float64 (biases and weights random, not zero)."""
+    every gradient agree with the explicit route in float64 (biases and weights random, not zero).  Without
+    ``return_attention`` the folded route runs :class:`SoftmaxDropoutMix`."""
     torch.manual_seed(0)
     m = FOLDED[name]().double()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(3, 4, 5, 8, dtype=torch.float64)
     ks = torch.randn(3, 4, 5, 8, dtype=torch.float64) if hierarchical else None
-    fast = _forward_and_grads(m, x, ks)
+    fast = _forward_and_grads(m, x, ks, return_attention)
     with explicit_paths():
-        ref = _forward_and_grads(m, x, ks)
+        ref = _forward_and_grads(m, x, ks, return_attention)
     torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(fast[1].expand_as(ref[1]), ref[1], rtol=0, atol=1e-12)
+    if return_attention:
+        torch.testing.assert_close(fast[1].expand_as(ref[1]), ref[1], rtol=0, atol=1e-12)
     for a, b in zip(fast[2], ref[2]):  # the key bias: zero by softmax shift invariance on both routes
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
@@ -174,20 +179,53 @@ def test_unknown_route_is_refused_and_the_config_offers_every_route():
         C.override(C.ExperimentConfig(), ["train.attention_route=flash"])
 
 
-def test_low_precision_softmax_gradient_matches_autograd():
-    """The softmax that saves its output in the autocast dtype has softmax's gradient (float32 here:
-    exact up to rounding; in bf16 the saved probabilities carry bf16 rounding only)."""
+@pytest.mark.parametrize("n", [16, 13])
+def test_mask_packing_round_trips(n):
+    keep = torch.rand(3, 5, n) > 0.3
+    packed = pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, -(-n // 8))
+    assert torch.equal(unpack_mask(packed, n), keep)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_softmax_dropout_mix_matches_autograd_with_the_same_mask(p):
+    """The fused softmax, dropout and ``P~ V`` (saving the probabilities and a packed mask, recomputing the
+    dropped probabilities in backward) has plain autograd's outputs and gradients, for the mask it drew
+    (reproduced from the seed: its one random draw is ``torch.rand`` of the probabilities' shape)."""
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 3, 7, requires_grad=True)
-    g = torch.randn(2, 5, 3, 7)
-    (expected,) = torch.autograd.grad((torch.softmax(logits, -1) * g).sum(), logits)
-    probs = LowPrecisionSoftmax.apply(logits, torch.float32)
-    (actual,) = torch.autograd.grad((probs * g).sum(), logits)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    probs = LowPrecisionSoftmax.apply(logits, torch.bfloat16)
-    assert probs.dtype == torch.bfloat16
-    (low,) = torch.autograd.grad((probs.float() * g).sum(), logits)
-    assert _rel(low, expected) < 1e-2
+    logits = torch.randn(2, 6, 13, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 13, 5, dtype=torch.float64, requires_grad=True)
+    g_mixed, g_rowsum = torch.randn(2, 6, 5, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    torch.manual_seed(7)
+    mixed, rowsum = SoftmaxDropoutMix.apply(logits, values, p, torch.float64)
+    got = torch.autograd.grad((mixed * g_mixed).sum() + (rowsum * g_rowsum).sum(), [logits, values])
+    torch.manual_seed(7)
+    keep = torch.rand(2, 6, 13) >= p
+    dropped = torch.softmax(logits, -1) * keep / (1 - p)
+    ref_mixed, ref_rowsum = dropped @ values, dropped.sum(-1)
+    expected = torch.autograd.grad((ref_mixed * g_mixed).sum() + (ref_rowsum * g_rowsum).sum(), [logits, values])
+    torch.testing.assert_close(mixed, ref_mixed, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rowsum, ref_rowsum, rtol=0, atol=1e-12)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    if p:
+        assert 0.2 < 1 - keep.float().mean() < 0.6  # the mask really drops entries
+
+
+def test_softmax_dropout_mix_saves_the_probabilities_low_and_the_mask_packed():
+    """In bf16 only the bf16 probabilities, the packed mask and the values are kept for backward (no
+    dropped probabilities, no byte-per-entry mask); the gradient stays within bf16 rounding of float32's."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 16, requires_grad=True)
+    values = torch.randn(2, 16, 5).bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        mixed, _ = SoftmaxDropoutMix.apply(logits, values, 0.25, torch.bfloat16)
+    assert sorted(saved, key=str) == sorted([(torch.bfloat16, (2, 6, 16)), (torch.uint8, (2, 6, 2)),
+                                             (torch.bfloat16, (2, 16, 5))], key=str)
+    g = torch.randn(2, 6, 5).bfloat16()
+    (low,) = torch.autograd.grad((mixed * g).sum(), logits)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
 
 
 def test_folded_weights_reproduce_query_key_products():

@@ -23,9 +23,9 @@ fold into one ``heads*dim -> out_dim`` map applied to ``softmax(A_h) x``::
 
 Scores and probabilities are laid out ``(B, N_query, heads, N_key)`` so that queries for all heads
 form one ``(N * heads, dim)`` matrix per image and ``P @ x`` lands directly in the
-``(B, N, heads*dim)`` layout that ``W_out`` reads: no head transposes.  In autocast the
-probabilities are kept in the autocast dtype for the backward pass (:class:`LowPrecisionSoftmax`),
-halving the largest saved activation.
+``(B, N, heads*dim)`` layout that ``W_out`` reads: no head transposes.  Softmax, dropout and ``P~ x``
+form one autograd function (:class:`SoftmaxDropoutMix`) that saves the probabilities in the autocast
+dtype and the dropout mask bit-packed, and recomputes the dropped probabilities in the backward pass.
 
 The ``"sdpa"`` route (:func:`satconv.attention.base.dense_attention_route`, :func:`sdpa_forward`)
 hands the same folded queries, raw keys and values to ``F.scaled_dot_product_attention`` as one
@@ -132,26 +132,77 @@ def fold_value_out(value: nn.Linear, proj: nn.Linear, num_heads: int):
     return weight, head_bias
 
 
-class LowPrecisionSoftmax(torch.autograd.Function):
-    """Softmax over the last axis in float32, returned (and saved for backward) in ``dtype``.
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Eight booleans per byte along the last axis.
 
-    ``forward(logits: (..., N), dtype) -> (..., N)``.  The backward pass recomputes
-    ``p * (g - sum(g * p))`` in float32 from the saved ``dtype`` probabilities: the same
-    rounding the forward output already carries.
+    Args:
+        keep: ``(..., n)`` bool.
+
+    Returns:
+        ``(..., ceil(n / 8))`` uint8; bit ``j`` of byte ``i`` is ``keep[..., 8 * i + j]`` (zero padding).
+    """
+    n = keep.shape[-1]
+    k = keep.to(torch.uint8)
+    if n % 8:
+        k = F.pad(k, (0, 8 - n % 8))
+    bits = torch.arange(8, device=keep.device, dtype=torch.uint8)
+    return (k.view(*k.shape[:-1], -1, 8) << bits).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: ``(..., ceil(n / 8))`` uint8 -> ``(..., n)`` bool."""
+    bits = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    return ((packed[..., None] >> bits) & 1).view(*packed.shape[:-1], -1)[..., :n].bool()
+
+
+class SoftmaxDropoutMix(torch.autograd.Function):
+    """``P~ = dropout(softmax(A))`` and ``P~ V`` (with ``rowsum(P~)``), saving little for the backward pass.
+
+    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype) -> (mixed: (B, R, D), rowsum: (B, R))``.
+    The softmax is taken in float32 (float64 inputs stay float64) and the probabilities are saved in
+    ``dtype`` (the autocast dtype: halving the largest saved tensor); the dropout mask (keep where a
+    float32 ``torch.rand`` draw is ``>= p``, survivors scaled by ``1 / (1 - p)``: ``nn.Dropout``'s law)
+    is saved packed eight to a byte (:func:`pack_mask`).  The dropped probabilities, needed by the
+    backward GEMM, are recomputed from the two instead of being stored: per layer of the content model
+    that keeps a ``(B, N, heads, N)`` tensor and a byte-per-entry mask out of memory.  The backward pass
+    applies ``p * (g - sum(g * p))`` in float32 from the saved probabilities (the rounding the forward
+    output already carries).
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=-1).to(dtype)
-        ctx.save_for_backward(probs)
-        ctx.logits_dtype = logits.dtype
-        return probs
+    def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype):
+        probs = torch.softmax(_wide(logits), dim=-1).to(dtype)  # (B, R, Nk)
+        packed = None
+        if p > 0:
+            keep = torch.rand(probs.shape, device=probs.device, dtype=torch.float32) >= p
+            dropped = probs * keep * (1.0 / (1.0 - p))
+            packed = pack_mask(keep)
+        else:
+            dropped = probs
+        mixed = torch.bmm(dropped.to(values.dtype), values)  # (B, R, D)
+        rowsum = dropped.sum(-1, dtype=torch.float32 if dtype != torch.float64 else dtype)  # (B, R)
+        ctx.save_for_backward(probs, packed, values)
+        ctx.p, ctx.n, ctx.logits_dtype = p, logits.shape[-1], logits.dtype
+        return mixed, rowsum
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (probs,) = ctx.saved_tensors
-        p, g = probs.float(), grad.float()
-        return (p * (g - (g * p).sum(-1, keepdim=True))).to(ctx.logits_dtype), None
+    def backward(ctx, g_mixed: torch.Tensor | None, g_rowsum: torch.Tensor | None):
+        probs, packed, values = ctx.saved_tensors
+        keep = None if packed is None else unpack_mask(packed, ctx.n)  # (B, R, Nk)
+        scale = 1.0 / (1.0 - ctx.p)
+        if g_mixed is not None:
+            d_dropped = _wide(torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2)))  # (B, R, Nk)
+            dropped = probs if keep is None else probs * keep * scale
+            d_values = torch.bmm(dropped.to(g_mixed.dtype).transpose(1, 2), g_mixed).to(values.dtype)  # (B, Nk, D)
+        else:
+            d_dropped = torch.zeros(probs.shape, device=probs.device, dtype=_wide(probs).dtype)
+            d_values = None
+        if g_rowsum is not None:
+            d_dropped = d_dropped + g_rowsum[..., None]
+        d_probs = d_dropped if keep is None else d_dropped * keep * scale
+        pw = _wide(probs)
+        d_logits = pw * (d_probs - (d_probs * pw).sum(-1, keepdim=True))
+        return d_logits.to(ctx.logits_dtype), d_values, None, None
 
 
 #: key counts are padded to a multiple of this (masked keys) so that the score rows stay 16-byte aligned
@@ -203,21 +254,24 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
         valid = torch.arange(nk, device=x.device) < n  # (Nk,)
         logits = logits.masked_fill(~valid, float("-inf"))
     low = autocast_dtype(x)
-    if low is not None and not return_attention:
-        probs = LowPrecisionSoftmax.apply(logits, low)  # (B, N, H, Nk) in the autocast dtype
-    else:
-        probs = softmax_keys(logits)  # (B, N, H, Nk), float32 at least
+    if return_attention:  # exact probabilities: float32 (at least), dropout by the module
+        probs = softmax_keys(logits)  # (B, N, H, Nk)
         probs = probs if low is not None else probs.to(x.dtype)
-    dropped = module.attn_drop(probs)
-    mixed = torch.bmm(dropped.view(b, n * heads, nk), values)
+        dropped = module.attn_drop(probs)
+        mixed = torch.bmm(dropped.view(b, n * heads, nk).to(values.dtype), values)
+        rowsum = dropped.sum(-1)  # (B, N, H)
+    else:
+        p = module.attn_drop.p if module.training else 0.0
+        mixed, rowsum = SoftmaxDropoutMix.apply(logits.view(b, n * heads, nk), values, p,
+                                                low if low is not None else x.dtype)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
     if module.value is None:
         out = module.proj(mixed)  # (B, N, out_dim)
     else:
         vo_weight, head_bias = fold_value_out(module.value, module.proj, heads)
         out = F.linear(mixed, vo_weight.to(mixed.dtype), module.proj.bias)  # (B, N, out_dim)
-        if head_bias is not None:
-            out = out + dropped.sum(-1).to(out.dtype) @ head_bias.to(out.dtype)  # rowsum(P_h) v0_h W_out,h
+        if head_bias is not None:  # rowsum(P_h) v0_h W_out,h
+            out = out + rowsum.reshape(b, n, heads).to(out.dtype) @ head_bias.to(out.dtype)
     out = out.reshape(b, height, width, -1)
     if return_attention:
         return out, probs[..., :n].permute(0, 2, 1, 3)  # (B, H, N, N)
