@@ -375,11 +375,13 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   column logits for every key column, and each key carries the one-hot codes of its own row and column,
 #   so the dot product adds exactly the key's row and column terms. With a value projection, a column of
 #   ones in the values gives the $\mathrm{rowsum}(P_h)$ that the folded value bias needs. The function is
-#   the same; the dropout masks are drawn by the kernel. The default stays `folded` until the GPU run
-#   measures which is faster (both routes are benchmarked).
+#   the same; the dropout masks are drawn by the kernel. At head dimension 400 only PyTorch's
+#   memory-efficient kernel applies (the flash kernels stop at 256), and in a prototype measured for this
+#   project on an H200 its backward pass was the costliest kernel of the step, so the default stays
+#   `folded`: the route is a memory-lean option for large batches, and both are benchmarked.
 # - **The whole step in one CUDA graph.** `torch.compile`'s `reduce-overhead` mode graphs the forward
 #   and the backward pass separately; the loss, the optimiser step and the bookkeeping between them stay
-#   on the host, and a small network (ResNet18 runs about 2 ms of kernels per step at batch 100) waits on
+#   on the host, and a small network such as ResNet18, whose kernels of a step are over quickly, waits on
 #   it. `train.step_graph: true` captures forward, loss, backward and the fused SGD step in one graph
 #   (`satconv.train.CapturedStep`) after a few eager steps, and each later step copies the batch in and
 #   replays it. The learning rate of the schedule reaches the replays through a one-element tensor that
