@@ -157,7 +157,8 @@ gpu-bench-speed:
 
 # the whole training step as one CUDA graph (train.step_graph), next to the reduce-overhead rows (appends)
 gpu-bench-graphs:
-	$(BENCH) --config $(ATTN_CONFIGS) --batch 100 --compile --set train.step_graph=true --out $(BENCH_OUT).jsonl
+	$(BENCH) --config $(ATTN_CONFIGS) --batch 100 --compile --set train.step_graph=true --train-only \
+	  --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(CONV_CONFIGS) --batch 100 --compile --channels-last --set train.step_graph=true \
 	  --out $(BENCH_OUT).jsonl
 
@@ -166,7 +167,7 @@ gpu-bench-routes:
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile reduce-overhead --set train.attention_route=sdpa \
 	  --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile --set train.attention_route=sdpa \
-	  --set train.step_graph=true --out $(BENCH_OUT).jsonl
+	  --set train.step_graph=true --train-only --out $(BENCH_OUT).jsonl
 	$(MAX_ALLOC) $(BENCH) --config $(ROUTED_CONFIGS) --batch max --set train.attention_route=sdpa \
 	  --out $(BENCH_OUT)_maxbatch.jsonl
 

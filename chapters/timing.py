@@ -564,7 +564,7 @@ def gpu_table(rows):
         re_img = "does not run" if r["config"] in RE_DOES_NOT_RUN else fmt(ref and ref["img_s"], ",")
         cells.append([r["config"], family(r), r["batch"], compile_of(r), route_of(r),
                       f"{r['train_img_s']:,.0f}",
-                      f"{r['eval_img_s']:,.0f}", fmt(r.get("latency_ms_b1"), ".2f"),
+                      fmt(r.get("eval_img_s"), ",.0f", "not timed"), fmt(r.get("latency_ms_b1"), ".2f", "not timed"),
                       fmt(r.get("peak_mem_gib"), ".2f"),
                       fmt(r.get("achieved_tflops_train"), ".1f"), fmt(r.get("mfu"), ".1%"),
                       fmt(r.get("mfu_measured"), ".1%"), re_img, fmt(ref and ref["gib"], ".1f"),
@@ -710,7 +710,7 @@ else:
         gain = r["train_img_s"] / b100["train_img_s"] if b100 else None
         cells.append([r["config"], family(r), route_of(r), fmt(b100 and b100["train_img_s"], ",.0f"),
                       fmt(b100 and b100.get("peak_mem_gib"), ".2f"), f"{r['batch']:,}", f"{r['train_img_s']:,.0f}",
-                      fmt(r.get("peak_mem_gib"), ".2f"), f"{r['eval_img_s']:,.0f}",
+                      fmt(r.get("peak_mem_gib"), ".2f"), fmt(r.get("eval_img_s"), ",.0f", "not timed"),
                       fmt(r.get("mfu"), ".1%"),
                       fmt(gain, ".2f") + ("x" if gain else "")])
     display(html_table(header, cells))

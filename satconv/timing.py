@@ -232,7 +232,7 @@ def _make_train_step(run, opt, x, y, device, precision, route: str = "folded", s
 # ---------------------------------------------------------------------------------------------
 def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision: str | None = None,
                 compile: bool = False, warmup: int = 5, repeats: int = 20, channels_last: bool = False,
-                measure_peak: bool = True) -> dict:
+                measure_peak: bool = True, train_only: bool = False) -> dict:
     """Time one config: a training step, an eval forward and batch-1 latency, on random input.
 
     Args:
@@ -246,6 +246,8 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         repeats: timed calls per phase (>= 3); medians are reported with p10/p90.
         channels_last: model and input in ``torch.channels_last`` (for the conv networks).
         measure_peak: on CUDA also time an 8192^3 GEMM for ``mfu_measured``.
+        train_only: time the training step only (no evaluation pass, no batch-1 latency: with
+            ``torch.compile`` each of those compiles the model again); their keys are ``None``.
 
     Returns:
         One JSON-ready dict.  Throughputs: ``train_img_s`` (forward, cross-entropy, backward, SGD
@@ -305,15 +307,18 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
                         return run(inp)
                 return fn
 
-            if is_cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            t_eval = time_repeats(forward(x), device, warmup, repeats)
-            peak_eval = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
+            t_eval = t_lat = peak_eval = None
+            if not train_only:
+                if is_cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                t_eval = time_repeats(forward(x), device, warmup, repeats)
+                peak_eval = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
 
-            # (c) batch-1 latency
-            x1, _ = _inputs(cfg, 1, device, channels_last)
-            t_lat = time_repeats(forward(x1), device, warmup, repeats)
-            del model, run, opt, x, y, x1, step
+                # (c) batch-1 latency
+                x1, _ = _inputs(cfg, 1, device, channels_last)
+                t_lat = time_repeats(forward(x1), device, warmup, repeats)
+                del x1
+            del model, run, opt, x, y, step
             if is_cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -326,10 +331,11 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         finally:
             torch.backends.cudnn.benchmark = prev_benchmark
 
-    train_s, eval_s = statistics.median(t_train), statistics.median(t_eval)
-    train_img_s, eval_img_s = batch / train_s, batch / eval_s
+    train_s = statistics.median(t_train)
+    eval_s = None if t_eval is None else statistics.median(t_eval)
+    train_img_s, eval_img_s = batch / train_s, None if eval_s is None else batch / eval_s
     ach_train = flops_train * train_img_s / 1e12
-    ach_eval = flops_eval * eval_img_s / 1e12
+    ach_eval = None if eval_img_s is None else flops_eval * eval_img_s / 1e12
     m = cfg.model
     return {
         "config": cfg.name,
@@ -357,11 +363,12 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "train_step_ms": train_s * 1e3,
         "train_step_ms_p10": _percentile(t_train, 10) * 1e3,
         "train_step_ms_p90": _percentile(t_train, 90) * 1e3,
+        "train_only": train_only,
         "eval_img_s": eval_img_s,
-        "eval_step_ms": eval_s * 1e3,
-        "latency_ms_b1": statistics.median(t_lat) * 1e3,
-        "latency_ms_b1_p10": _percentile(t_lat, 10) * 1e3,
-        "latency_ms_b1_p90": _percentile(t_lat, 90) * 1e3,
+        "eval_step_ms": None if eval_s is None else eval_s * 1e3,
+        "latency_ms_b1": None if t_lat is None else statistics.median(t_lat) * 1e3,
+        "latency_ms_b1_p10": None if t_lat is None else _percentile(t_lat, 10) * 1e3,
+        "latency_ms_b1_p90": None if t_lat is None else _percentile(t_lat, 90) * 1e3,
         "peak_mem_gib": peak_mem,
         "peak_mem_eval_gib": peak_eval,
         "flops_per_image_train": flops_train,
@@ -647,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also append the rows to this .jsonl file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--no-gemm-peak", action="store_true", help="skip the 8192^3 GEMM used for mfu_measured")
+    p.add_argument("--train-only", action="store_true",
+                   help="time the training step only (no evaluation pass or batch-1 latency, each of which "
+                        "compiles the model again)")
     p.add_argument("--epoch", action="store_true",
                    help="time whole training epochs (data, augmentation, step, validation) against the model alone, "
                         "at the config's batch size")
@@ -691,7 +701,7 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
     batch = cfg.train.batch_size
     if model_only_img_s is None:
         row = bench_model(cfg, batch=batch, device=device, precision=precision, compile=compile,
-                          channels_last=channels_last, **bench_kwargs)
+                          channels_last=channels_last, **{**bench_kwargs, "train_only": True})
         model_only_img_s = row["train_img_s"]
     mode = compile if isinstance(compile, str) else "default"
     sets = [f"train.epochs={epochs}", f"train.precision={precision}", f"train.compile={str(bool(compile)).lower()}",
@@ -774,7 +784,8 @@ def bench_main(argv: list[str] | None = None) -> int:
             parser.error(f"{path}: train.step_graph cannot be combined with --compile {args.compile} (which adds CUDA "
                          f"graphs of its own); use --compile or --compile max-autotune-no-cudagraphs")
     kw = dict(device=device, precision=args.precision, compile=args.compile, warmup=args.warmup,
-              repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak)
+              repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak,
+              train_only=args.train_only)
     status = 0
     if args.kernels:  # where a training step's time goes, by kernel category
         if "max" in args.batch or args.sides or args.epoch:

@@ -288,3 +288,10 @@ def test_kernel_breakdown_on_cpu_sums_its_categories():
     json.dumps(row)  # JSON-ready
     with pytest.raises(ValueError, match="warmup, steps and batch"):
         kernel_breakdown(C.load(QUADRATIC_YAML, profile="quick"), batch=4, device="cpu", steps=0)
+
+
+def test_bench_model_train_only_skips_evaluation_and_latency():
+    cfg = C.load(QUADRATIC_YAML, profile="quick")
+    row = timing.bench_model(cfg, batch=2, device="cpu", warmup=1, repeats=3, train_only=True)
+    assert row["train_only"] and row["train_img_s"] > 0
+    assert row["eval_img_s"] is None and row["latency_ms_b1"] is None and row["achieved_tflops_eval"] is None
