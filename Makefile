@@ -44,7 +44,7 @@ rc=0; $(BIN)/pytest $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 endef
 
-.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-scale gpu-bench-kernels clean clean-all
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-test gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-scale gpu-bench-kernels clean clean-all
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -129,6 +129,12 @@ gpu-runs:
 	  rm -f "book/runs/$$stem/last.pt" "book/runs/$$stem/best.pt"; \
 	done
 	@echo "now list each book/runs/<stem> in _toc.yml under 'GPU results' and commit the notebooks"
+
+# On the GPU machine, before any figure: the unit tests there, where the CUDA-only ones run (bf16 and
+# compile tolerances, the sdpa route's fused kernel, the whole-step CUDA graph against eager steps, the
+# input pipeline without host waits); -rs lists any that still skipped.
+gpu-test:
+	$(PYTHON) -m pytest -q -rs -p no:cacheprovider tests -m "not browser"
 
 # The GPU figures of the timing chapter (book/bench/<BENCH_TAG>*.jsonl), on the GPU machine:
 #   make gpu-bench GPU_DATA=/path/to/cifar10-images    (GPU_DATA empty: whole epochs on generated images)
