@@ -331,8 +331,8 @@ class CapturedStep:
     """A training step captured once in a CUDA graph and replayed (``train.step_graph``).
 
     ``torch.compile``'s CUDA-graph modes graph the forward and the backward pass separately and leave
-    the loss, the optimiser step and their bookkeeping to the host at every step; a small network
-    (ResNet18 at batch 100 runs about 2 ms of kernels per step) then waits on the host.  Here one graph
+    the loss, the optimiser step and their bookkeeping to the host at every step; a small network, whose
+    kernels of a step finish quickly (ResNet18 at batch 100), then waits on the host.  Here one graph
     holds forward, loss, backward and the optimiser step (the PyTorch CUDA-graphs notes' whole-network
     capture), so a step costs one input copy and one replay.
 
@@ -343,6 +343,8 @@ class CapturedStep:
       records the work without running it.
     - Later calls with the captured shapes copy and replay; other shapes (an epoch's smaller last
       batch) run eagerly.  A replay's outputs are static tensors that the next replay overwrites.
+      The gradients live in the graph's memory: after an eager call ``param.grad`` holds that call's
+      gradients, not a later replay's (nothing outside the step reads them).
     - The learning rate reaches replays through a one-element CUDA tensor that the captured optimiser
       step reads (:meth:`set_lr`); the optimiser's groups keep Python floats, so checkpoints are unchanged.
 
