@@ -417,6 +417,28 @@ for name in ("paper_learned_content", "re_vit", "paper_learned"):
 html_table(["config", "explicit route GFLOP / training image", "fast path GFLOP / training image",
             "fast / explicit", "sdpa route GFLOP / training image"], rows)
 
+# %% [markdown]
+# What each route keeps for the backward pass decides most of the training memory. The next table counts
+# it with `timing.saved_activation_bytes`, measured during the book build: one training forward pass on
+# the CPU under bf16 autocast, saved-tensor hooks recording every storage autograd keeps, at two batch
+# sizes so that the part that grows with the batch (per image) separates from the part that does not
+# (weights and folded weight products). This is what the code asks autograd to keep, eagerly;
+# `torch.compile` may keep less, and the peak memory of the GPU figures also holds parameters,
+# gradients, optimiser state and transient buffers.
+
+# %%
+rows = []
+for name in ("paper_learned_content", "re_vit", "paper_learned", "paper_quadratic"):
+    torch.manual_seed(0)
+    net = build_model(CONFIGS[name])
+    explicit_img, _ = timing.saved_activation_bytes(net, explicit=True)
+    fast_img, fast_fixed = timing.saved_activation_bytes(net)
+    at_100 = (100 * fast_img + fast_fixed) / 2**30
+    rows.append([name, f"{explicit_img / 2**20:.1f}", f"{fast_img / 2**20:.1f}", f"{fast_img / explicit_img:.0%}",
+                 f"{at_100:.2f}"])
+html_table(["config", "explicit route MiB / image", "fast path MiB / image", "fast / explicit",
+            "fast path at batch 100 (GiB, kept activations only)"], rows)
+
 # %%
 # the fast path and the explicit route on one layer of the content model (float64, random weights)
 torch.manual_seed(0)

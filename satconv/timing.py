@@ -386,6 +386,54 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
     }
 
 
+def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: int = 2, explicit: bool = False,
+                           bf16: bool = True) -> tuple[float, float]:
+    """Bytes autograd keeps for the backward pass of a training forward pass: per image, and fixed.
+
+    Counted on the CPU with ``torch.autograd.graph.saved_tensors_hooks``: each storage that a saved
+    tensor views is counted once, whole (views of one tensor share it).  Two batches, ``batch`` and
+    ``2 * batch``, separate what grows with the batch (the activations) from what does not (weights
+    and products of weights, such as the folded query-key matrices).  Eager, so this is what the code
+    asks autograd to keep; ``torch.compile`` may keep less (it recomputes cheap element-wise work).
+
+    Args:
+        model: ``images (B, 3, image_size, image_size) -> logits``, on the CPU, in training mode (restored).
+        image_size: input side.
+        batch: the smaller of the two batches (>= 1).
+        explicit: count the explicit route (:func:`satconv.attention.explicit_paths`) instead of the fast paths.
+        bf16: under bf16 CPU autocast (the dtypes of a bf16 GPU run).
+
+    Returns:
+        ``(bytes_per_image, fixed_bytes)``.
+    """
+    from .attention.base import explicit_paths
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    was_training = model.training
+    model.train()
+
+    def total(b: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            return t
+        x = torch.randn(b, 3, image_size, image_size)
+        with explicit_paths(explicit), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        del out
+        return sum(storages.values())
+
+    try:
+        small, large = total(batch), total(2 * batch)
+    finally:
+        model.train(was_training)
+    per_image = (large - small) / batch
+    return per_image, small - per_image * batch
+
+
 def _source_digest() -> str:
     from .train import source_digest  # lazy: train pulls in the data and atlas modules
     return source_digest()
@@ -827,7 +875,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     return status
 
 
-__all__ = ["flops_per_image", "paper_convention_flops", "bench_model", "largest_batch", "scaling", "epochs_from_run", "bench_batch",
+__all__ = ["flops_per_image", "paper_convention_flops", "saved_activation_bytes", "bench_model", "largest_batch", "scaling", "epochs_from_run", "bench_batch",
            "with_image_side", "measure_matmul_peak", "device_peak_tflops", "device_name", "resolve_device",
            "time_repeats", "epoch_time_projection", "epoch_timing", "append_jsonl", "build_parser", "bench_main", "DEVICE_PEAKS"]
 

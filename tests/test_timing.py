@@ -295,3 +295,15 @@ def test_bench_model_train_only_skips_evaluation_and_latency():
     row = timing.bench_model(cfg, batch=2, device="cpu", warmup=1, repeats=3, train_only=True)
     assert row["train_only"] and row["train_img_s"] > 0
     assert row["eval_img_s"] is None and row["latency_ms_b1"] is None and row["achieved_tflops_eval"] is None
+
+
+def test_saved_activation_bytes_separates_activations_from_weights():
+    """The first linear layer keeps its input (it grows with the batch), ReLU its output, which the second
+    linear layer keeps as its input too (one storage, counted once), and the second layer keeps its weight
+    (the first needs no input gradient, so it keeps no weight)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5, bias=False), nn.ReLU(), nn.Linear(5, 2, bias=False))
+    per_image, fixed = timing.saved_activation_bytes(model, image_size=4, batch=3, bf16=False)
+    assert per_image == 3 * 4 * 4 * 4 + 5 * 4  # float32: the flattened image, the ReLU output
+    assert fixed == 2 * 5 * 4  # the second layer's weight
+    with pytest.raises(ValueError):
+        timing.saved_activation_bytes(model, batch=0)
