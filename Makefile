@@ -145,8 +145,10 @@ CONV_CONFIGS ?= configs/paper_resnet18.yaml
 SCALE_CONFIGS ?= configs/paper_quadratic.yaml configs/paper_learned.yaml configs/paper_learned_content.yaml \
   configs/re_san_pairwise.yaml configs/sasa.yaml configs/fcvit.yaml
 BENCH = $(PYTHON) -m satconv bench --precision bf16
-# the content models whose attention takes the folded dense route (train.attention_route applies)
+# the content models whose attention takes the folded dense route (train.attention_route applies), and
+# the position-only ones whose probabilities are shared by the batch (train.shared_route applies)
 ROUTED_CONFIGS ?= configs/paper_learned_content.yaml configs/re_vit.yaml
+SHARED_CONFIGS ?= configs/paper_learned.yaml configs/paper_quadratic.yaml
 # near the memory limit a fragmented cache fails where the search succeeded: grow segments instead
 MAX_ALLOC = PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-scale gpu-bench-kernels
@@ -168,8 +170,11 @@ gpu-bench-graphs:
 	$(BENCH) --config $(CONV_CONFIGS) --batch 100 --compile --channels-last --set train.step_graph=true \
 	  --out $(BENCH_OUT).jsonl
 
-# the fused-attention route of the routed configs, next to their folded rows (appends; after gpu-bench-speed)
+# the other routes, next to the default rows (appends; after gpu-bench-speed): the fused attention of the
+# routed configs (also at the largest batch, where its memory matters) and the batched shared-probability GEMM
 gpu-bench-routes:
+	$(BENCH) --config $(SHARED_CONFIGS) --batch 100 --compile reduce-overhead --set train.shared_route=bmm \
+	  --train-only --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile reduce-overhead --set train.attention_route=sdpa \
 	  --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile --set train.attention_route=sdpa \

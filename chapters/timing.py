@@ -76,22 +76,37 @@ def family(cfg_or_row):
     return m.arch if m.arch == "resnet18" else m.attention.kind
 
 
-def routed(name):
-    """Whether config ``name``'s attention takes the folded dense route (so ``train.attention_route`` matters)."""
+def route_family(name):
+    """Which route setting applies to config ``name``: "dense" (``train.attention_route``: the folded content
+    attention), "shared" (``train.shared_route``: probabilities shared by the batch) or None."""
     path = REPO_ROOT / f"configs/{name}.yaml"
     cfg = CONFIGS.get(name) or (config.load(path) if path.is_file() else None)
-    if cfg is None:
-        return False
+    if cfg is None or cfg.model.arch not in ("encoder", "vit"):
+        return None
     a = cfg.model.attention
-    if cfg.model.arch not in ("encoder", "vit") or a.head_dim not in (None, cfg.model.hidden_dim):
-        return False
-    return a.kind == "content" or (a.kind == "learned_relative"
-                                   and a.learned_relative.variant == "content_query_position")
+    if a.head_dim not in (None, cfg.model.hidden_dim):
+        return None
+    variant = a.learned_relative.variant
+    if a.kind == "content" or (a.kind == "learned_relative" and variant == "content_query_position"):
+        return "dense"
+    if a.kind == "quadratic" or (a.kind == "learned_relative" and variant == "position_only"):
+        return "shared"
+    return None
+
+
+def routed(name):
+    """Whether config ``name``'s attention takes the folded dense route (so ``train.attention_route`` matters)."""
+    return route_family(name) == "dense"
 
 
 def route_of(row):
-    """The attention route of a bench row ("folded" before rows recorded it), or "–" where it does not apply."""
-    return row.get("attention_route", "folded") if routed(row["config"]) else "–"
+    """The route of a bench row (the default before rows recorded it), or "–" where no route setting applies."""
+    family_ = route_family(row["config"])
+    if family_ == "dense":
+        return row.get("attention_route", "folded")
+    if family_ == "shared":
+        return row.get("shared_route", "einsum")
+    return "–"
 
 
 def compile_of(row):
@@ -103,7 +118,8 @@ def compile_of(row):
 
 def label_of(row):
     """A bench row's config name, with the route when it is not the default one."""
-    return (row["config"] + (" (sdpa)" if route_of(row) == "sdpa" else "")
+    route = route_of(row)
+    return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm") else "")
             + (" (step graph)" if row.get("step_graph") else ""))
 
 
@@ -353,7 +369,10 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   keeps a $(B, N, N_h, N)$ bf16 tensor and a byte-per-entry mask out of memory.
 # - **Probabilities shared by the batch.** Quadratic and learned position-only attention do not depend on
 #   the input: their $(N_h, N, N)$ probabilities are computed once per step and applied to the whole batch
-#   as one GEMM. The learned logits are a row term plus a column term, built as two small
+#   as one GEMM (`train.shared_route: einsum`), whose result is then copied into the layout $W_{out}$
+#   reads, or as a batched GEMM that writes that layout directly (`bmm`: the probabilities laid out
+#   $(N N_h) \times N$ and broadcast over the batch, their gradient a sum of per-image products). The
+#   learned logits are a row term plus a column term, built as two small
 #   $(N_h, H, H)$ and $(N_h, W, W)$ tables and broadcast-added: no $(N, N)$ index and, in the backward
 #   pass, no $N^2$ scatter.
 # - **Relative logits per axis, from windows of the folded tables.** The row part of $q \cdot r$ for a query in

@@ -110,8 +110,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
     model, run, opt = timing._train_setup(cfg, device, precision, channels_last, compile)
     model.train()
     x, y = timing._inputs(cfg, batch, device, channels_last)
-    step = timing._make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route,
-                                       cfg.train.step_graph)
+    step = timing._make_train_step(run, opt, x, y, device, precision, cfg.train)
     step_s = timing.time_repeats(step, device, warmup, max(3, steps))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -148,6 +147,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "compile": compile,
         "channels_last": channels_last,
         "attention_route": cfg.train.attention_route,
+        "shared_route": cfg.train.shared_route,
         "step_graph": cfg.train.step_graph,
         "batch": batch,
         "steps": steps,

@@ -33,8 +33,8 @@ import yaml
 
 from . import config as cfgmod
 from .flops import _config_flops, flops_per_image, paper_convention_flops  # noqa: F401 (public here too)
-from .attention.base import dense_attention_route
-from .config import ExperimentConfig
+from .attention.base import attention_routes
+from .config import ExperimentConfig, TrainConfig
 
 GIB = 2 ** 30
 
@@ -201,20 +201,24 @@ def _inputs(cfg: ExperimentConfig, batch: int, device, channels_last: bool):
     return x, y
 
 
-def _make_train_step(run, opt, x, y, device, precision, route: str = "folded", step_graph: bool = False):
+def _make_train_step(run, opt, x, y, device, precision, train: TrainConfig | None = None):
     """A training step on the fixed batch ``(x, y)``: forward, cross-entropy, backward, SGD step.
 
-    ``step_graph`` (CUDA): the whole step in one CUDA graph, :class:`satconv.train.CapturedStep`; its eager
-    warm-up steps and the capture run here, so every call of the returned step is a replay.
+    ``train`` (default: :class:`~satconv.config.TrainConfig` defaults) gives the attention routes
+    (``attention_route``, ``shared_route``) and ``step_graph``: on CUDA the whole step in one CUDA graph,
+    :class:`satconv.train.CapturedStep`, whose eager warm-up steps and capture run here, so every call
+    of the returned step is a replay.
     """
+    t = TrainConfig() if train is None else train
+
     def body(xb, yb):
-        with _autocast(device, precision), dense_attention_route(route):
+        with _autocast(device, precision), attention_routes(t.attention_route, t.shared_route):
             loss = F.cross_entropy(run(xb), yb)
         loss.backward()
         opt.step()
         return (loss.detach(),)
 
-    if step_graph and device.type == "cuda":
+    if t.step_graph and device.type == "cuda":
         from .train import CapturedStep
         captured = CapturedStep(body, opt)
         for _ in range(captured.warmup + 1):
@@ -278,7 +282,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
     is_cuda = device.type == "cuda"
     prev_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
-    with dense_attention_route(cfg.train.attention_route):
+    with attention_routes(cfg.train.attention_route, cfg.train.shared_route):
         try:
             torch.manual_seed(cfg.train.seed)
             model, run, opt = _train_setup(cfg, device, precision, channels_last, compile)
@@ -289,8 +293,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
             # (a) training step
             model.train()
             x, y = _inputs(cfg, batch, device, channels_last)
-            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route,
-                                    cfg.train.step_graph)
+            step = _make_train_step(run, opt, x, y, device, precision, cfg.train)
             if is_cuda:
                 _sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -353,6 +356,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "compile": compile,
         "channels_last": channels_last,
         "attention_route": cfg.train.attention_route,
+        "shared_route": cfg.train.shared_route,
         "step_graph": cfg.train.step_graph,
         "batch": batch,
         "image_size": m.image_size,
@@ -485,8 +489,7 @@ def largest_batch(cfg: ExperimentConfig, device=None, precision: str | None = No
         ok = True
         try:
             x, y = _inputs(cfg, b, device, channels_last)
-            step = _make_train_step(run, opt, x, y, device, precision, cfg.train.attention_route,
-                                    cfg.train.step_graph)
+            step = _make_train_step(run, opt, x, y, device, precision, cfg.train)
             torch.cuda.reset_peak_memory_stats(device)
             step()
             step()
@@ -769,7 +772,7 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
     model_only_s = images / model_only_img_s
     return {"config": cfg.name, "device": device_name(device), "precision": precision, "compile": compile,
             "channels_last": channels_last, "attention_route": cfg.train.attention_route,
-            "step_graph": cfg.train.step_graph, "batch": batch,
+            "shared_route": cfg.train.shared_route, "step_graph": cfg.train.step_graph, "batch": batch,
             "data": data or "synthetic", "images": images,
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,

@@ -50,7 +50,7 @@ from torch import nn
 from . import __version__
 from .config import REPO_ROOT, ExperimentConfig, TrainConfig, apply_profile, from_dict, load, override, to_dict
 from .atlas import ATLAS_MAX_BYTES, attention_snapshot, build_atlas, load_atlas
-from .attention.base import dense_attention_route
+from .attention.base import attention_routes
 from .data import DataError, DeviceLoader, load_data, normalize
 
 log = logging.getLogger(__name__)
@@ -684,7 +684,7 @@ class _Run:
                 self.phase = "eval"
                 self._snapshot(0)
                 self.phase = "train"
-            with self._catch_sigint(), dense_attention_route(t.attention_route):
+            with self._catch_sigint(), attention_routes(t.attention_route, t.shared_route):
                 for epoch in range(self.epoch, t.epochs):
                     if bar is not None:
                         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")

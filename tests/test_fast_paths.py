@@ -11,7 +11,7 @@ import torch
 from satconv import config as C
 from satconv.attention import ContentAttention, LearnedRelativeAttention, QuadraticAttention
 from satconv.attention import folded as folded_module
-from satconv.attention.base import dense_attention_route, explicit_paths
+from satconv.attention.base import SHARED_ROUTES, dense_attention_route, explicit_paths, shared_attention_route
 from satconv.attention.folded import (SoftmaxDropoutMix, fold_query_key, key_axis_codes, pack_mask,
                                       unpack_mask)
 from satconv.models import build_model
@@ -30,14 +30,24 @@ def _explicit_combine(module, probs, v):
     return module.proj(out.transpose(1, 2).reshape(b, out.shape[2], -1))
 
 
+@pytest.mark.parametrize("route", SHARED_ROUTES)
 @pytest.mark.parametrize("shared_probs", [True, False])
-def test_combine_routes_equal_broadcast_product(shared_probs):
+def test_combine_routes_equal_broadcast_product(shared_probs, route):
+    """Every route of AttentionBase.combine, with gradients to the probabilities, values and W_out."""
     torch.manual_seed(0)
     m = QuadraticAttention(6, 3).double()
     b, n = 4, 12
-    probs = torch.softmax(torch.randn(1 if shared_probs else b, 3, n, n, dtype=torch.float64), -1)
-    v = torch.randn(b, 1, n, 6, dtype=torch.float64)
-    torch.testing.assert_close(m.combine(probs, v), _explicit_combine(m, probs, v), **EXACT)
+    probs = torch.softmax(torch.randn(1 if shared_probs else b, 3, n, n, dtype=torch.float64), -1).requires_grad_()
+    v = torch.randn(b, 1, n, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(b, n, 6, dtype=torch.float64)
+
+    def run(fn):
+        out = fn(probs, v)
+        return (out, *torch.autograd.grad((out * g).sum(), [probs, v, m.proj.weight]))
+    with shared_attention_route(route):
+        got = run(m.combine)
+    for a, e in zip(got, run(lambda p, x: _explicit_combine(m, p, x))):
+        torch.testing.assert_close(a, e, **EXACT)
 
 
 def test_query_position_gather_equals_full_index():
@@ -75,10 +85,11 @@ FOLDED = {
 }
 
 
+@pytest.mark.parametrize("shared", SHARED_ROUTES)
 @pytest.mark.parametrize("return_attention", [True, False], ids=["with probabilities", "fused softmax-dropout"])
 @pytest.mark.parametrize("hierarchical", [False, True], ids=["own keys", "key_source"])
 @pytest.mark.parametrize("name", FOLDED)
-def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical, return_attention):
+def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical, return_attention, shared):
     """Folded weights and shared-probability products compute eq. (2) exactly: outputs, probabilities and
     every gradient agree with the explicit route in float64 (biases and weights random, not zero).  Without
     ``return_attention`` the folded route runs :class:`SoftmaxDropoutMix`."""
@@ -88,7 +99,8 @@ def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical, retur
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(3, 4, 5, 8, dtype=torch.float64)
     ks = torch.randn(3, 4, 5, 8, dtype=torch.float64) if hierarchical else None
-    fast = _forward_and_grads(m, x, ks, return_attention)
+    with shared_attention_route(shared):
+        fast = _forward_and_grads(m, x, ks, return_attention)
     with explicit_paths():
         ref = _forward_and_grads(m, x, ks, return_attention)
     torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-12)
@@ -173,8 +185,13 @@ def test_unknown_route_is_refused_and_the_config_offers_every_route():
     with pytest.raises(ValueError, match="folded, sdpa"):
         with dense_attention_route("flash"):
             pass
+    from satconv.attention import SHARED_ROUTES as shared_routes
     hints = typing.get_type_hints(C.TrainConfig)
     assert typing.get_args(hints["attention_route"]) == DENSE_ROUTES
+    assert typing.get_args(hints["shared_route"]) == shared_routes
+    with pytest.raises(ValueError, match="einsum, bmm"):
+        with shared_attention_route("loop"):
+            pass
     with pytest.raises(C.ConfigError, match="train.attention_route"):
         C.override(C.ExperimentConfig(), ["train.attention_route=flash"])
 

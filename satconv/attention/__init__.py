@@ -22,8 +22,8 @@ Every mechanism takes ``x: (B, height, width, dim)`` and returns ``(B, height, w
 or ``(out, probs)`` with ``probs: (B or 1, heads, N, N)`` when ``return_attention=True``.
 :data:`ATTENTION` maps the YAML name (``model.attention.kind``) to the class.
 """
-from .base import (DENSE_ROUTES, AttentionBase, dense_attention_route, dense_route, explicit_paths,
-                   relative_index, relative_offsets)
+from .base import (DENSE_ROUTES, SHARED_ROUTES, AttentionBase, attention_routes, dense_attention_route, dense_route,
+                   explicit_paths, relative_index, relative_offsets, shared_attention_route, shared_route)
 from .content import ContentAttention
 from .fcvit import FCViTTokenMixer
 from .learned_relative import LearnedRelativeAttention
@@ -44,7 +44,8 @@ ATTENTION = {
 }
 
 __all__ = [
-    "ATTENTION", "AttentionBase", "DENSE_ROUTES", "dense_attention_route", "dense_route", "explicit_paths", "relative_index", "relative_offsets", "ContentAttention", "FCViTTokenMixer",
+    "ATTENTION", "AttentionBase", "DENSE_ROUTES", "SHARED_ROUTES", "attention_routes", "dense_attention_route",
+    "dense_route", "explicit_paths", "shared_attention_route", "shared_route", "relative_index", "relative_offsets", "ContentAttention", "FCViTTokenMixer",
     "LearnedRelativeAttention", "QuadraticAttention", "no_decay_param_groups", "SANPairwiseAttention",
     "SANPatchwiseAttention", "SASAAttention",
 ]

@@ -46,9 +46,32 @@ def explicit_paths(explicit: bool = True):
         _FAST_PATHS.pop()
 
 
-#: routes of the folded dense attention (:func:`satconv.attention.folded.folded_forward`)
+class _RouteSetting:
+    """A stack of route names for one family of fast paths, read when a layer runs."""
+
+    def __init__(self, family: str, choices: tuple[str, ...]):
+        self.family, self.choices, self._stack = family, choices, [choices[0]]
+
+    def current(self) -> str:
+        return self._stack[-1]
+
+    @contextlib.contextmanager
+    def use(self, route: str):
+        if route not in self.choices:
+            raise ValueError(f"unknown {self.family} route {route!r}; choose one of {', '.join(self.choices)}")
+        self._stack.append(route)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+
+#: routes of the folded dense attention (:func:`satconv.attention.folded.folded_forward`), default first
 DENSE_ROUTES = ("folded", "sdpa")
-_DENSE_ROUTE = ["folded"]
+#: routes of probabilities shared by the batch (:meth:`AttentionBase.combine`), default first
+SHARED_ROUTES = ("einsum", "bmm")
+_DENSE = _RouteSetting("dense attention", DENSE_ROUTES)
+_SHARED = _RouteSetting("shared-probability", SHARED_ROUTES)
 
 
 def dense_route() -> str:
@@ -59,25 +82,47 @@ def dense_route() -> str:
     ``F.scaled_dot_product_attention`` (fused kernels that never store the probabilities).  Both
     compute the same function; they draw different dropout masks.  Set with :func:`dense_attention_route`.
     """
-    return _DENSE_ROUTE[-1]
+    return _DENSE.current()
 
 
-@contextlib.contextmanager
 def dense_attention_route(route: str):
-    """Within the block folded dense attention takes ``route`` (one of :data:`DENSE_ROUTES`).
+    """Context manager: within the block folded dense attention takes ``route`` (one of :data:`DENSE_ROUTES`).
 
     Read when a layer runs (under ``torch.compile``: when it is traced).  Not thread-safe.
 
     Raises:
         ValueError: an unknown route.
     """
-    if route not in DENSE_ROUTES:
-        raise ValueError(f"unknown dense attention route {route!r}; choose one of {', '.join(DENSE_ROUTES)}")
-    _DENSE_ROUTE.append(route)
-    try:
+    return _DENSE.use(route)
+
+
+def shared_route() -> str:
+    """How probabilities shared by the batch meet the values: ``"einsum"`` (default) or ``"bmm"``.
+
+    ``"einsum"`` is one GEMM of the ``(heads * N, N)`` probabilities with the ``(N, B * D)`` values,
+    whose ``(heads, N, B, D)`` result is then copied into the ``(B, N, heads * D)`` layout that
+    ``W_out`` reads (and its gradient copied back).  ``"bmm"`` is a batched GEMM of the same
+    probabilities, laid out ``(N * heads, N)`` and broadcast over the batch, with each image's
+    values: it lands in ``W_out``'s layout directly, and the probabilities' gradient is the sum over
+    the batch of per-image products.  Same function; set with :func:`shared_attention_route`.
+    """
+    return _SHARED.current()
+
+
+def shared_attention_route(route: str):
+    """Context manager: within the block shared probabilities take ``route`` (one of :data:`SHARED_ROUTES`).
+
+    Raises:
+        ValueError: an unknown route.
+    """
+    return _SHARED.use(route)
+
+
+@contextlib.contextmanager
+def attention_routes(dense: str = DENSE_ROUTES[0], shared: str = SHARED_ROUTES[0]):
+    """Both route settings at once (``train.attention_route`` and ``train.shared_route``)."""
+    with dense_attention_route(dense), shared_attention_route(shared):
         yield
-    finally:
-        _DENSE_ROUTE.pop()
 
 
 def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -199,12 +244,15 @@ class AttentionBase(nn.Module):
         """
         fast = fast_paths_enabled()
         if fast and probs.shape[0] == 1 and v.shape[1] == 1 and v.shape[0] > 1:
-            # one (H*N, N) @ (N, B*D) GEMM for probabilities shared by the batch and values shared by
-            # the heads (input-independent attention without value projection, paper.md §6.4).  Applying
-            # W_out first instead (one (N, N*H) @ (N*H, D) product per image, no transposes) measured
-            # slower on an H200 (7,069 against 8,314 img/s for paper_learned), so it is not used.
-            out = torch.einsum("hnm,bmd->bnhd", probs[0], v[:, 0])  # (B, N, H, D)
-            b, n, h, d = out.shape
+            # probabilities shared by the batch and values shared by the heads (input-independent attention
+            # without value projection, paper.md §6.4), by the route of shared_route()
+            b, _, n, d = v.shape
+            h = probs.shape[1]
+            if shared_route() == "bmm":
+                p = probs[0].transpose(0, 1).reshape(n * h, n)  # (N*H, N): rows (query, head)
+                out = torch.bmm(p.to(v.dtype).expand(b, -1, -1), v[:, 0])  # (B, N*H, D): W_out's layout
+            else:  # one (H*N, N) @ (N, B*D) GEMM, then a copy into W_out's layout
+                out = torch.einsum("hnm,bmd->bnhd", probs[0], v[:, 0])  # (B, N, H, D)
             return self.proj(out.reshape(b, n, h * d))  # (B, N, H*D) -> (B, N, out_dim)
         if fast and v.shape[1] == 1 and probs.shape[0] == v.shape[0]:
             # values shared by the heads: one (H*N, N) @ (N, D) product per image, x is not expanded
