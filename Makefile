@@ -175,6 +175,8 @@ gpu-bench-graphs:
 gpu-bench-routes:
 	$(BENCH) --config $(SHARED_CONFIGS) --batch 100 --compile reduce-overhead --set train.shared_route=bmm \
 	  --train-only --out $(BENCH_OUT).jsonl
+	$(BENCH) --config $(SHARED_CONFIGS) --batch 100 --compile reduce-overhead --set train.shared_route=wfirst \
+	  --train-only --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile reduce-overhead --set train.attention_route=sdpa \
 	  --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile --set train.attention_route=sdpa \

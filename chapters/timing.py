@@ -119,7 +119,7 @@ def compile_of(row):
 def label_of(row):
     """A bench row's config name, with the route when it is not the default one."""
     route = route_of(row)
-    return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm") else "")
+    return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm", "wfirst") else "")
             + (" (step graph)" if row.get("step_graph") else ""))
 
 
@@ -371,7 +371,9 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   the input: their $(N_h, N, N)$ probabilities are computed once per step and applied to the whole batch
 #   as one GEMM (`train.shared_route: einsum`), whose result is then copied into the layout $W_{out}$
 #   reads, or as a batched GEMM that writes that layout directly (`bmm`: the probabilities laid out
-#   $(N N_h) \times N$ and broadcast over the batch, their gradient a sum of per-image products). The
+#   $(N N_h) \times N$ and broadcast over the batch, their gradient a sum of per-image products), or
+#   with $W_{out}$'s head slices applied first (`wfirst`: $\sum_h P_h (X W_h^\top)$, one GEMM for all
+#   heads, then one batched GEMM over keys and heads at once, no layout copy). The
 #   learned logits are a row term plus a column term, built as two small
 #   $(N_h, H, H)$ and $(N_h, W, W)$ tables and broadcast-added: no $(N, N)$ index and, in the backward
 #   pass, no $N^2$ scatter.
@@ -410,8 +412,10 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   `LayerNorm` reads and writes bf16 under autocast (statistics in float32), halving those bytes.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
-# probabilities, and a hand-written Triton kernel for the content model's softmax and dropout (inductor's
-# fused kernel was as fast once the relative terms were computed per axis).
+# probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes
+# and copies the batch; the `wfirst` route above uses a batched GEMM instead and is measured again), and
+# a hand-written Triton kernel for the content model's softmax and dropout (inductor's fused kernel was
+# as fast once the relative terms were computed per axis).
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
 # on the `meta` device, where the fused attention is counted as its matrix products; the fused CUDA

@@ -20,6 +20,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -69,7 +70,7 @@ class _RouteSetting:
 #: routes of the folded dense attention (:func:`satconv.attention.folded.folded_forward`), default first
 DENSE_ROUTES = ("folded", "sdpa")
 #: routes of probabilities shared by the batch (:meth:`AttentionBase.combine`), default first
-SHARED_ROUTES = ("einsum", "bmm")
+SHARED_ROUTES = ("einsum", "bmm", "wfirst")
 _DENSE = _RouteSetting("dense attention", DENSE_ROUTES)
 _SHARED = _RouteSetting("shared-probability", SHARED_ROUTES)
 
@@ -97,14 +98,17 @@ def dense_attention_route(route: str):
 
 
 def shared_route() -> str:
-    """How probabilities shared by the batch meet the values: ``"einsum"`` (default) or ``"bmm"``.
+    """How probabilities shared by the batch meet the values: ``"einsum"`` (default), ``"bmm"`` or ``"wfirst"``.
 
     ``"einsum"`` is one GEMM of the ``(heads * N, N)`` probabilities with the ``(N, B * D)`` values,
     whose ``(heads, N, B, D)`` result is then copied into the ``(B, N, heads * D)`` layout that
     ``W_out`` reads (and its gradient copied back).  ``"bmm"`` is a batched GEMM of the same
     probabilities, laid out ``(N * heads, N)`` and broadcast over the batch, with each image's
     values: it lands in ``W_out``'s layout directly, and the probabilities' gradient is the sum over
-    the batch of per-image products.  Same function; set with :func:`shared_attention_route`.
+    the batch of per-image products.  ``"wfirst"`` applies every head's slice of ``W_out`` first
+    (``Y = x W_h^T`` for all heads, one GEMM into ``(B, N * heads, D_out)``), then sums over keys and
+    heads with a batched GEMM of the ``(N, N * heads)`` probabilities: no layout copy, and a
+    ``(B, N, D_out)`` result.  Same function; set with :func:`shared_attention_route`.
     """
     return _SHARED.current()
 
@@ -248,7 +252,15 @@ class AttentionBase(nn.Module):
             # without value projection, paper.md §6.4), by the route of shared_route()
             b, _, n, d = v.shape
             h = probs.shape[1]
-            if shared_route() == "bmm":
+            route = shared_route()
+            if route == "wfirst":  # sum_h P_h (x W_h^T): heads' W_out slices first, then keys and heads at once
+                e = self.proj.out_features
+                w = self.proj.weight.view(e, h, d).transpose(0, 1).reshape(h * e, d)  # (H*E, D): rows (head, e)
+                y = F.linear(v[:, 0], w)  # (B, N, H*E) = (B, N*H, E): rows (key, head)
+                p = probs[0].permute(1, 2, 0).reshape(n, n * h)  # (N, N*H): [query, (key, head)]
+                out = torch.bmm(p.to(y.dtype).expand(b, -1, -1), y.view(b, n * h, e))  # (B, N, E)
+                return out if self.proj.bias is None else out + self.proj.bias.to(out.dtype)
+            if route == "bmm":
                 p = probs[0].transpose(0, 1).reshape(n * h, n)  # (N*H, N): rows (query, head)
                 out = torch.bmm(p.to(v.dtype).expand(b, -1, -1), v[:, 0])  # (B, N*H, D): W_out's layout
             else:  # one (H*N, N) @ (N, B*D) GEMM, then a copy into W_out's layout
