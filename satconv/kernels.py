@@ -148,7 +148,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "channels_last": channels_last,
         "attention_route": cfg.train.attention_route,
         "shared_route": cfg.train.shared_route,
-        "step_graph": cfg.train.step_graph,
+        "step_graph": cfg.train.step_graph and device.type == "cuda",
         "batch": batch,
         "steps": steps,
         "torch": torch.__version__,

@@ -357,7 +357,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "channels_last": channels_last,
         "attention_route": cfg.train.attention_route,
         "shared_route": cfg.train.shared_route,
-        "step_graph": cfg.train.step_graph,
+        "step_graph": cfg.train.step_graph and is_cuda,  # CUDA only: a CPU row ran plain steps
         "batch": batch,
         "image_size": m.image_size,
         "params": params,
@@ -772,7 +772,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
     model_only_s = images / model_only_img_s
     return {"config": cfg.name, "device": device_name(device), "precision": precision, "compile": compile,
             "channels_last": channels_last, "attention_route": cfg.train.attention_route,
-            "shared_route": cfg.train.shared_route, "step_graph": cfg.train.step_graph, "batch": batch,
+            "shared_route": cfg.train.shared_route, "step_graph": cfg.train.step_graph and device.type == "cuda",
+            "batch": batch,
             "data": data or "synthetic", "images": images,
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
