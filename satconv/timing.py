@@ -391,14 +391,15 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
 
 
 def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: int = 2, explicit: bool = False,
-                           bf16: bool = True) -> tuple[float, float]:
+                           bf16: bool = True, compile: bool = False) -> tuple[float, float]:
     """Bytes autograd keeps for the backward pass of a training forward pass: per image, and fixed.
 
     Counted on the CPU with ``torch.autograd.graph.saved_tensors_hooks``: each storage that a saved
     tensor views is counted once, whole (views of one tensor share it).  Two batches, ``batch`` and
     ``2 * batch``, separate what grows with the batch (the activations) from what does not (weights
-    and products of weights, such as the folded query-key matrices).  Eager, so this is what the code
-    asks autograd to keep; ``torch.compile`` may keep less (it recomputes cheap element-wise work).
+    and products of weights, such as the folded query-key matrices).  Eager, this is what the code
+    asks autograd to keep; with ``compile`` it is what inductor's partition of the forward and backward
+    graphs keeps (it recomputes cheap element-wise work; one CPU compilation per batch size).
 
     Args:
         model: ``images (B, 3, image_size, image_size) -> logits``, on the CPU, in training mode (restored).
@@ -406,6 +407,7 @@ def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: 
         batch: the smaller of the two batches (>= 1).
         explicit: count the explicit route (:func:`satconv.attention.explicit_paths`) instead of the fast paths.
         bf16: under bf16 CPU autocast (the dtypes of a bf16 GPU run).
+        compile: count the ``torch.compile(model, dynamic=False)`` graphs (on the CPU).
 
     Returns:
         ``(bytes_per_image, fixed_bytes)``.
@@ -415,6 +417,7 @@ def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: 
         raise ValueError(f"batch must be >= 1, got {batch}")
     was_training = model.training
     model.train()
+    run = torch.compile(model, dynamic=False) if compile else model
 
     def total(b: int) -> int:
         storages: dict[int, int] = {}
@@ -426,7 +429,7 @@ def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: 
         x = torch.randn(b, 3, image_size, image_size)
         with explicit_paths(explicit), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
+            out = run(x)
         del out
         return sum(storages.values())
 

@@ -307,3 +307,13 @@ def test_saved_activation_bytes_separates_activations_from_weights():
     assert fixed == 2 * 5 * 4  # the second layer's weight
     with pytest.raises(ValueError):
         timing.saved_activation_bytes(model, batch=0)
+
+
+def test_saved_activation_bytes_of_the_compiled_graphs_never_exceed_eager():
+    """Inductor's partition keeps at most what eager autograd keeps (here: the same input, and ReLU's mask
+    or output), and still grows with the batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5, bias=False), nn.ReLU(), nn.Linear(5, 2, bias=False))
+    eager, _ = timing.saved_activation_bytes(model, image_size=4, batch=3, bf16=False)
+    compiled, _ = timing.saved_activation_bytes(model, image_size=4, batch=3, bf16=False, compile=True)
+    assert 3 * 4 * 4 * 4 <= compiled <= eager
