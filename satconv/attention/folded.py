@@ -230,8 +230,8 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     Under the ``"sdpa"`` route (:func:`~satconv.attention.base.dense_attention_route`) and without
     ``return_attention`` this is :func:`sdpa_forward`.  When ``N`` is not a multiple of
     :data:`KEY_ALIGN` (ViT's class token: 257) and there is no relative term, keys and values are
-    padded with zero rows whose logits are ``-inf``: their
-    probabilities are exactly 0, and the score rows stay aligned for the tensor-core kernels.
+    padded with zero rows whose logits are ``-inf``: their probabilities are exactly 0, and the score
+    rows stay aligned for the tensor-core kernels.
     """
     if dense_route() == "sdpa" and not return_attention:
         return sdpa_forward(module, x, key_source, relative)
