@@ -358,6 +358,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "attention_route": cfg.train.attention_route,
         "shared_route": cfg.train.shared_route,
         "step_graph": cfg.train.step_graph and is_cuda,  # CUDA only: a CPU row ran plain steps
+        "inductor": inductor_settings() if compile else None,
         "batch": batch,
         "image_size": m.image_size,
         "params": params,
@@ -439,6 +440,18 @@ def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: 
         model.train(was_training)
     per_image = (large - small) / batch
     return per_image, small - per_image * batch
+
+
+#: ``torch._inductor.config`` switches that change the kernels a compiled row ran (set, e.g., through
+#: ``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1``)
+INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "max_autotune", "max_autotune_gemm", "epilogue_fusion",
+                     "fallback_random")
+
+
+def inductor_settings() -> dict:
+    """The values of :data:`INDUCTOR_SETTINGS` in this process (missing ones are left out)."""
+    import torch._inductor.config as ic
+    return {k: getattr(ic, k) for k in INDUCTOR_SETTINGS if hasattr(ic, k)}
 
 
 def _source_digest() -> str:

@@ -317,3 +317,11 @@ def test_saved_activation_bytes_of_the_compiled_graphs_never_exceed_eager():
     eager, _ = timing.saved_activation_bytes(model, image_size=4, batch=3, bf16=False)
     compiled, _ = timing.saved_activation_bytes(model, image_size=4, batch=3, bf16=False, compile=True)
     assert 3 * 4 * 4 * 4 <= compiled <= eager
+
+
+def test_inductor_settings_follow_the_config(monkeypatch):
+    import torch._inductor.config as ic
+    monkeypatch.setattr(ic, "coordinate_descent_tuning", True)
+    assert timing.inductor_settings()["coordinate_descent_tuning"] is True
+    monkeypatch.setattr(ic, "coordinate_descent_tuning", False)
+    assert timing.inductor_settings()["coordinate_descent_tuning"] is False
