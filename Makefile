@@ -44,7 +44,7 @@ rc=0; $(BIN)/pytest $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 endef
 
-.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-test gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-scale gpu-bench-kernels clean clean-all
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-test gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-tuning gpu-bench-scale gpu-bench-kernels clean clean-all
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -151,7 +151,7 @@ ROUTED_CONFIGS ?= configs/paper_learned_content.yaml configs/re_vit.yaml
 SHARED_CONFIGS ?= configs/paper_learned.yaml configs/paper_quadratic.yaml
 # near the memory limit a fragmented cache fails where the search succeeded: grow segments instead
 MAX_ALLOC = PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-scale gpu-bench-kernels
+gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-tuning gpu-bench-scale gpu-bench-kernels
 
 # each half fits one 10-minute call on the GPU machine
 gpu-bench-speed:
@@ -169,6 +169,12 @@ gpu-bench-graphs:
 	  --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(CONV_CONFIGS) --batch 100 --compile --channels-last --set train.step_graph=true \
 	  --out $(BENCH_OUT).jsonl
+
+# inductor's coordinate-descent tuning of its generated kernels (the softmax and normalisation
+# reductions), next to the default rows (appends; rows record the switch under "inductor")
+gpu-bench-tuning:
+	TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $(BENCH) --config $(ATTN_CONFIGS) --batch 100 \
+	  --compile reduce-overhead --train-only --out $(BENCH_OUT).jsonl
 
 # the other routes, next to the default rows (appends; after gpu-bench-speed): the fused attention of the
 # routed configs (also at the largest batch, where its memory matters) and the batched shared-probability GEMM

@@ -110,10 +110,12 @@ def route_of(row):
 
 
 def compile_of(row):
-    """A bench row's compile mode, and "+ step graph" when the whole step ran as one CUDA graph."""
+    """A bench row's compile mode, with inductor's coordinate-descent tuning and the whole-step CUDA graph
+    when they were on."""
     mode = row.get("compile") or "no"
     mode = "default" if mode is True else mode
-    return mode + (" + step graph" if row.get("step_graph") else "")
+    tuned = (row.get("inductor") or {}).get("coordinate_descent_tuning")
+    return mode + (" + coordinate-descent tuning" if tuned else "") + (" + step graph" if row.get("step_graph") else "")
 
 
 def label_of(row):
