@@ -375,10 +375,9 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   reads, or as a batched GEMM that writes that layout directly (`bmm`: the probabilities laid out
 #   $(N N_h) \times N$ and broadcast over the batch, their gradient a sum of per-image products), or
 #   with $W_{out}$'s head slices applied first (`wfirst`: $\sum_h P_h (X W_h^\top)$, one GEMM for all
-#   heads, then one batched GEMM over keys and heads at once, no layout copy). The
-#   learned logits are a row term plus a column term, built as two small
-#   $(N_h, H, H)$ and $(N_h, W, W)$ tables and broadcast-added: no $(N, N)$ index and, in the backward
-#   pass, no $N^2$ scatter.
+#   heads, then one batched GEMM over keys and heads at once, no layout copy). The learned logits are a
+#   row term plus a column term, built as two small $(N_h, H, H)$ and $(N_h, W, W)$ tables and
+#   broadcast-added: no $(N, N)$ index and, in the backward pass, no $N^2$ scatter.
 # - **Relative logits per axis, from windows of the folded tables.** The row part of $q \cdot r$ for a query in
 #   grid row $r_q$ and a key in row $r_k$ reads table entry $r_k - r_q + M - 1$: for one query row that
 #   is a contiguous window of $H$ entries. Grouping the queries by row (and by column for the column
