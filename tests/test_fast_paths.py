@@ -11,7 +11,8 @@ import torch
 from satconv import config as C
 from satconv.attention import ContentAttention, LearnedRelativeAttention, QuadraticAttention
 from satconv.attention import folded as folded_module
-from satconv.attention.base import SHARED_ROUTES, dense_attention_route, explicit_paths, shared_attention_route
+from satconv.attention.base import (SHARED_ROUTES, attention_routes, dense_attention_route, explicit_paths,
+                                    shared_attention_route)
 from satconv.attention.folded import (SoftmaxDropoutMix, fold_query_key, key_axis_codes, pack_mask,
                                       unpack_mask)
 from satconv.models import build_model
@@ -264,22 +265,29 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-ROUTE_CASES = ([(n, "folded") for n in ("paper_quadratic", "paper_learned", "paper_learned_content", "re_vit")]
-               + [(n, "sdpa") for n in ("paper_learned_content", "re_vit")])
+ROUTE_CASES = ([(n, "folded", "einsum") for n in ("paper_quadratic", "paper_learned", "paper_learned_content", "re_vit")]
+               + [(n, "sdpa", "einsum") for n in ("paper_learned_content", "re_vit")]
+               + [("paper_learned", "folded", r) for r in ("bmm", "wfirst")])
+
+
+def _gpu_model(name: str, layers: int = 2):
+    """A paper config on the GPU in eval mode, with fewer layers (the fast paths are per layer; compiling
+    six of them would only make the test slower)."""
+    return build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml", [f"model.num_layers={layers}"])).cuda().eval()
 
 
 @cuda
-@pytest.mark.parametrize("name, route", ROUTE_CASES)
-def test_bf16_and_compile_match_fp32_on_gpu(name, route):
-    """Fast paths in bf16 autocast, and compiled in float32, against the explicit float32 model (the sdpa
-    route: fused attention kernels)."""
+@pytest.mark.parametrize("name, dense, shared", ROUTE_CASES)
+def test_bf16_and_compile_match_fp32_on_gpu(name, dense, shared):
+    """Fast paths in bf16 autocast, and compiled in float32, against the explicit float32 model, for every
+    route (sdpa: fused attention kernels; bmm and wfirst: the shared-probability GEMMs)."""
     torch.manual_seed(0)
-    model = build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml")).cuda().eval()
+    model = _gpu_model(name)
     x = torch.randn(8, 3, 32, 32, device="cuda")
     with torch.inference_mode():
         with explicit_paths():
             ref = model(x)
-        with dense_attention_route(route):
+        with attention_routes(dense, shared):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 low = model(x)
             fast = torch.compile(model)(x)
@@ -312,7 +320,7 @@ def test_sdpa_route_runs_a_fused_kernel_on_gpu(value_proj):
 def test_sdpa_route_gradients_match_the_folded_route_on_gpu(name):
     """A bf16 training step's gradients (no dropout) agree between the sdpa and folded routes."""
     torch.manual_seed(0)
-    model = build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml")).cuda().eval()
+    model = _gpu_model(name)
     x = torch.randn(8, 3, 32, 32, device="cuda")
     grads = {}
     for route in ("folded", "sdpa"):
