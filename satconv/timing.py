@@ -201,15 +201,30 @@ def _inputs(cfg: ExperimentConfig, batch: int, device, channels_last: bool):
     return x, y
 
 
-def _make_train_step(run, opt, x, y, device, precision, train: TrainConfig | None = None):
+def run_options(cfg: ExperimentConfig, device) -> dict:
+    """The training options a bench, epoch or kernel row ran with: the attention routes, and
+    ``step_graph`` where it applied (CUDA only: a CPU row ran plain steps)."""
+    t = cfg.train
+    return {"attention_route": t.attention_route, "shared_route": t.shared_route,
+            "step_graph": t.step_graph and torch.device(device).type == "cuda"}
+
+
+def step_graph_conflict(cfg: ExperimentConfig, compile) -> str | None:
+    """Why ``cfg.train.step_graph`` cannot run under ``compile``, or ``None`` when it can."""
+    if cfg.train.step_graph and compile in cfgmod.CUDA_GRAPH_COMPILE_MODES:
+        return (f"train.step_graph captures the whole step in a CUDA graph: compile mode {compile!r} adds CUDA "
+                f"graphs of its own; use --compile (default) or --compile max-autotune-no-cudagraphs")
+    return None
+
+
+def _make_train_step(run, opt, x, y, device, precision, train: TrainConfig):
     """A training step on the fixed batch ``(x, y)``: forward, cross-entropy, backward, SGD step.
 
-    ``train`` (default: :class:`~satconv.config.TrainConfig` defaults) gives the attention routes
-    (``attention_route``, ``shared_route``) and ``step_graph``: on CUDA the whole step in one CUDA graph,
-    :class:`satconv.train.CapturedStep`, whose eager warm-up steps and capture run here, so every call
-    of the returned step is a replay.
+    ``train`` gives the attention routes (``attention_route``, ``shared_route``) and ``step_graph``: on
+    CUDA the whole step in one CUDA graph, :class:`satconv.train.CapturedStep`, whose eager warm-up
+    steps and capture run here, so every call of the returned step is a replay.
     """
-    t = TrainConfig() if train is None else train
+    t = train
 
     def body(xb, yb):
         with _autocast(device, precision), attention_routes(t.attention_route, t.shared_route):
@@ -273,9 +288,9 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
     _check_counts(warmup, repeats)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    if cfg.train.step_graph and compile in cfgmod.CUDA_GRAPH_COMPILE_MODES:
-        raise ValueError(f"train.step_graph captures the whole step in a CUDA graph: compile mode {compile!r} adds "
-                         f"CUDA graphs of its own; use --compile (default) or max-autotune-no-cudagraphs")
+    conflict = step_graph_conflict(cfg, compile)
+    if conflict:
+        raise ValueError(conflict)
     device = resolve_device(device)
     requested = precision
     precision = _resolve_precision(precision, device)
@@ -355,9 +370,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "cpu_threads": None if is_cuda else torch.get_num_threads(),
         "compile": compile,
         "channels_last": channels_last,
-        "attention_route": cfg.train.attention_route,
-        "shared_route": cfg.train.shared_route,
-        "step_graph": cfg.train.step_graph and is_cuda,  # CUDA only: a CPU row ran plain steps
+        **run_options(cfg, device),
         "inductor": inductor_settings() if compile else None,
         "batch": batch,
         "image_size": m.image_size,
@@ -787,9 +800,7 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
     last = result.metrics[-1]
     model_only_s = images / model_only_img_s
     return {"config": cfg.name, "device": device_name(device), "precision": precision, "compile": compile,
-            "channels_last": channels_last, "attention_route": cfg.train.attention_route,
-            "shared_route": cfg.train.shared_route, "step_graph": cfg.train.step_graph and device.type == "cuda",
-            "batch": batch,
+            "channels_last": channels_last, **run_options(cfg, device), "batch": batch,
             "data": data or "synthetic", "images": images,
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
@@ -848,9 +859,9 @@ def bench_main(argv: list[str] | None = None) -> int:
             configs.append(cfgmod.load(path, args.set, args.profile))
         except (FileNotFoundError, cfgmod.ConfigError) as exc:
             parser.error(str(exc))
-        if configs[-1].train.step_graph and args.compile in cfgmod.CUDA_GRAPH_COMPILE_MODES:
-            parser.error(f"{path}: train.step_graph cannot be combined with --compile {args.compile} (which adds CUDA "
-                         f"graphs of its own); use --compile or --compile max-autotune-no-cudagraphs")
+        conflict = step_graph_conflict(configs[-1], args.compile)
+        if conflict:
+            parser.error(f"{path}: {conflict}")
     kw = dict(device=device, precision=args.precision, compile=args.compile, warmup=args.warmup,
               repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak,
               train_only=args.train_only)
@@ -895,7 +906,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     return status
 
 
-__all__ = ["flops_per_image", "paper_convention_flops", "saved_activation_bytes", "bench_model", "largest_batch", "scaling", "epochs_from_run", "bench_batch",
+__all__ = ["flops_per_image", "paper_convention_flops", "saved_activation_bytes", "run_options", "step_graph_conflict",
+           "bench_model", "largest_batch", "scaling", "epochs_from_run", "bench_batch",
            "with_image_side", "measure_matmul_peak", "device_peak_tflops", "device_name", "resolve_device",
            "time_repeats", "epoch_time_projection", "epoch_timing", "append_jsonl", "build_parser", "bench_main", "DEVICE_PEAKS"]
 
