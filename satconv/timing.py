@@ -308,10 +308,12 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
             # (a) training step
             model.train()
             x, y = _inputs(cfg, batch, device, channels_last)
-            step = _make_train_step(run, opt, x, y, device, precision, cfg.train)
             if is_cuda:
                 _sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
+            # with train.step_graph the warm-up and capture run here: the peak must see the capture, as
+            # replays allocate nothing (the graph's activations stay in its private memory pool)
+            step = _make_train_step(run, opt, x, y, device, precision, cfg.train)
             t_train = time_repeats(step, device, warmup, repeats)
             peak_mem = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
             opt.zero_grad(set_to_none=True)
