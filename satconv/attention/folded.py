@@ -183,6 +183,7 @@ class SoftmaxDropoutMix(torch.autograd.Function):
         rowsum = dropped.sum(-1, dtype=torch.float32 if dtype != torch.float64 else dtype)  # (B, R)
         ctx.save_for_backward(probs, packed, values)
         ctx.p, ctx.n, ctx.logits_dtype = p, logits.shape[-1], logits.dtype
+        ctx.set_materialize_grads(False)  # an unused output (rowsum without a value bias) gets None, not zeros
         return mixed, rowsum
 
     @staticmethod
