@@ -210,6 +210,16 @@ class SoftmaxDropoutMix(torch.autograd.Function):
 KEY_ALIGN = 8
 
 
+def _folded_queries(module, x: torch.Tensor, key_source: torch.Tensor | None):
+    """``(tokens (B, N, D), keys (B, N, D_key), folded queries (B, N, heads * D_key))`` of ``x: (B, H, W, D)``."""
+    b, height, width, d = x.shape
+    tokens = x.reshape(b, height * width, d)
+    keys = tokens if key_source is None else key_source.reshape(b, height * width, -1)
+    weight, bias = fold_query_key(module.query, module.key, module.num_heads, 1.0 / math.sqrt(module.head_dim))
+    folded_q = F.linear(tokens, weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype))
+    return tokens, keys, folded_q
+
+
 def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, relative=None,
                    return_attention: bool = False):
     """Dense multi-head attention of ``module`` by the folded route (same function as the explicit one).
@@ -238,15 +248,12 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
         return sdpa_forward(module, x, key_source, relative)
     b, height, width, d = x.shape
     n, heads = height * width, module.num_heads
-    tokens = x.reshape(b, n, d)  # (B, N, D)
-    keys = tokens if key_source is None else key_source.reshape(b, n, -1)  # (B, N, D_key)
+    tokens, keys, folded_q = _folded_queries(module, x, key_source)
     values = tokens
     pad = (-n) % KEY_ALIGN if relative is None else 0
     if pad:
         keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(tokens, (0, 0, 0, pad))  # (B, N + pad, .)
     nk = n + pad
-    weight, bias = fold_query_key(module.query, module.key, heads, 1.0 / math.sqrt(module.head_dim))
-    folded_q = F.linear(tokens, weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype))
     logits = torch.bmm(folded_q.view(b, n * heads, -1), keys.transpose(1, 2)).view(b, n, heads, nk)  # (B, N, H, Nk)
     if relative is not None:
         row, col = relative(tokens, height, width)  # (B, H, W, heads, H), (B, H, W, heads, W)
@@ -372,10 +379,7 @@ def sdpa_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None
     """
     b, height, width, d = x.shape
     n, heads = height * width, module.num_heads
-    tokens = x.reshape(b, n, d)  # (B, N, D)
-    keys = tokens if key_source is None else key_source.reshape(b, n, -1)  # (B, N, D_key)
-    weight, bias = fold_query_key(module.query, module.key, heads, 1.0 / math.sqrt(module.head_dim))
-    q = F.linear(tokens, weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype))
+    tokens, keys, q = _folded_queries(module, x, key_source)
     q = q.view(b, n, heads, -1)  # (B, N, H, D_key)
     k = keys  # (B, N, D_key)
     if relative is not None:
