@@ -339,7 +339,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # ```bash
 # python -m satconv bench --config configs/paper_quadratic.yaml --batch 100 max --compile reduce-overhead
 # python -m satconv bench --config configs/re_vit.yaml --compile reduce-overhead --set train.attention_route=sdpa
-# python -m satconv bench --config configs/paper_resnet18.yaml --compile --channels-last --set train.step_graph=true
+# python -m satconv bench --config configs/paper_resnet18.yaml --compile --channels-last   # its config's step graph
 # ```
 #
 # ## Fast paths
@@ -407,7 +407,11 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   it. `train.step_graph: true` captures forward, loss, backward and the fused SGD step in one graph
 #   (`satconv.train.CapturedStep`) after a few eager steps, and each later step copies the batch in and
 #   replays it. The learning rate of the schedule reaches the replays through a one-element tensor that
-#   the captured optimiser step reads; a batch of another shape (an epoch's last) runs eagerly.
+#   the captured optimiser step reads; a batch of another shape (an epoch's last) runs eagerly. The
+#   ResNet18 config turns it on (`configs/paper_resnet18.yaml`); compare its two `paper_resnet18` rows in
+#   the batch-100 table below. A step graph replaces only the training step: evaluation and the batch-1
+#   latency of that row run the model compiled in the `default` mode, without CUDA graphs, so its
+#   evaluation figures are the ones to read from the `reduce-overhead` row.
 # - **LayerNorm in the autocast dtype.** Autocast runs LayerNorm in float32 and returns float32, which
 #   makes a post-norm residual stream float32 and every following linear layer re-cast it. The models'
 #   `LayerNorm` reads and writes bf16 under autocast (statistics in float32), halving those bytes.
@@ -416,7 +420,9 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes
 # and copies the batch; the `wfirst` route above uses a batched GEMM instead and is measured again), and
 # a hand-written Triton kernel for the content model's softmax and dropout (inductor's fused kernel was
-# as fast once the relative terms were computed per axis).
+# as fast once the relative terms were computed per axis). The shared-probability routes stay at
+# `einsum`, the default, which the `bmm` row of the batch-100 table does not beat, and the content
+# attention stays `folded`, which the `sdpa` row does not beat either.
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
 # on the `meta` device, where the fused attention is counted as its matrix products; the fused CUDA
@@ -824,6 +830,9 @@ else:
         epoch_img_s = e["images"] / e["epoch_time_s"]
         model_only = e.get("model_only_img_s") or (best.get(e["config"]) or {}).get("train_img_s")
         source = e["source"]
+        if source == "bench --epoch" and "seed" in e:  # rows written before they named data and seed did not
+            source = (f"bench --epoch: {e['data']}, {e['epochs']} epochs (the last timed), seed {e['seed']}, "
+                      f"{e['device']}")
         if source == "training run":
             source = (f"run {e['run']}: {e['data']}, {e['epochs']} epochs (median of {e['epochs_timed']}), "
                       f"seed {e['seed']}, {e['device']}")

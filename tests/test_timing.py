@@ -191,6 +191,9 @@ def test_epoch_timing_compares_a_whole_epoch_with_the_model_alone(capsys):
     train_images = 400 - cfg.data.val_size  # the validation split is held out of the generated set
     assert row["images"] == train_images and row["batch"] == 32 and row["epoch_time_s"] > 0
     assert row["ratio"] == pytest.approx(row["epoch_time_s"] / (train_images / 1000.0))
+    # the row names its data set by the label results carry, and the run's seed
+    assert row["data"] == "synthetic shapes (generated)" and row["data_root"] is None
+    assert row["seed"] == cfg.train.seed and row["epochs"] == 2
     with pytest.raises(ValueError, match="epochs must be >= 2"):
         epoch_timing(cfg, device="cpu", epochs=1, model_only_img_s=1.0)
     with pytest.raises(SystemExit):
