@@ -256,6 +256,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def set_group_lr(opt: torch.optim.Optimizer, lr) -> None:
+    """Give every parameter group of ``opt`` the learning rate ``lr``: a float, or the one-element
+    device tensor that a captured training step (:class:`CapturedStep`) reads at each replay."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """SGD groups: ``weight_decay`` everywhere except the Gaussian centres and spreads (bug B3)."""
     from .attention import no_decay_param_groups
@@ -369,8 +376,7 @@ class CapturedStep:
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next step (eager calls and replays alike)."""
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_group_lr(self.opt, lr)
         if self.lr is not None:
             self.lr.fill_(lr)
 
@@ -412,8 +418,7 @@ class CapturedStep:
         self.lr = torch.tensor(lr, dtype=torch.float32, device=x.device)
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr  # read on the device by the captured (fused) optimiser step
+        set_group_lr(self.opt, self.lr)  # read on the device by the captured (fused) optimiser step
         try:
             with torch.cuda.graph(graph):
                 self.static_out = self.body(*self.static_in)
@@ -424,8 +429,7 @@ class CapturedStep:
                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                f"set train.step_graph=false") from exc
         finally:
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+            set_group_lr(self.opt, lr)
         self.graph = graph
         self.graph.replay()  # the capture recorded this step without running it
         return self.static_out
@@ -534,8 +538,7 @@ class _Run:
         if self.captured is not None:  # train.step_graph: one replay (the outputs live until the next step)
             self.captured.set_lr(lr)
             return self.captured(x, y)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_group_lr(self.opt, lr)
         self.opt.zero_grad(set_to_none=True)
         return self._step_body(x, y)
 

@@ -186,7 +186,16 @@ class _SANAttention(AttentionBase):
         self.attn_drop = nn.Dropout(dropout)
 
     def weights(self, q, k, height, width, fp):
-        """Footprint weights ``(B, N, K, num_heads)``; subclasses implement the relation and gamma."""
+        """Footprint weights; subclasses implement the relation and gamma.
+
+        Args:
+            q, k: ``(B, N, rel_dim)`` phi(x) and psi(x).
+            height, width: grid size.
+            fp: footprint tables.
+
+        Returns:
+            ``(B, N, K, num_heads)``: the weight of footprint slot K for each query and head group.
+        """
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
@@ -234,16 +243,8 @@ class SANPairwiseAttention(_SANAttention):
                                    nn.BatchNorm1d(r), nn.ReLU(inplace=True), nn.Linear(r, g))  # SAM conv_w
 
     def weights(self, q, k, height, width, fp):
-        """Softmax footprint weights.
-
-        Args:
-            q, k: ``(B, N, rel_dim)`` phi(x) and psi(x).
-            height, width: grid size.
-            fp: footprint tables.
-
-        Returns:
-            ``(B, N, K, num_heads)``, 0 outside the image, each (query, group) summing to 1 over K.
-        """
+        """Softmax footprint weights (arguments as :meth:`_SANAttention.weights`): ``(B, N, K, num_heads)``,
+        0 outside the image, each (query, group) summing to 1 over K."""
         b, n, _ = q.shape
         kk = fp.index.shape[1]
         p = self.position(grid_coordinates(height, width, q.device, q.dtype))  # (N, 2)
@@ -274,16 +275,8 @@ class SANPatchwiseAttention(_SANAttention):
                                    nn.ReLU(inplace=True), nn.Linear(g, kk * g))  # SAM conv_w
 
     def weights(self, q, k, height, width, fp):
-        """Patchwise footprint weights.
-
-        Args:
-            q, k: ``(B, N, rel_dim)`` phi(x) and psi(x).
-            height, width: grid size.
-            fp: footprint tables.
-
-        Returns:
-            ``(B, N, K, num_heads)``: slot ``s``, group ``g`` is ``gamma`` output ``s*G + g``.
-        """
+        """Patchwise footprint weights (arguments as :meth:`_SANAttention.weights`): ``(B, N, K, num_heads)``,
+        slot ``s`` and group ``g`` being ``gamma`` output ``s*G + g``."""
         b, n, _ = q.shape
         keys = gather_footprint(k, fp).flatten(2)  # (B, N, K*rel), zeros outside the image
         feats = torch.cat([q, keys], dim=-1).flatten(0, 1)  # (B*N, rel*(K+1))
