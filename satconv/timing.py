@@ -772,8 +772,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
 
     Returns:
         A JSON-ready dict: ``config``, ``device``, ``precision``, ``compile``, ``batch``, ``data`` (the
-        data set's label, e.g. "CIFAR-10 (JPEG q75 copy)"), ``data_root``, ``seed``, ``epochs``, ``images`` (training
-        images per epoch), ``epoch_time_s`` (last epoch, validation included),
+        data set's label, e.g. "CIFAR-10 (JPEG q75 copy)"), ``data_root``, ``seed``, ``epochs``,
+        ``images`` (training images per epoch), ``epoch_time_s`` (last epoch, validation included),
         ``model_only_img_s``, ``ratio`` (epoch time over the model-only time for as many images).
     """
     from .train import train
@@ -805,7 +805,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
     model_only_s = images / model_only_img_s
     return {"config": cfg.name, "device": device_name(device), "precision": precision, "compile": compile,
             "channels_last": channels_last, **run_options(cfg, device), "batch": batch,
-            "data": info["data"]["description"], "data_root": data, "seed": info.get("seed"), "epochs": epochs, "images": images,
+            "data": info["data"]["description"], "data_root": data, "seed": info.get("seed"), "epochs": epochs,
+            "images": images,
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
