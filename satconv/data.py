@@ -421,16 +421,27 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def channel_stats(values, device) -> torch.Tensor:
+    """Per-channel constants as the ``(1, C, 1, 1)`` float32 tensor :func:`normalize` broadcasts.
+
+    Args:
+        values: ``C`` numbers, or a tensor of them.
+        device: where the tensor is needed (moved there without a host wait, :func:`host_to_device`).
+    """
+    if isinstance(values, torch.Tensor) and values.device == torch.device(device):
+        return values.to(torch.float32).view(1, -1, 1, 1)
+    return host_to_device(torch.as_tensor(values, dtype=torch.float32).view(1, -1, 1, 1), device)
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """``(x / 255 - mean) / std`` per channel, in float32.
 
     Args:
         x: ``(B, 3, H, W)`` uint8, or float on the same 0..255 scale.
-        mean, std: 3 values each, for pixel values in [0, 1].
+        mean, std: 3 values each, for pixel values in [0, 1]; or :func:`channel_stats` tensors already
+            on ``x``'s device (as :class:`DeviceLoader` keeps them: nothing is copied per batch).
     """
-    m = host_to_device(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), x.device)
-    s = host_to_device(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), x.device)
-    return (x.float() / 255 - m) / s
+    return (x.float() / 255 - channel_stats(mean, x.device)) / channel_stats(std, x.device)
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:
@@ -567,6 +578,8 @@ class DeviceLoader:
     def __init__(self, split: Split, batch_size: int, device, mean, std, augment: AugmentConfig | None = None):
         self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
         self.mean, self.std, self.augment = tuple(mean), tuple(std), augment
+        # on the device once, not copied at every batch
+        self._stats = (channel_stats(self.mean, self.device), channel_stats(self.std, self.device))
 
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
@@ -577,8 +590,8 @@ class DeviceLoader:
         x = host_to_device(self.split.images[idx], self.device)
         y = host_to_device(self.split.labels[idx], self.device)
         if self.augment is None:
-            return normalize(x, self.mean, self.std), y
-        return augment(x, self.augment, self.mean, self.std, g), y
+            return normalize(x, *self._stats), y
+        return augment(x, self.augment, *self._stats, g), y
 
     def __iter__(self):
         """Sequential, unaugmented batches (evaluation)."""
@@ -590,4 +603,5 @@ class DeviceLoader:
 __all__ = ["DataError", "Split", "DataBundle", "load_data", "resolve_root", "cache_dir_for", "load_image_folder",
            "load_cifar10", "synthetic_images", "stratified_split", "normalize", "random_crop_flip",
            "random_rotation", "color_jitter", "rgb_to_hsv", "hsv_to_rgb", "augment", "DeviceLoader", "host_to_device",
+           "channel_stats",
            "CIFAR10_CLASSES"]

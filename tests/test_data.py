@@ -181,6 +181,10 @@ def test_device_loader_eval_order():
     batches = list(loader)
     assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
     assert torch.cat([y for _, y in batches]).tolist() == list(range(10))
+    # the loader's constants, made on the device once, normalise as the per-channel formula does
+    x = split.images[:4].numpy().astype(np.float64)
+    ref = (x / 255 - np.array(MEAN)[:, None, None]) / np.array(STD)[:, None, None]
+    assert np.abs(batches[0][0].numpy() - ref).max() < NORM_TOL
 
 
 

@@ -45,7 +45,8 @@ ATTENTION = {
 
 __all__ = [
     "ATTENTION", "AttentionBase", "DENSE_ROUTES", "SHARED_ROUTES", "attention_routes", "dense_attention_route",
-    "dense_route", "explicit_paths", "shared_attention_route", "shared_route", "relative_index", "relative_offsets", "ContentAttention", "FCViTTokenMixer",
+    "dense_route", "explicit_paths", "shared_attention_route", "shared_route", "relative_index", "relative_offsets",
+    "ContentAttention", "FCViTTokenMixer",
     "LearnedRelativeAttention", "QuadraticAttention", "no_decay_param_groups", "SANPairwiseAttention",
     "SANPatchwiseAttention", "SASAAttention",
 ]
