@@ -185,8 +185,8 @@ def _train_setup(cfg: ExperimentConfig, device, precision: str, channels_last: b
         # each config builds new modules, and dynamo recompiles shared code (EncoderBlock.forward...) per
         # instance; past torch._dynamo.config.cache_size_limit it silently runs eager, so start afresh
         torch._dynamo.reset()
-        mode = None if compile is True or compile == "default" else compile
-        run = torch.compile(model, mode=mode, dynamic=False)
+        from .train import compile_model  # lazy: train pulls in the data and atlas modules
+        run = compile_model(model, None if compile is True else compile)
     else:
         run = model
     return model, run, opt
@@ -373,7 +373,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "compile": compile,
         "channels_last": channels_last,
         **run_options(cfg, device),
-        "inductor": inductor_settings() if compile else None,
+        "inductor": inductor_settings(None if compile is True else compile) if compile else None,
         "batch": batch,
         "image_size": m.image_size,
         "params": params,
@@ -433,7 +433,9 @@ def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: 
         raise ValueError(f"batch must be >= 1, got {batch}")
     was_training = model.training
     model.train()
-    run = torch.compile(model, dynamic=False) if compile else model
+    if compile:
+        from .train import compile_model  # lazy: train pulls in the data and atlas modules
+    run = compile_model(model) if compile else model
 
     def total(b: int) -> int:
         storages: dict[int, int] = {}
@@ -463,10 +465,18 @@ INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "max_autotune", "max_autotune_
                      "fallback_random")
 
 
-def inductor_settings() -> dict:
-    """The values of :data:`INDUCTOR_SETTINGS` in this process (missing ones are left out)."""
+def inductor_settings(mode: str | None = None) -> dict:
+    """The values of :data:`INDUCTOR_SETTINGS` in this process (missing ones are left out), and those
+    satconv's compile sets over them (:func:`satconv.train.compile_options` of compile ``mode``)."""
     import torch._inductor.config as ic
-    return {k: getattr(ic, k) for k in INDUCTOR_SETTINGS if hasattr(ic, k)}
+    from .train import INDUCTOR_OPTIONS, compile_options
+    found = {}
+    for key in (*INDUCTOR_SETTINGS, *INDUCTOR_OPTIONS):
+        owner, _, name = key.rpartition(".")
+        section = getattr(ic, owner, None) if owner else ic
+        if hasattr(section, name):
+            found[key] = getattr(section, name)
+    return {**found, **compile_options(mode)}
 
 
 def _source_digest() -> str:

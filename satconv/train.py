@@ -272,6 +272,42 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Evaluation, snapshots, the atlas
 # ---------------------------------------------------------------------------------------------
+#: inductor settings satconv compiles with, over those of the compile mode, and the environment variable
+#: that overrides each.  ``triton.mix_order_reduction`` off: inductor then does not fuse LayerNorm's
+#: row reduction (input gradient) with its column reduction (weight gradient) into one kernel; on the
+#: H200 those fused kernels made the normalisation of a position-only step 2.37 ms, against 1.36 ms
+#: without (``python -m satconv bench --kernels``, the timing chapter's kernel table).
+INDUCTOR_OPTIONS = {"triton.mix_order_reduction": (False, "TORCHINDUCTOR_MIX_ORDER_REDUCTION")}
+
+
+def compile_options(mode: str | None = None) -> dict:
+    """The ``torch.compile(options=...)`` of compile ``mode`` (``None``/``"default"`` or a CUDA-graph mode):
+    the mode's own inductor options (``torch._inductor.list_mode_options``) plus :data:`INDUCTOR_OPTIONS`,
+    except those this torch lacks or whose environment variable is set (the user's choice wins)."""
+    import torch._inductor as inductor
+    import torch._inductor.config as ic
+    options = dict(inductor.list_mode_options(mode or "default"))
+    for key, (value, env) in INDUCTOR_OPTIONS.items():
+        owner, _, name = key.rpartition(".")
+        section = getattr(ic, owner) if owner else ic
+        if env not in os.environ and hasattr(section, name):
+            options[key] = value
+    return options
+
+
+def compile_model(model: nn.Module, mode: str | None = None):
+    """``torch.compile(model, dynamic=False)`` in compile ``mode``, with :func:`compile_options`.
+
+    Args:
+        model: any module.
+        mode: ``None``/``"default"``, ``"reduce-overhead"`` or ``"max-autotune"`` (``train.compile_mode``).
+
+    Returns:
+        The compiled callable (CUDA-graph modes: see :func:`compiled` for the step marks).
+    """
+    return torch.compile(model, options=compile_options(mode), dynamic=False)
+
+
 @torch.no_grad()
 def compiled(model: nn.Module, mode: str = "default"):
     """``torch.compile(model, dynamic=False)`` in ``mode``; with CUDA graphs (reduce-overhead, max-autotune)
@@ -289,7 +325,7 @@ def compiled(model: nn.Module, mode: str = "default"):
     Returns:
         A callable with the model's forward signature.
     """
-    run = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+    run = compile_model(model, mode)
     return _GraphSteps(model, run) if mode in ("reduce-overhead", "max-autotune") else run
 
 

@@ -67,13 +67,29 @@ def test_query_position_gather_equals_full_index():
     torch.testing.assert_close(m.query_position_scores(q, h, w), expected, **EXACT)
 
 
-def _forward_and_grads(m, x, key_source, return_attention=True):
+def _forward_and_grads(m, x, key_source, return_attention=True, then=None):
     x = x.clone().requires_grad_()
-    out, probs = m(x, return_attention=True, key_source=key_source) if return_attention else \
-        (m(x, key_source=key_source), None)
+    extra = {} if then is None else {"then": then}
+    out, probs = m(x, return_attention=True, key_source=key_source, **extra) if return_attention else \
+        (m(x, key_source=key_source, **extra), None)
+    params = [*m.parameters(), *([] if then is None else then.parameters())]
     grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
-                                [x, *m.parameters()], allow_unused=True, materialize_grads=True)
+                                [x, *params], allow_unused=True, materialize_grads=True)
     return out, probs, grads
+
+
+def _following_layer(m, follow: bool):
+    """``None``, or a random float64 ``Linear(out_dim -> 5)`` that follows ``m`` (the encoder block's
+    ``dense``, which the fast paths fold into ``W_out``)."""
+    if not follow:
+        return None
+    then = torch.nn.Linear(m.out_dim, 5).double()
+    for p in then.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return then
+
+
+FOLLOW = pytest.mark.parametrize("follow", [False, True], ids=["alone", "dense folded into W_out"])
 
 
 FOLDED = {
@@ -86,24 +102,29 @@ FOLDED = {
 }
 
 
+@FOLLOW
 @pytest.mark.parametrize("shared", SHARED_ROUTES)
 @pytest.mark.parametrize("return_attention", [True, False], ids=["with probabilities", "fused softmax-dropout"])
 @pytest.mark.parametrize("hierarchical", [False, True], ids=["own keys", "key_source"])
 @pytest.mark.parametrize("name", FOLDED)
-def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical, return_attention, shared):
+def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical, return_attention, shared, follow):
     """Folded weights and shared-probability products compute eq. (2) exactly: outputs, probabilities and
     every gradient agree with the explicit route in float64 (biases and weights random, not zero).  Without
-    ``return_attention`` the folded route runs :class:`SoftmaxDropoutMix`."""
+    ``return_attention`` the folded route runs :class:`SoftmaxDropoutMix`.  With a following layer
+    (``then``) the fast paths multiply it into ``W_out`` and the explicit route applies the two in turn."""
     torch.manual_seed(0)
     m = FOLDED[name]().double()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    then = _following_layer(m, follow)
     x = torch.randn(3, 4, 5, 8, dtype=torch.float64)
     ks = torch.randn(3, 4, 5, 8, dtype=torch.float64) if hierarchical else None
     with shared_attention_route(shared):
-        fast = _forward_and_grads(m, x, ks, return_attention)
+        fast = _forward_and_grads(m, x, ks, return_attention, then)
     with explicit_paths():
-        ref = _forward_and_grads(m, x, ks, return_attention)
+        ref = _forward_and_grads(m, x, ks, return_attention, then)
+    if follow:
+        assert fast[0].shape[-1] == 5
     torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-12)
     if return_attention:
         torch.testing.assert_close(fast[1].expand_as(ref[1]), ref[1], rtol=0, atol=1e-12)
@@ -124,9 +145,10 @@ def _count_sdpa_calls(monkeypatch) -> list:
     return calls
 
 
+@FOLLOW
 @pytest.mark.parametrize("hierarchical", [False, True], ids=["own keys", "key_source"])
 @pytest.mark.parametrize("name", SDPA_ROUTED)
-def test_sdpa_route_equals_explicit_path_with_gradients(name, hierarchical, monkeypatch):
+def test_sdpa_route_equals_explicit_path_with_gradients(name, hierarchical, follow, monkeypatch):
     """The ``"sdpa"`` route (one scaled_dot_product_attention of N*heads queries, the q.r term as
     extra query/key features, rowsum(P) as a ones column) computes eq. (2) exactly: outputs and every
     gradient agree with the explicit route in float64.  Feature counts (8 + 4 + 5, 8 + 1) are not
@@ -136,13 +158,15 @@ def test_sdpa_route_equals_explicit_path_with_gradients(name, hierarchical, monk
     m = FOLDED[name]().double()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    then = _following_layer(m, follow)
     x = torch.randn(3, 4, 5, 8, dtype=torch.float64, requires_grad=True)
     ks = torch.randn(3, 4, 5, 8, dtype=torch.float64) if hierarchical else None
-    weights = torch.linspace(-1, 1, 3 * 4 * 5 * m.out_dim, dtype=torch.float64).view(3, 4, 5, -1)
+    weights = torch.linspace(-1, 1, 3 * 4 * 5 * (5 if follow else m.out_dim), dtype=torch.float64).view(3, 4, 5, -1)
+    params = [*m.parameters(), *([] if then is None else then.parameters())]
 
     def run():
-        out = m(x, key_source=ks)
-        return out, torch.autograd.grad((out * weights).sum(), [x, *m.parameters()], allow_unused=True,
+        out = m(x, key_source=ks, **({} if then is None else {"then": then}))
+        return out, torch.autograd.grad((out * weights).sum(), [x, *params], allow_unused=True,
                                         materialize_grads=True)
     with dense_attention_route("sdpa"):
         fast = run()
@@ -244,6 +268,32 @@ def test_softmax_dropout_mix_saves_the_probabilities_low_and_the_mask_packed():
     g = torch.randn(2, 6, 5).bfloat16()
     (low,) = torch.autograd.grad((mixed * g).sum(), logits)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
+
+
+@pytest.mark.parametrize("name", ["paper_learned", "paper_quadratic", "paper_learned_content"])
+def test_encoder_fast_path_equals_explicit_model_with_gradients(name):
+    """The paper's encoder on its fast paths (the block's ``dense`` multiplied into ``W_out``, shared
+    probabilities, folded queries) computes the explicit model, attention then ``dense``: logits and every
+    parameter's gradient agree in float64 (two blocks, evaluation mode so that no dropout is drawn)."""
+    torch.manual_seed(0)
+    cfg = C.load(C.REPO_ROOT / "configs" / f"{name}.yaml", ["model.num_layers=2"])
+    model = build_model(cfg).double().eval()
+    assert all(block.attn.folds_then for block in model.blocks)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    w = torch.randn(2, cfg.model.num_classes, dtype=torch.float64)
+
+    def run():
+        logits = model(x)
+        return logits, torch.autograd.grad((logits * w).sum(), list(model.parameters()), allow_unused=True,
+                                           materialize_grads=True)  # the key bias: zero by shift invariance
+    fast = run()
+    for block in model.blocks:  # the reference: attention alone, then the block's dense, all explicit
+        block.attn.folds_then = False
+    with explicit_paths():
+        ref = run()
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(fast[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_folded_weights_reproduce_query_key_products():

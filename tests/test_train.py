@@ -280,7 +280,21 @@ def test_compiled_model_keeps_static_shapes(mode, monkeypatch):
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
     T.compiled(torch.nn.Linear(2, 2), mode)
-    assert seen["dynamic"] is False and seen["mode"] == (None if mode == "default" else mode)
+    assert seen["dynamic"] is False and seen["options"] == T.compile_options(mode)
+    assert seen["options"].get("triton.cudagraphs", False) is (mode == "reduce-overhead")
+
+
+def test_compile_options_are_the_modes_plus_satconvs_unless_the_environment_says(monkeypatch):
+    """The mode's own inductor options (CUDA graphs for reduce-overhead) plus INDUCTOR_OPTIONS (LayerNorm's
+    mixed-order reduction off); a set TORCHINDUCTOR_* variable leaves that option to inductor."""
+    import torch._inductor.config as ic
+    monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
+    has = hasattr(ic.triton, "mix_order_reduction")
+    assert T.compile_options("max-autotune")["max_autotune"] is True
+    assert T.compile_options("default") == T.compile_options(None) == ({"triton.mix_order_reduction": False} if has else {})
+    assert T.compile_options("reduce-overhead")["triton.cudagraphs"] is True
+    monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
+    assert T.compile_options("default") == {}
 
 
 

@@ -180,6 +180,42 @@ def relative_index(height: int, width: int, max_position: int, device=None) -> t
     return delta[..., 0] + max_position - 1, delta[..., 1] + max_position - 1
 
 
+def wide(p: torch.Tensor) -> torch.Tensor:
+    """``p`` in float32, or float64 when it is float64 (weight folds are computed at least in float32)."""
+    return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
+def fp32_weights():
+    """Context: fold weight products in float32 even inside autocast (they are tiny and reused by the batch)."""
+    dev = "cuda" if torch.cuda.is_available() and torch.is_autocast_enabled("cuda") else "cpu"
+    return torch.autocast(device_type=dev, enabled=False)
+
+
+def fold_following(proj: nn.Linear, then: nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``W_out`` and ``b_out`` of ``proj``, multiplied out with a linear layer ``then`` that follows it.
+
+    ``then(proj(z)) = z (W_t W_out)^T + (W_t b_out + b_t)``: one GEMM of the heads' concatenated
+    output instead of two (the encoder block's ``dense`` layer after eq. (2)'s ``W_out``).
+
+    Args:
+        proj: ``Linear(K -> D_out)``.
+        then: ``Linear(D_out -> E)``, or ``None``.
+
+    Returns:
+        ``(weight, bias)``: ``proj``'s own ``(D_out, K)`` and ``(D_out,)`` (or ``None``) when ``then``
+        is ``None``, else ``(E, K)`` and ``(E,)`` (or ``None`` when neither has a bias), in float32 at least.
+    """
+    if then is None:
+        return proj.weight, proj.bias
+    with fp32_weights():
+        tw = wide(then.weight)  # (E, D_out)
+        weight = tw @ wide(proj.weight)  # (E, K)
+        bias = None if proj.bias is None else tw @ wide(proj.bias)  # (E,)
+        if then.bias is not None:
+            bias = wide(then.bias) if bias is None else bias + wide(then.bias)
+    return weight, bias
+
+
 class AttentionBase(nn.Module):
     """Base class: head bookkeeping, values, dropout on probabilities, output projection.
 
@@ -202,6 +238,9 @@ class AttentionBase(nn.Module):
     row_stochastic: bool = True
     #: ``True`` when the probabilities do not depend on the input (position-only attention).
     input_independent: bool = False
+    #: ``True`` when :meth:`forward` takes ``then``, a linear layer applied to its output that the
+    #: fast paths fold into ``W_out`` (:func:`fold_following`).
+    folds_then: bool = True
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, out_dim: int | None = None,
                  dropout: float = 0.0, value_proj: bool | None = None, bias: bool = True):
@@ -236,15 +275,33 @@ class AttentionBase(nn.Module):
         b, n, _ = x.shape
         return self.value(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
 
-    def combine(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of values per head, heads concatenated, then ``W_out``.
+    def project(self, z: torch.Tensor, then: nn.Linear | None = None) -> torch.Tensor:
+        """``W_out`` on the heads' concatenated output, then ``then`` if given.
+
+        Args:
+            z: ``(..., num_heads * head_dim)``.
+            then: ``Linear(out_dim -> E)`` applied after ``W_out``, or ``None``.  On the fast paths
+                the two are one GEMM with the weights of :func:`fold_following`.
+
+        Returns:
+            ``(..., out_dim)``, or ``(..., E)`` with ``then``.
+        """
+        if then is None:
+            return self.proj(z)
+        if not fast_paths_enabled():
+            return then(self.proj(z))
+        return F.linear(z, *fold_following(self.proj, then))
+
+    def combine(self, probs: torch.Tensor, v: torch.Tensor, then: nn.Linear | None = None) -> torch.Tensor:
+        """Weighted sum of values per head, heads concatenated, then ``W_out`` (and ``then``, :meth:`project`).
 
         Args:
             probs: ``(B or 1, H, N, N)`` attention weights (after dropout).
             v: ``(B, H or 1, N, Dh)`` values.
+            then: a ``Linear(out_dim -> E)`` that follows ``W_out``, or ``None``.
 
         Returns:
-            ``(B, N, out_dim)``.
+            ``(B, N, out_dim)``, or ``(B, N, E)`` with ``then``.
         """
         fast = fast_paths_enabled()
         if fast and probs.shape[0] == 1 and v.shape[1] == 1 and v.shape[0] > 1:
@@ -254,18 +311,19 @@ class AttentionBase(nn.Module):
             h = probs.shape[1]
             route = shared_route()
             if route == "wfirst":  # sum_h P_h (x W_h^T): heads' W_out slices first, then keys and heads at once
-                e = self.proj.out_features
-                w = self.proj.weight.view(e, h, d).transpose(0, 1).reshape(h * e, d)  # (H*E, D): rows (head, e)
+                weight, bias = fold_following(self.proj, then)  # (E, H*D), (E,)
+                e = weight.shape[0]
+                w = weight.view(e, h, d).transpose(0, 1).reshape(h * e, d)  # (H*E, D): rows (head, e)
                 y = F.linear(v[:, 0], w)  # (B, N, H*E) = (B, N*H, E): rows (key, head)
                 p = probs[0].permute(1, 2, 0).reshape(n, n * h)  # (N, N*H): [query, (key, head)]
                 out = torch.bmm(p.to(y.dtype).expand(b, -1, -1), y.view(b, n * h, e))  # (B, N, E)
-                return out if self.proj.bias is None else out + self.proj.bias.to(out.dtype)
+                return out if bias is None else out + bias.to(out.dtype)
             if route == "bmm":
                 p = probs[0].transpose(0, 1).reshape(n * h, n)  # (N*H, N): rows (query, head)
                 out = torch.bmm(p.to(v.dtype).expand(b, -1, -1), v[:, 0])  # (B, N*H, D): W_out's layout
             else:  # one (H*N, N) @ (N, B*D) GEMM, then a copy into W_out's layout
                 out = torch.einsum("hnm,bmd->bnhd", probs[0], v[:, 0])  # (B, N, H, D)
-            return self.proj(out.reshape(b, n, h * d))  # (B, N, H*D) -> (B, N, out_dim)
+            return self.project(out.reshape(b, n, h * d), then)  # (B, N, H*D) -> (B, N, out_dim or E)
         if fast and v.shape[1] == 1 and probs.shape[0] == v.shape[0]:
             # values shared by the heads: one (H*N, N) @ (N, D) product per image, x is not expanded
             b, h, n, _ = probs.shape
@@ -273,7 +331,7 @@ class AttentionBase(nn.Module):
         else:
             out = torch.matmul(probs, v)  # (B, H, N, Dh)
         b, h, n, d = out.shape
-        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))  # (B, N, H*Dh) -> (B, N, out_dim)
+        return self.project(out.transpose(1, 2).reshape(b, n, h * d), then)  # (B, N, H*Dh) -> (B, N, out_dim or E)
 
     def scores(self, x: torch.Tensor, height: int, width: int, key_source: torch.Tensor | None = None) -> torch.Tensor:
         """Attention logits ``A``.
@@ -288,7 +346,8 @@ class AttentionBase(nn.Module):
         """
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None,
+                then: nn.Linear | None = None):
         """Apply the attention layer.
 
         Args:
@@ -297,17 +356,19 @@ class AttentionBase(nn.Module):
             key_source: ``(B, H, W, dim)`` input the keys are computed from (the [Re]'s hierarchical
                 variant reuses the first pass's keys); ``None`` uses ``x``.  Ignored by mechanisms
                 without keys.
+            then: a ``Linear(out_dim -> E)`` applied to the output (the encoder block's ``dense``),
+                folded into ``W_out`` on the fast paths (:meth:`project`); ``None``: none.
 
         Returns:
-            ``(B, H, W, out_dim)``, or ``(out, probs)`` with ``probs`` ``(B or 1, heads, N, N)``.
+            ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)`` with ``probs`` ``(B or 1, heads, N, N)``.
         """
         b, height, width, d = x.shape
         tokens = x.reshape(b, height * width, d)
         ks = None if key_source is None else key_source.reshape(b, height * width, -1)
         logits = self.scores(tokens, height, width, key_source=ks)
         probs = softmax_keys(logits).to(x.dtype)
-        out = self.combine(self.attn_drop(probs), self.values(tokens))
-        out = out.reshape(b, height, width, self.out_dim)
+        out = self.combine(self.attn_drop(probs), self.values(tokens), then)
+        out = out.reshape(b, height, width, -1)
         return (out, probs) if return_attention else out
 
 
@@ -429,22 +490,24 @@ class InputIndependentAttention(AttentionBase):
         """Position-only logits ``(1, num_heads, N, N)``; ``x`` and ``key_source`` are not used."""
         return self.position_scores(height, width)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None,
+                then: nn.Linear | None = None):
         """Apply the layer (same contract as :meth:`AttentionBase.forward`; ``key_source`` is ignored).
 
         Args:
             x: ``(B, H, W, dim)``.
             return_attention: also return the probabilities ``(1, heads, N, N)`` (before dropout).
             key_source: ignored (no keys).
+            then: a ``Linear(out_dim -> E)`` applied to the output, folded into ``W_out`` on the fast paths.
 
         Returns:
-            ``(B, H, W, out_dim)``, or ``(out, probs)``.
+            ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)``.
         """
         b, height, width, d = x.shape
         tokens = x.reshape(b, height * width, d)  # (B, N, D)
         probs = self.attention_probs(height, width, device=x.device, dtype=x.dtype)  # (1, H, N, N)
-        out = self.combine(self.attn_drop(probs), self.values(tokens))  # (B, N, out_dim)
-        out = out.reshape(b, height, width, self.out_dim)
+        out = self.combine(self.attn_drop(probs), self.values(tokens), then)  # (B, N, out_dim or E)
+        out = out.reshape(b, height, width, -1)
         return (out, probs) if return_attention else out
 
 

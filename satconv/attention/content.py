@@ -81,7 +81,8 @@ class ContentAttention(AttentionBase):
         q, k = self.queries_keys(x, key_source)
         return scaled(q @ k.transpose(-2, -1), self.head_dim)  # (B, H, N, N)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None,
+                then: nn.Linear | None = None):
         """Apply the layer (contract of :meth:`AttentionBase.forward`).
 
         With concatenated heads (``head_dim >= dim``) the fast path folds ``W_qry W_key^T`` (and
@@ -92,10 +93,11 @@ class ContentAttention(AttentionBase):
             x: ``(B, H, W, dim)``.
             return_attention: also return the probabilities ``(B, heads, N, N)`` (before dropout).
             key_source: ``(B, H, W, dim)`` keys' input, or ``None``.
+            then: a ``Linear(out_dim -> E)`` applied to the output, folded into ``W_out`` on the fast paths.
 
         Returns:
-            ``(B, H, W, out_dim)``, or ``(out, probs)``.
+            ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)``.
         """
         if fast_paths_enabled() and self.head_dim >= self.dim:
-            return folded_forward(self, x, key_source, return_attention=return_attention)
-        return super().forward(x, return_attention=return_attention, key_source=key_source)
+            return folded_forward(self, x, key_source, return_attention=return_attention, then=then)
+        return super().forward(x, return_attention=return_attention, key_source=key_source, then=then)

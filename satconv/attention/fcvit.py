@@ -125,6 +125,8 @@ class FCViTTokenMixer(AttentionBase):
         compete: competition-driven bottleneck in the global context.
     """
 
+    folds_then = False  # forward() takes no following layer to fold (its own output map)
+
     row_stochastic = False
     input_independent = False  # the returned matrix is input-independent, the mixer is not (GC)
 

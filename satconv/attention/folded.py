@@ -46,18 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import autocast_dtype, axis_offset_index, dense_route, softmax_keys
-
-
-def _wide(p: torch.Tensor) -> torch.Tensor:
-    """``p`` in float32, or float64 when it is float64 (the fold is computed at least in float32)."""
-    return p.to(torch.promote_types(p.dtype, torch.float32))
-
-
-def _fp32_weights():
-    """Fold weight products in float32 even inside autocast (they are tiny and reused by the batch)."""
-    dev = "cuda" if torch.cuda.is_available() and torch.is_autocast_enabled("cuda") else "cpu"
-    return torch.autocast(device_type=dev, enabled=False)
+from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, fp32_weights, softmax_keys
+from .base import wide as _wide
 
 
 def fold_query_key(query: nn.Linear, key: nn.Linear, num_heads: int, scale: float):
@@ -72,7 +62,7 @@ def fold_query_key(query: nn.Linear, key: nn.Linear, num_heads: int, scale: floa
         ``(weight, bias)`` for ``F.linear``: ``(heads * D_key, D_in)`` and ``(heads * D_key,)`` or ``None``.
         Row ``h * D_key + e`` of the output is ``(x M_h + c_h)[e]``.
     """
-    with _fp32_weights():
+    with fp32_weights():
         qw = _wide(query.weight).view(num_heads, -1, query.in_features)  # (H, Dk, D_in)
         kw = _wide(key.weight).view(num_heads, -1, key.in_features)  # (H, Dk, D_key)
         weight = torch.einsum("hkd,hke->hed", qw, kw).reshape(-1, query.in_features) * scale  # (H*D_key, D_in)
@@ -96,7 +86,7 @@ def fold_query_tables(query: nn.Linear, row: torch.Tensor, col: torch.Tensor, nu
         ``(weight, bias)`` for ``F.linear``: ``(heads * 2T, D_in)``, ``(heads * 2T,)`` or ``None``; the output
         reads ``(..., heads, 2T)`` with the row table in ``[:T]`` and the column table in ``[T:]``.
     """
-    with _fp32_weights():
+    with fp32_weights():
         qw = _wide(query.weight).view(num_heads, -1, query.in_features)  # (H, Dk, D_in)
         half = qw.shape[1] // 2
         tables = torch.cat([_wide(row), _wide(col)], dim=0)  # (2T, Dk/2)
@@ -111,21 +101,23 @@ def fold_query_tables(query: nn.Linear, row: torch.Tensor, col: torch.Tensor, nu
     return weight, bias
 
 
-def fold_value_out(value: nn.Linear, proj: nn.Linear, num_heads: int):
+def fold_value_out(value: nn.Linear, out_weight: torch.Tensor, num_heads: int):
     """``W_val`` and ``W_out`` multiplied out per head.
 
     Args:
         value: ``Linear(D -> heads * Dk)``.
-        proj: ``Linear(heads * Dk -> D_out)``.
+        out_weight: ``W_out``, ``(D_out, heads * Dk)`` (or ``W_out`` folded with a following layer,
+            :func:`~satconv.attention.base.fold_following`).
 
     Returns:
         ``(weight, head_bias)``: ``(D_out, heads * D)`` for ``F.linear`` on ``concat_h(P_h x)``, and
         ``(heads, D_out)`` (``v0_h W_out,h^T``) or ``None``, to be weighted by ``rowsum(P_h)``.
     """
-    with _fp32_weights():
+    d_out = out_weight.shape[0]
+    with fp32_weights():
         vw = _wide(value.weight).view(num_heads, -1, value.in_features)  # (H, Dk, D)
-        ow = _wide(proj.weight).view(proj.out_features, num_heads, -1)  # (D_out, H, Dk)
-        weight = torch.einsum("hkd,ehk->ehd", vw, ow).reshape(proj.out_features, -1)  # (D_out, H*D)
+        ow = _wide(out_weight).view(d_out, num_heads, -1)  # (D_out, H, Dk)
+        weight = torch.einsum("hkd,ehk->ehd", vw, ow).reshape(d_out, -1)  # (D_out, H*D)
         head_bias = None
         if value.bias is not None:
             head_bias = torch.einsum("hk,ehk->he", _wide(value.bias).view(num_heads, -1), ow)  # (H, D_out)
@@ -221,7 +213,7 @@ def _folded_queries(module, x: torch.Tensor, key_source: torch.Tensor | None):
 
 
 def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, relative=None,
-                   return_attention: bool = False):
+                   return_attention: bool = False, then: nn.Linear | None = None):
     """Dense multi-head attention of ``module`` by the folded route (same function as the explicit one).
 
     Args:
@@ -234,9 +226,11 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
             ``col: (B, H, W, heads, W)`` (key column) that are broadcast-added to the content logits
             (the ``q . r`` term, :func:`relative_query_terms`).
         return_attention: also return the probabilities ``(B, heads, N, N)`` in float32.
+        then: a ``Linear(out_dim -> E)`` applied to the output, folded into ``W_out``
+            (:func:`~satconv.attention.base.fold_following`), or ``None``.
 
     Returns:
-        ``(B, H, W, out_dim)``, or ``(out, probs)``.
+        ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)``.
 
     Under the ``"sdpa"`` route (:func:`~satconv.attention.base.dense_attention_route`) and without
     ``return_attention`` this is :func:`sdpa_forward`.  When ``N`` is not a multiple of
@@ -245,7 +239,7 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     rows stay aligned for the tensor-core kernels.
     """
     if dense_route() == "sdpa" and not return_attention:
-        return sdpa_forward(module, x, key_source, relative)
+        return sdpa_forward(module, x, key_source, relative, then)
     b, height, width, d = x.shape
     n, heads = height * width, module.num_heads
     tokens, keys, folded_q = _folded_queries(module, x, key_source)
@@ -274,11 +268,12 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
         mixed, rowsum = SoftmaxDropoutMix.apply(logits.view(b, n * heads, nk), values, p,
                                                 low if low is not None else x.dtype)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
+    out_weight, out_bias = fold_following(module.proj, then)  # (D_out, H*Dk), (D_out,): W_out (then ``then``)
     if module.value is None:
-        out = module.proj(mixed)  # (B, N, out_dim)
+        out = F.linear(mixed, out_weight, out_bias)  # (B, N, out_dim)
     else:
-        vo_weight, head_bias = fold_value_out(module.value, module.proj, heads)
-        out = F.linear(mixed, vo_weight.to(mixed.dtype), module.proj.bias)  # (B, N, out_dim)
+        vo_weight, head_bias = fold_value_out(module.value, out_weight, heads)
+        out = F.linear(mixed, vo_weight.to(mixed.dtype), out_bias)  # (B, N, out_dim)
         if head_bias is not None:  # rowsum(P_h) v0_h W_out,h
             out = out + rowsum.reshape(b, n, heads).to(out.dtype) @ head_bias.to(out.dtype)
     out = out.reshape(b, height, width, -1)
@@ -355,7 +350,8 @@ def key_axis_codes(height: int, width: int, device=None, dtype=torch.float32) ->
     return torch.cat([F.one_hot(rows, height), F.one_hot(cols, width)], dim=1).to(dtype)  # (N, height + width)
 
 
-def sdpa_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, relative=None) -> torch.Tensor:
+def sdpa_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None, relative=None,
+                 then: nn.Linear | None = None) -> torch.Tensor:
     """:func:`folded_forward` through ``F.scaled_dot_product_attention`` (the ``"sdpa"`` route).
 
     The heads share their keys (raw ``y``) and values (raw ``x``), so the layer is one attention of
@@ -372,10 +368,10 @@ def sdpa_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None
     GEMM.  Dropout (the module's ``attn_drop.p`` in training) is drawn by the attention kernel.
 
     Args:
-        module, x, key_source, relative: as for :func:`folded_forward`.
+        module, x, key_source, relative, then: as for :func:`folded_forward`.
 
     Returns:
-        ``(B, H, W, out_dim)``.
+        ``(B, H, W, out_dim)`` (``E`` with ``then``).
     """
     b, height, width, d = x.shape
     n, heads = height * width, module.num_heads
@@ -389,10 +385,11 @@ def sdpa_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None
         codes = key_axis_codes(height, width, x.device, k.dtype)  # (N, height + width)
         k = torch.cat([k, codes.expand(b, n, -1)], dim=-1)  # (B, N, D_key + H + W)
     q, k = _pad_features(q), _pad_features(k)
+    out_weight, out_bias = fold_following(module.proj, then)  # W_out (then ``then``)
     if module.value is None:
-        out_w, head_bias = module.proj.weight.view(module.proj.out_features, heads, d), None  # (D_out, H, D)
+        out_w, head_bias = out_weight.view(out_weight.shape[0], heads, d), None  # (D_out, H, D)
     else:
-        vo_weight, head_bias = fold_value_out(module.value, module.proj, heads)
+        vo_weight, head_bias = fold_value_out(module.value, out_weight, heads)
         out_w = vo_weight.view(-1, heads, d)  # (D_out, H, D)
     v = tokens
     if head_bias is not None:
@@ -404,5 +401,5 @@ def sdpa_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = None
                                            dropout_p=p, scale=1.0)  # (B, 1, N*H, Dv): rows (query, head)
     mixed = mixed.reshape(b, n, -1)  # (B, N, H*Dv): concat_h(P_h [x, 1])
     out = F.linear(mixed, out_w.reshape(out_w.shape[0], -1).to(mixed.dtype),
-                   None if module.proj.bias is None else module.proj.bias.to(mixed.dtype))
+                   None if out_bias is None else out_bias.to(mixed.dtype))
     return out.reshape(b, height, width, -1)  # (B, H, W, out_dim)

@@ -175,19 +175,21 @@ class LearnedRelativeAttention(InputIndependentAttention):
             logits = logits + q @ k.transpose(-2, -1)  # (B, H, N, N)
         return scaled(logits, self.head_dim)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None,
+                then: nn.Linear | None = None):
         """Apply the layer (contract of :meth:`AttentionBase.forward`).
 
         Args:
             x: ``(B, H, W, dim)``.
             return_attention: also return the probabilities (before dropout).
             key_source: ``(B, H, W, dim)`` keys' input for ``content_query_position``; ignored otherwise.
+            then: a ``Linear(out_dim -> E)`` applied to the output, folded into ``W_out`` on the fast paths.
 
         Returns:
-            ``(B, H, W, out_dim)``, or ``(out, probs)`` with ``probs`` ``(1 or B, heads, N, N)``.
+            ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)`` with ``probs`` ``(1 or B, heads, N, N)``.
         """
         if self.input_independent:
-            return super().forward(x, return_attention=return_attention)
+            return super().forward(x, return_attention=return_attention, then=then)
         if fast_paths_enabled() and self.variant == "content_query_position" and self.head_dim >= self.dim:
             # W_qry W_key^T and W_qry e^T folded per step (satconv.attention.folded)
             self._check_grid(*x.shape[1:3])
@@ -196,5 +198,6 @@ class LearnedRelativeAttention(InputIndependentAttention):
 
             def relative(tokens, height, width):
                 return relative_query_terms(tokens, weight, bias, self.num_heads, height, width, self.max_position)
-            return folded_forward(self, x, key_source, relative=relative, return_attention=return_attention)
-        return AttentionBase.forward(self, x, return_attention=return_attention, key_source=key_source)
+            return folded_forward(self, x, key_source, relative=relative, return_attention=return_attention,
+                                  then=then)
+        return AttentionBase.forward(self, x, return_attention=return_attention, key_source=key_source, then=then)

@@ -162,6 +162,8 @@ class _SANAttention(AttentionBase):
             bottleneck ``planes // 16``).
     """
 
+    folds_then = False  # forward() takes no following layer to fold (its own output map)
+
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, out_dim: int | None = None,
                  dropout: float = 0.0, value_proj: bool | None = None, bias: bool = True, kernel_size: int = 3,
                  rel_dim: int | None = None):

@@ -45,6 +45,8 @@ class SASAAttention(AttentionBase):
         kernel_size: odd window side ``k`` (7 in the SASA paper's main models).
     """
 
+    folds_then = False  # forward() takes no following layer to fold (its own output map)
+
     row_stochastic = True
     input_independent = False
 

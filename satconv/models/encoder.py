@@ -35,6 +35,9 @@ class FeedForward(nn.Module):
 class EncoderBlock(nn.Module):
     """One post-norm block (BertLayer): ``x = LN(x + drop(dense(attn(x))))``, ``x = LN(x + FFN(x))``.
 
+    ``dense`` directly follows the attention's ``W_out``; mechanisms that take ``then``
+    (``folds_then``) multiply the two out on their fast paths, one GEMM instead of two.
+
     Args:
         attn: an attention module of :mod:`satconv.attention` mapping ``(B, H, W, D) -> (B, H, W, D)``.
         dim: model width ``D``.
@@ -55,9 +58,11 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None):
         """``x: (B, H, W, D)`` -> ``(B, H, W, D)``, or ``(out, probs)`` with ``probs: (B or 1, heads, N, N)``."""
-        a = self.attn(x, return_attention=return_attention, key_source=key_source)
+        fold = self.attn.folds_then  # dense folded into the attention's W_out on the fast paths: one GEMM fewer
+        extra = {"then": self.dense} if fold else {}
+        a = self.attn(x, return_attention=return_attention, key_source=key_source, **extra)
         a, probs = a if return_attention else (a, None)
-        x = self.norm1(x + self.drop(self.dense(a)))
+        x = self.norm1(x + self.drop(a if fold else self.dense(a)))
         x = self.norm2(x + self.ffn(x))
         return (x, probs) if return_attention else x
 
