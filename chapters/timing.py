@@ -118,11 +118,18 @@ def compile_of(row):
     return mode + (" + coordinate-descent tuning" if tuned else "") + (" + step graph" if row.get("step_graph") else "")
 
 
+def mixed_order(row) -> bool:
+    """Whether a compiled row ran inductor's mixed-order LayerNorm reduction (torch's default; satconv now
+    compiles with it off, `satconv.train.INDUCTOR_OPTIONS`)."""
+    return bool((row.get("inductor") or {}).get("triton.mix_order_reduction"))
+
+
 def label_of(row):
     """A bench row's config name, with the route when it is not the default one."""
     route = route_of(row)
     return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm", "wfirst") else "")
-            + (" (step graph)" if row.get("step_graph") else ""))
+            + (" (step graph)" if row.get("step_graph") else "")
+            + (" (mixed-order LayerNorm)" if mixed_order(row) else ""))
 
 
 def html_table(header, rows):
@@ -415,6 +422,17 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # - **LayerNorm in the autocast dtype.** Autocast runs LayerNorm in float32 and returns float32, which
 #   makes a post-norm residual stream float32 and every following linear layer re-cast it. The models'
 #   `LayerNorm` reads and writes bf16 under autocast (statistics in float32), halving those bytes.
+# - **LayerNorm's backward kernels, unfused.** By default inductor computes a LayerNorm's input gradient
+#   (a reduction along each row) and its weight gradient (a reduction down the columns) in one
+#   "mixed-order" kernel. On the H200 those kernels ran several times slower than the bytes they move
+#   would take, so satconv compiles with `triton.mix_order_reduction` off
+#   (`satconv.train.compile_options`, used by training and by the benchmark; setting
+#   `TORCHINDUCTOR_MIX_ORDER_REDUCTION` leaves the choice to inductor). The kernel breakdown below shows
+#   the same models with and without it.
+# - **The block's dense layer folded into $W_{out}$.** The encoder block applies its `dense` layer right
+#   after the attention's $W_{out}$, with nothing in between, so the fast paths multiply the two out once
+#   per step (`satconv.attention.base.fold_following`) and run one GEMM on the heads' output instead of
+#   two; the explicit route applies them in turn, and a test compares the whole model both ways.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
 # probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes
@@ -722,6 +740,22 @@ if gpu_kernels is None:
 else:
     display(Markdown(f"Measured on {device_line(gpu_kernels)}, batch {gpu_kernels[0]['batch']}."))
     kernel_chart(gpu_kernels, f"Training step by kernel category, {gpu_kernels[0]['device']}")
+    pairs = []
+    for name in dict.fromkeys(r["config"] for r in gpu_kernels):
+        before = [r for r in gpu_kernels if r["config"] == name and mixed_order(r)]
+        after = [r for r in gpu_kernels if r["config"] == name and r.get("inductor") and not mixed_order(r)]
+        if before and after:
+            b, a = before[-1], after[-1]
+            pairs.append(f"`{name}`: normalisation {b['categories'].get('normalisation', 0):.2f} → "
+                         f"{a['categories'].get('normalisation', 0):.2f} ms, step {b['step_ms']:.2f} → "
+                         f"{a['step_ms']:.2f} ms ({a['date'][:10]}, source `{a['satconv_source']}`)")
+    if pairs:
+        display(Markdown("Per training step, with inductor's mixed-order LayerNorm reduction and without: "
+                         + "; ".join(pairs) + "."))
+    noted = [r for r in gpu_kernels if r.get("inductor_note")]
+    if noted:
+        display(Markdown(f"The `inductor` entry of {len(noted)} of these rows was recorded after the run "
+                         "(`inductor_note` says from where): the profiler rows did not record it before."))
     display(kernel_table(gpu_kernels))
 
 # %%

@@ -95,7 +95,8 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         profiled steps), ``kernel_ms`` (summed self time of the device kernels, CPU operators on a
         CPU), ``categories`` (``{category: ms per step}``, summing to ``kernel_ms``), ``kernels``
         (the ``top`` most expensive: ``name``, ``category``, ``ms``, ``calls`` per step), and the
-        device, precision, compile mode, batch, torch version, date and ``satconv_source``
+        device, precision, compile mode and its ``inductor`` settings (``None`` uncompiled), batch, torch
+        version, date and ``satconv_source``
         (:func:`satconv.train.source_digest`).
 
     Raises:
@@ -145,6 +146,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "device_type": device.type,
         "precision": precision,
         "compile": compile,
+        "inductor": timing.inductor_settings(None if compile is True else compile) if compile else None,
         "channels_last": channels_last,
         **timing.run_options(cfg, device),
         "batch": batch,
