@@ -440,7 +440,11 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # a hand-written Triton kernel for the content model's softmax and dropout (inductor's fused kernel was
 # as fast once the relative terms were computed per axis). The shared-probability routes stay at
 # `einsum`, the default, which the `bmm` row of the batch-100 table does not beat, and the content
-# attention stays `folded`, which the `sdpa` row does not beat either.
+# attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
+# ResNet18's alone: the attention models keep the GPU busy for a whole step already (their kernel time
+# is within a few percent of the step, in the breakdown below). Their `(step graph)` rows were measured
+# with the code of the content and ViT `reduce-overhead` rows (before the two changes above that sped up
+# the position-only models) and match those rows to within a few percent.
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
 # on the `meta` device, where the fused attention is counted as its matrix products; the fused CUDA
