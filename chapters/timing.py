@@ -33,6 +33,7 @@
 # The counts of part 1 do not depend on the machine; every timing says which device produced it.
 
 # %%
+import functools
 import json
 import os
 import statistics
@@ -76,22 +77,19 @@ def family(cfg_or_row):
     return m.arch if m.arch == "resnet18" else m.attention.kind
 
 
+@functools.cache
 def route_family(name):
     """Which route setting applies to config ``name``: "dense" (``train.attention_route``: the folded content
-    attention), "shared" (``train.shared_route``: probabilities shared by the batch) or None."""
+    attention), "shared" (``train.shared_route``: probabilities shared by the batch) or None, as its
+    attention layers say (``route_family``, built on the meta device)."""
     path = REPO_ROOT / f"configs/{name}.yaml"
     cfg = CONFIGS.get(name) or (config.load(path) if path.is_file() else None)
-    if cfg is None or cfg.model.arch not in ("encoder", "vit"):
+    if cfg is None:
         return None
-    a = cfg.model.attention
-    if a.head_dim not in (None, cfg.model.hidden_dim):
-        return None
-    variant = a.learned_relative.variant
-    if a.kind == "content" or (a.kind == "learned_relative" and variant == "content_query_position"):
-        return "dense"
-    if a.kind == "quadratic" or (a.kind == "learned_relative" and variant == "position_only"):
-        return "shared"
-    return None
+    with torch.device("meta"):
+        layers = build_model(cfg).attention_layers()
+    families = {getattr(layer, "route_family", None) for layer in layers} - {None}
+    return families.pop() if len(families) == 1 else None
 
 
 def routed(name):
@@ -362,7 +360,9 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   about). Multiplying it out once per step, a $D \times D$ matrix per head whose cost does not grow with
 #   the batch, removes the key projection. The bias terms that are constant along the keys cancel in the
 #   softmax and are dropped. The $q \cdot r$ tables of the learned relative encoding fold the same way.
-#   A value projection followed by $W_{out}$ (the [Re]'s ViT) folds into one matrix.
+#   A value projection followed by $W_{out}$ (the [Re]'s ViT) folds into one matrix. Under autocast the
+#   folds are bf16 GEMMs like every other product of the step (float32 accumulation): in float32 they
+#   would run on the CUDA cores rather than the tensor cores.
 #
 # ```{literalinclude} ../satconv/attention/folded.py
 # :pyobject: fold_query_key

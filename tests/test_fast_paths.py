@@ -296,6 +296,25 @@ def test_encoder_fast_path_equals_explicit_model_with_gradients(name):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (C.REPO_ROOT / "configs").glob("*.yaml")))
+def test_route_family_names_the_route_setting_the_layers_read(name, monkeypatch):
+    """``route_family`` (which the timing chapter and bench labels use) agrees with what a forward pass
+    does: the fused attention runs under the ``sdpa`` route exactly when a layer says ``"dense"``, and the
+    shared-probability route is consulted exactly when a layer says ``"shared"`` (quick profile, 2 images)."""
+    import satconv.attention.base as base
+    cfg = C.load(C.REPO_ROOT / "configs" / f"{name}.yaml", profile="quick")
+    model = build_model(cfg).train()
+    families = {layer.route_family for layer in model.attention_layers() if hasattr(layer, "route_family")}
+    sdpa_calls = _count_sdpa_calls(monkeypatch)
+    shared_calls, real_shared = [], base.shared_route
+    monkeypatch.setattr(base, "shared_route", lambda: shared_calls.append(1) or real_shared())
+    size = cfg.model.image_size
+    with torch.no_grad(), dense_attention_route("sdpa"):
+        model(torch.randn(2, cfg.model.in_channels, size, size))
+    assert bool(sdpa_calls) == ("dense" in families)
+    assert bool(shared_calls) == ("shared" in families)
+
+
 def test_folded_weights_reproduce_query_key_products():
     """``x M_h + c_h`` against y equals ``q_h . k_h`` minus the per-query constant ``q_h . b_h``."""
     torch.manual_seed(0)

@@ -181,14 +181,15 @@ def relative_index(height: int, width: int, max_position: int, device=None) -> t
 
 
 def wide(p: torch.Tensor) -> torch.Tensor:
-    """``p`` in float32, or float64 when it is float64 (weight folds are computed at least in float32)."""
+    """``p`` in float32, or float64 when it is float64 (weight folds start from at least float32 weights).
+
+    The folds' products themselves (:func:`fold_following`, :mod:`satconv.attention.folded`) run in the
+    autocast dtype under autocast: bf16 GEMMs that accumulate in float32, the rounding the unfolded
+    weights get in every GEMM anyway.  In float32 they ran on the H200's CUDA cores instead of its tensor
+    cores (``sm80_xmma_gemm_f32f32..._ffma``, among the fifteen costliest kernels of a position-only step in
+    ``book/bench/h200_kernels.jsonl``) for a product whose size does not grow with the batch.
+    """
     return p.to(torch.promote_types(p.dtype, torch.float32))
-
-
-def fp32_weights():
-    """Context: fold weight products in float32 even inside autocast (they are tiny and reused by the batch)."""
-    dev = "cuda" if torch.cuda.is_available() and torch.is_autocast_enabled("cuda") else "cpu"
-    return torch.autocast(device_type=dev, enabled=False)
 
 
 def fold_following(proj: nn.Linear, then: nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,16 +204,16 @@ def fold_following(proj: nn.Linear, then: nn.Linear | None = None) -> tuple[torc
 
     Returns:
         ``(weight, bias)``: ``proj``'s own ``(D_out, K)`` and ``(D_out,)`` (or ``None``) when ``then``
-        is ``None``, else ``(E, K)`` and ``(E,)`` (or ``None`` when neither has a bias), in float32 at least.
+        is ``None``, else ``(E, K)`` and ``(E,)`` (or ``None`` when neither has a bias): float32 at least,
+        or the autocast dtype under autocast (:func:`wide`).
     """
     if then is None:
         return proj.weight, proj.bias
-    with fp32_weights():
-        tw = wide(then.weight)  # (E, D_out)
-        weight = tw @ wide(proj.weight)  # (E, K)
-        bias = None if proj.bias is None else tw @ wide(proj.bias)  # (E,)
-        if then.bias is not None:
-            bias = wide(then.bias) if bias is None else bias + wide(then.bias)
+    tw = wide(then.weight)  # (E, D_out)
+    weight = tw @ wide(proj.weight)  # (E, K)
+    bias = None if proj.bias is None else tw @ wide(proj.bias)  # (E,)
+    if then.bias is not None:
+        bias = wide(then.bias) if bias is None else bias + wide(then.bias)
     return weight, bias
 
 
@@ -258,6 +259,13 @@ class AttentionBase(nn.Module):
         self.value = nn.Linear(dim, num_heads * self.head_dim) if value_proj else None
         self.attn_drop = nn.Dropout(dropout)
         self.proj = nn.Linear(num_heads * self.head_dim, self.out_dim, bias=bias)
+
+    @property
+    def route_family(self) -> str | None:
+        """Which fast-path route setting this layer's forward reads: ``"dense"`` (:func:`dense_route`,
+        ``train.attention_route``: the folded content attention), ``"shared"`` (:func:`shared_route`,
+        ``train.shared_route``: probabilities shared by the batch) or ``None`` (neither applies)."""
+        return None
 
     # -- pieces subclasses reuse ---------------------------------------------------------------
     def values(self, x: torch.Tensor) -> torch.Tensor:
@@ -414,6 +422,12 @@ class InputIndependentAttention(AttentionBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._probs_cache: dict = {}
+
+    @property
+    def route_family(self) -> str | None:
+        """``"shared"`` when the heads read the raw input (no value projection): :meth:`combine` then
+        applies the batch-shared probabilities by :func:`shared_route`; ``None`` otherwise."""
+        return "shared" if self.input_independent and self.value is None else None
 
     # -- to implement ----------------------------------------------------------------------------
     def position_scores(self, height: int, width: int) -> torch.Tensor:

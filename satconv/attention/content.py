@@ -81,6 +81,11 @@ class ContentAttention(AttentionBase):
         q, k = self.queries_keys(x, key_source)
         return scaled(q @ k.transpose(-2, -1), self.head_dim)  # (B, H, N, N)
 
+    @property
+    def route_family(self) -> str | None:
+        """``"dense"`` with concatenated heads (``head_dim >= dim``: the folded route), else ``None``."""
+        return "dense" if self.head_dim >= self.dim else None
+
     def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None,
                 then: nn.Linear | None = None):
         """Apply the layer (contract of :meth:`AttentionBase.forward`).
@@ -98,6 +103,6 @@ class ContentAttention(AttentionBase):
         Returns:
             ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)``.
         """
-        if fast_paths_enabled() and self.head_dim >= self.dim:
+        if fast_paths_enabled() and self.route_family == "dense":
             return folded_forward(self, x, key_source, return_attention=return_attention, then=then)
         return super().forward(x, return_attention=return_attention, key_source=key_source, then=then)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, fp32_weights, softmax_keys
+from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, softmax_keys
 from .base import wide as _wide
 
 
@@ -62,14 +62,13 @@ def fold_query_key(query: nn.Linear, key: nn.Linear, num_heads: int, scale: floa
         ``(weight, bias)`` for ``F.linear``: ``(heads * D_key, D_in)`` and ``(heads * D_key,)`` or ``None``.
         Row ``h * D_key + e`` of the output is ``(x M_h + c_h)[e]``.
     """
-    with fp32_weights():
-        qw = _wide(query.weight).view(num_heads, -1, query.in_features)  # (H, Dk, D_in)
-        kw = _wide(key.weight).view(num_heads, -1, key.in_features)  # (H, Dk, D_key)
-        weight = torch.einsum("hkd,hke->hed", qw, kw).reshape(-1, query.in_features) * scale  # (H*D_key, D_in)
-        bias = None
-        if query.bias is not None:
-            qb = _wide(query.bias).view(num_heads, -1)  # (H, Dk)
-            bias = torch.einsum("hk,hke->he", qb, kw).reshape(-1) * scale  # (H*D_key,)
+    qw = _wide(query.weight).view(num_heads, -1, query.in_features) * scale  # (H, Dk, D_in), scaled first
+    kw = _wide(key.weight).view(num_heads, -1, key.in_features)  # (H, Dk, D_key)
+    weight = torch.einsum("hkd,hke->hed", qw, kw).reshape(-1, query.in_features)  # (H*D_key, D_in)
+    bias = None
+    if query.bias is not None:
+        qb = _wide(query.bias).view(num_heads, -1) * scale  # (H, Dk)
+        bias = torch.einsum("hk,hke->he", qb, kw).reshape(-1)  # (H*D_key,)
     return weight, bias
 
 
@@ -86,18 +85,17 @@ def fold_query_tables(query: nn.Linear, row: torch.Tensor, col: torch.Tensor, nu
         ``(weight, bias)`` for ``F.linear``: ``(heads * 2T, D_in)``, ``(heads * 2T,)`` or ``None``; the output
         reads ``(..., heads, 2T)`` with the row table in ``[:T]`` and the column table in ``[T:]``.
     """
-    with fp32_weights():
-        qw = _wide(query.weight).view(num_heads, -1, query.in_features)  # (H, Dk, D_in)
-        half = qw.shape[1] // 2
-        tables = torch.cat([_wide(row), _wide(col)], dim=0)  # (2T, Dk/2)
-        t = row.shape[0]
-        weight = torch.cat([torch.einsum("hkd,tk->htd", qw[:, :half], tables[:t]),
-                            torch.einsum("hkd,tk->htd", qw[:, half:], tables[t:])], dim=1)  # (H, 2T, D_in)
-        weight = weight.reshape(-1, query.in_features) * scale
-        bias = None
-        if query.bias is not None:
-            qb = _wide(query.bias).view(num_heads, -1)  # (H, Dk)
-            bias = torch.cat([qb[:, :half] @ tables[:t].t(), qb[:, half:] @ tables[t:].t()], dim=1).reshape(-1) * scale
+    qw = _wide(query.weight).view(num_heads, -1, query.in_features) * scale  # (H, Dk, D_in), scaled first
+    half = qw.shape[1] // 2
+    tables = torch.cat([_wide(row), _wide(col)], dim=0)  # (2T, Dk/2)
+    t = row.shape[0]
+    weight = torch.cat([torch.einsum("hkd,tk->htd", qw[:, :half], tables[:t]),
+                        torch.einsum("hkd,tk->htd", qw[:, half:], tables[t:])], dim=1)  # (H, 2T, D_in)
+    weight = weight.reshape(-1, query.in_features)
+    bias = None
+    if query.bias is not None:
+        qb = _wide(query.bias).view(num_heads, -1) * scale  # (H, Dk)
+        bias = torch.cat([qb[:, :half] @ tables[:t].t(), qb[:, half:] @ tables[t:].t()], dim=1).reshape(-1)
     return weight, bias
 
 
@@ -114,13 +112,12 @@ def fold_value_out(value: nn.Linear, out_weight: torch.Tensor, num_heads: int):
         ``(heads, D_out)`` (``v0_h W_out,h^T``) or ``None``, to be weighted by ``rowsum(P_h)``.
     """
     d_out = out_weight.shape[0]
-    with fp32_weights():
-        vw = _wide(value.weight).view(num_heads, -1, value.in_features)  # (H, Dk, D)
-        ow = _wide(out_weight).view(d_out, num_heads, -1)  # (D_out, H, Dk)
-        weight = torch.einsum("hkd,ehk->ehd", vw, ow).reshape(d_out, -1)  # (D_out, H*D)
-        head_bias = None
-        if value.bias is not None:
-            head_bias = torch.einsum("hk,ehk->he", _wide(value.bias).view(num_heads, -1), ow)  # (H, D_out)
+    vw = _wide(value.weight).view(num_heads, -1, value.in_features)  # (H, Dk, D)
+    ow = _wide(out_weight).view(d_out, num_heads, -1)  # (D_out, H, Dk)
+    weight = torch.einsum("hkd,ehk->ehd", vw, ow).reshape(d_out, -1)  # (D_out, H*D)
+    head_bias = None
+    if value.bias is not None:
+        head_bias = torch.einsum("hk,ehk->he", _wide(value.bias).view(num_heads, -1), ow)  # (H, D_out)
     return weight, head_bias
 
 

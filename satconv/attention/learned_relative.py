@@ -175,6 +175,14 @@ class LearnedRelativeAttention(InputIndependentAttention):
             logits = logits + q @ k.transpose(-2, -1)  # (B, H, N, N)
         return scaled(logits, self.head_dim)
 
+    @property
+    def route_family(self) -> str | None:
+        """``"shared"`` for ``position_only`` without value projection, ``"dense"`` for
+        ``content_query_position`` with concatenated heads (``head_dim >= dim``), else ``None``."""
+        if self.input_independent:
+            return super().route_family
+        return "dense" if self.variant == "content_query_position" and self.head_dim >= self.dim else None
+
     def forward(self, x: torch.Tensor, return_attention: bool = False, key_source: torch.Tensor | None = None,
                 then: nn.Linear | None = None):
         """Apply the layer (contract of :meth:`AttentionBase.forward`).
@@ -190,7 +198,7 @@ class LearnedRelativeAttention(InputIndependentAttention):
         """
         if self.input_independent:
             return super().forward(x, return_attention=return_attention, then=then)
-        if fast_paths_enabled() and self.variant == "content_query_position" and self.head_dim >= self.dim:
+        if fast_paths_enabled() and self.route_family == "dense":
             # W_qry W_key^T and W_qry e^T folded per step (satconv.attention.folded)
             self._check_grid(*x.shape[1:3])
             weight, bias = fold_query_tables(self.query, self.row_embeddings.weight, self.col_embeddings.weight,
