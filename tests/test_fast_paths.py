@@ -13,7 +13,7 @@ from satconv.attention import ContentAttention, LearnedRelativeAttention, Quadra
 from satconv.attention import folded as folded_module
 from satconv.attention.base import (SHARED_ROUTES, attention_routes, dense_attention_route, explicit_paths,
                                     shared_attention_route)
-from satconv.attention.folded import (SoftmaxDropoutMix, fold_query_key, key_axis_codes, pack_mask,
+from satconv.attention.folded import (SoftmaxDropoutMix, fold_query_key, key_axis_codes, pack_mask, window_codes,
                                       unpack_mask)
 from satconv.models import build_model
 
@@ -193,6 +193,17 @@ def test_sdpa_route_dropout_is_unbiased(name):
     std = samples.std(0)
     assert (std > 1e-3).all()
     assert ((samples.mean(0) - ref).abs() < 5 * std / 4000 ** 0.5 + 1e-9).all()
+
+
+@pytest.mark.parametrize("size, max_position", [(4, 6), (6, 6), (1, 3)])
+def test_window_codes_pick_the_relative_table_entries(size, max_position):
+    """The one-hot product of the folded q.r route is the gather ``table[k - q + M - 1]``, exactly."""
+    table = torch.randn(3, 2 * max_position - 1, 5, dtype=torch.float64)  # (heads, 2M-1, D)
+    codes = window_codes(size, max_position, dtype=torch.float64)
+    q, k = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    expected = table[:, k - q + max_position - 1].reshape(3, size * size, 5)  # (heads, q*k, D)
+    torch.testing.assert_close(codes @ table, expected, rtol=0, atol=0)
+    assert codes.sum(-1).eq(1).all()
 
 
 def test_key_axis_codes_pick_row_and_column_logits():

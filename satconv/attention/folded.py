@@ -279,6 +279,21 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     return out
 
 
+def window_codes(size: int, max_position: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """One-hot rows that pick each (query, key) pair's entry of a relative table along one axis.
+
+    Args:
+        size: grid side along the axis (at most ``max_position``).
+        max_position: ``M``; the table has ``2M - 1`` entries (offsets ``-(M-1) .. M-1``).
+
+    Returns:
+        ``(size * size, 2M - 1)``: row ``q * size + k`` is 1 at ``k - q + M - 1``
+        (:func:`~satconv.attention.base.axis_offset_index`), 0 elsewhere.
+    """
+    idx = axis_offset_index(size, max_position, device).reshape(-1, 1)  # (size*size, 1)
+    return (idx == torch.arange(2 * max_position - 1, device=device)).to(dtype)
+
+
 def relative_query_terms(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
                          height: int, width: int, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The folded ``q . r`` logits per axis, straight from the tokens.
@@ -308,11 +323,15 @@ def relative_query_terms(tokens: torch.Tensor, weight: torch.Tensor, bias: torch
     x = tokens.view(b, height, width, d)
 
     def axis(half: slice, size: int, grouped: torch.Tensor) -> torch.Tensor:
-        idx = axis_offset_index(size, m, tokens.device)  # (size_q, size_k): key - query, shifted into the table
-        win = w_all[:, half][:, idx].permute(1, 0, 2, 3).reshape(size, num_heads * size, d)  # (q, heads*k, D)
+        # the windows as a product with a constant one-hot matrix rather than an indexed gather: the same
+        # values, and in the backward pass a GEMM instead of an accumulating scatter (index_put)
+        codes = window_codes(size, m, tokens.device, w_all.dtype)  # (size_q * size_k, T)
+        win = torch.matmul(codes, w_all[:, half])  # (heads, q*k, D)
+        win = win.view(num_heads, size, size, d).permute(1, 0, 2, 3).reshape(size, num_heads * size, d)  # (q, H*k, D)
         if b_all is None:
             return torch.bmm(grouped, win.transpose(1, 2))  # (q, B*other, heads*k)
-        win_b = b_all[:, half][:, idx].permute(1, 0, 2).reshape(size, 1, num_heads * size)
+        win_b = (b_all[:, half] @ codes.t()).view(num_heads, size, size)  # (heads, q, k)
+        win_b = win_b.permute(1, 0, 2).reshape(size, 1, num_heads * size)  # (q, 1, heads*k)
         return torch.baddbmm(win_b, grouped, win.transpose(1, 2))
 
     by_row = x.permute(1, 0, 2, 3).reshape(height, b * width, d)  # (r_q, B*c_q, D)

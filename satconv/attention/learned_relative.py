@@ -31,7 +31,7 @@ from torch import nn
 from .base import (AttentionBase, InputIndependentAttention, axis_offset_index, check_grid, fast_paths_enabled,
                    relative_index, scaled)
 from .content import split_heads
-from .folded import fold_query_tables, folded_forward, relative_query_terms
+from .folded import fold_query_tables, folded_forward, relative_query_terms, window_codes
 
 VARIANTS = ("position_only", "query_position", "content_query_position")
 
@@ -105,9 +105,10 @@ class LearnedRelativeAttention(InputIndependentAttention):
         """``position_only`` logits ``w_row . e_row[d1] + w_col . e_col[d2]``, ``(1, H, N, N)``.
 
         The fast path builds a ``(H, height, height)`` row term and a ``(H, width, width)`` column term
-        and broadcast-adds them (no ``(N, N)`` index, and in the backward pass sums over the broadcast
-        axes instead of an ``N * N`` scatter); :func:`~satconv.attention.base.explicit_paths` indexes
-        the tables with the full relative-offset index.
+        (one-hot products with :func:`~satconv.attention.folded.window_codes`) and broadcast-adds them (no
+        ``(N, N)`` index, and in the backward pass GEMMs and sums over the broadcast axes instead of an
+        ``N * N`` scatter); :func:`~satconv.attention.base.explicit_paths` indexes the tables with the
+        full relative-offset index.
         """
         if not self.input_independent:
             raise ValueError(f"position_scores exists for variant 'position_only' only, not {self.variant!r}")
@@ -118,8 +119,10 @@ class LearnedRelativeAttention(InputIndependentAttention):
             return (row_logits[:, row_index] + col_logits[:, col_index])[None]  # (1, H, N, N)
         self._check_grid(height, width)
         m, h = self.max_position, self.num_heads
-        row = row_logits[:, axis_offset_index(height, m, row_logits.device)]  # (H, h_q, h_k)
-        col = col_logits[:, axis_offset_index(width, m, row_logits.device)]  # (H, w_q, w_k)
+        # each query row's window of the table, as a one-hot product (a GEMM, not a scatter, backwards)
+        dev, dt = row_logits.device, row_logits.dtype
+        row = (row_logits @ window_codes(height, m, dev, dt).t()).view(h, height, height)  # (H, h_q, h_k)
+        col = (col_logits @ window_codes(width, m, dev, dt).t()).view(h, width, width)  # (H, w_q, w_k)
         n = height * width
         return (row[:, :, None, :, None] + col[:, None, :, None, :]).reshape(1, h, n, n)  # (1, H, N, N)
 
