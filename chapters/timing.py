@@ -756,6 +756,13 @@ else:
     if pairs:
         display(Markdown("Per training step, with inductor's mixed-order LayerNorm reduction and without: "
                          + "; ".join(pairs) + "."))
+    old_rule = [r for r in gpu_kernels if not r.get("category_rule")]
+    if old_rule:
+        display(Markdown(f"{len(old_rule)} of these rows were categorised by an earlier rule, which filed an "
+                         "inductor-fused kernel as a layout copy whenever its name held a cast, a transpose or a "
+                         "clone, even when the kernel also computed (the packed dropout mask's backward, the q·r "
+                         "terms' scatter): their layout-copy bars hold element-wise work too. `satconv.kernels."
+                         "categorise` now reads all the operators of a fused kernel."))
     noted = [r for r in gpu_kernels if r.get("inductor_note")]
     if noted:
         display(Markdown(f"The `inductor` entry of {len(noted)} of these rows was recorded after the run "

@@ -35,7 +35,7 @@ CATEGORIES: list[tuple[str, str]] = [
     ("normalisation", r"layer_norm|batch_norm|group_norm|native_norm"),
     ("convolution", r"conv|implicit_gemm|fprop|dgrad|wgrad|winograd"),
     ("matrix product", r"gemm|nvjet|cutlass|cublas|splitk|\bmm\b|aten::(mm|addmm|bmm|baddbmm|matmul|linear)\b|triton_mm"),
-    ("layout copy", r"copy|clone|permute|transpose|contiguous|\bcat\b|_cat_|constant_pad"),
+    ("layout copy", r"_copy|\bcopy_|clone|permute|transpose|contiguous|\bcat\b|_cat_|constant_pad"),
     ("optimizer", r"multi_tensor|fused_sgd|_foreach_|\bsgd\b"),
 ]
 OTHER = "other element-wise"
@@ -44,10 +44,30 @@ HOST_PREFIXES = ("aten::", "autograd::", "Optimizer", "cuda", "Torch-Compiled", 
                  "ProfilerStep", "##", "Lazy", "torch::", "c10d::", "inductor::")
 
 
+#: the operators of an inductor-fused kernel's name that only move or re-type data: a fused kernel made
+#: of these alone is a layout copy; one that also computes (``add``, ``mul``, ``sum``, ``rshift``...) is not
+LAYOUT_OPS = frozenset("view unsafe clone permute transpose copy to cat constant pad nd squeeze unsqueeze expand "
+                       "select slice reshape t bmm mm addmm as strided contiguous alias split unbind stack "
+                       "detach".split())
+#: recorded in every row: rows without it filed a fused kernel as a layout copy whenever its name held a
+#: cast (``_to_copy``), a transpose or a clone, even when the kernel also computed
+CATEGORY_RULE = "fused kernels by their operators (satconv.kernels.LAYOUT_OPS)"
+_FUSED = re.compile(r"^triton_(?:poi|red|per)_fused_(.*?)(?:_\d+)?$")
+
+
 def categorise(name: str) -> str:
-    """The category of a kernel or operator name (:data:`CATEGORIES`, else ``"other element-wise"``)."""
+    """The category of a kernel or operator name (:data:`CATEGORIES`, else ``"other element-wise"``).
+
+    Inductor names a fused kernel after every operator it holds (``triton_poi_fused_add_clone_permute_7``),
+    including the dtype casts (``_to_copy``) and the views and products its buffers come from.  Such a
+    kernel is a layout copy only when all of those operators are in :data:`LAYOUT_OPS`; one that also
+    computes is element-wise work (softmax and normalisation are recognised first).
+    """
     low = name.lower()
+    fused = _FUSED.match(low)
     for category, pattern in CATEGORIES:
+        if category == "layout copy" and fused:  # by its operators, not by a pattern in the name
+            return category if set(fused.group(1).split("_")) - {""} <= LAYOUT_OPS else OTHER
         if re.search(pattern, low):
             return category
     return OTHER
@@ -79,7 +99,7 @@ def _self_time_us(event, device_type: str) -> float:
 
 def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, precision: str | None = None,
                      compile=False, channels_last: bool = False, warmup: int = 5, steps: int = 3,
-                     top: int = 15) -> dict:
+                     top: int | None = None) -> dict:
     """Profile ``steps`` training steps of ``cfg`` and split their time by kernel category.
 
     Args:
@@ -88,13 +108,15 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         device, precision, compile, channels_last: as in :func:`satconv.timing.bench_model`.
         warmup: untimed steps first (compilation and CUDA-graph capture fall here), >= 1.
         steps: profiled steps, >= 1; times are reported per step.
-        top: kernels listed individually.
+        top: kernels listed individually, the most expensive first (``None``: every kernel, so that a
+            row can be re-categorised later).
 
     Returns:
         One JSON-ready dict: ``step_ms`` (median wall time per step, timed separately from the
         profiled steps), ``kernel_ms`` (summed self time of the device kernels, CPU operators on a
         CPU), ``categories`` (``{category: ms per step}``, summing to ``kernel_ms``), ``kernels``
-        (the ``top`` most expensive: ``name``, ``category``, ``ms``, ``calls`` per step), and the
+        (the ``top`` most expensive, or all: ``name``, ``category``, ``ms``, ``calls`` per step),
+        ``category_rule`` (:data:`CATEGORY_RULE`), and the
         device, precision, compile mode and its ``inductor`` settings (``None`` uncompiled), batch, torch
         version, date and ``satconv_source``
         (:func:`satconv.train.source_digest`).
@@ -156,9 +178,10 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "kernel_ms": sum(categories.values()),
         "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         "kernels": kernels[:top],
+        "category_rule": CATEGORY_RULE,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "satconv_source": timing._source_digest(),
     }
 
 
-__all__ = ["CATEGORIES", "categorise", "kernel_breakdown"]
+__all__ = ["CATEGORIES", "CATEGORY_RULE", "LAYOUT_OPS", "categorise", "kernel_breakdown"]

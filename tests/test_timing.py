@@ -266,6 +266,13 @@ def test_bench_batch_backs_off_when_the_searched_batch_runs_out_of_memory(monkey
     ("triton_red_fused__softmax__to_copy_add_exp_native_dropout_prepare_softmax_online_view_23", "softmax"),
     ("triton_per_fused__to_copy_add_native_dropout_backward_native_layer_norm_backward_view_9", "normalisation"),
     ("triton_poi_fused__unsafe_view_bmm_clone_permute_view_13", "layout copy"),
+    ("triton_poi_fused__to_copy__unsafe_view_add_bmm_transpose_view_22", "other element-wise"),
+    ("triton_per_fused___rshift____to_copy_add_arange_bitwise_and_clone_mul_permute_squeeze_sub_sum_view_16",
+     "other element-wise"),
+    ("triton_poi_fused_index_put_new_zeros_permute_transpose_view_22", "other element-wise"),
+    ("triton_poi_fused__to_copy_7", "layout copy"),
+    ("aten::copy_", "layout copy"),
+    ("aten::_to_copy", "layout copy"),
     ("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>", "layout copy"),
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
     ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>>", "optimizer"),
@@ -282,12 +289,13 @@ def test_kernel_names_are_categorised(name, category):
 
 
 def test_kernel_breakdown_on_cpu_sums_its_categories():
-    from satconv.kernels import kernel_breakdown
+    from satconv.kernels import categorise, kernel_breakdown
     row = kernel_breakdown(C.load(QUADRATIC_YAML, profile="quick"), batch=4, device="cpu", warmup=1, steps=1, top=5)
     assert row["device_type"] == "cpu" and row["batch"] == 4 and row["step_ms"] > 0 and row["inductor"] is None
     assert abs(sum(row["categories"].values()) - row["kernel_ms"]) < 1e-9
     assert "matrix product" in row["categories"] and "softmax" in row["categories"]
     assert len(row["kernels"]) == 5 and row["kernels"][0]["ms"] >= row["kernels"][-1]["ms"]
+    assert row["category_rule"] and all(k["category"] == categorise(k["name"]) for k in row["kernels"])
     json.dumps(row)  # JSON-ready
     with pytest.raises(ValueError, match="warmup, steps and batch"):
         kernel_breakdown(C.load(QUADRATIC_YAML, profile="quick"), batch=4, device="cpu", steps=0)
