@@ -433,9 +433,10 @@ def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: 
         raise ValueError(f"batch must be >= 1, got {batch}")
     was_training = model.training
     model.train()
+    run = model
     if compile:
         from .train import compile_model  # lazy: train pulls in the data and atlas modules
-    run = compile_model(model) if compile else model
+        run = compile_model(model)
 
     def total(b: int) -> int:
         storages: dict[int, int] = {}
@@ -468,15 +469,10 @@ INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "max_autotune", "max_autotune_
 def inductor_settings(mode: str | None = None) -> dict:
     """The values of :data:`INDUCTOR_SETTINGS` in this process (missing ones are left out), and those
     satconv's compile sets over them (:func:`satconv.train.compile_options` of compile ``mode``)."""
-    import torch._inductor.config as ic
-    from .train import INDUCTOR_OPTIONS, compile_options
-    found = {}
-    for key in (*INDUCTOR_SETTINGS, *INDUCTOR_OPTIONS):
-        owner, _, name = key.rpartition(".")
-        section = getattr(ic, owner, None) if owner else ic
-        if hasattr(section, name):
-            found[key] = getattr(section, name)
-    return {**found, **compile_options(mode)}
+    from .train import INDUCTOR_OPTIONS, compile_options, inductor_setting
+    missing = object()
+    found = {key: inductor_setting(key, missing) for key in (*INDUCTOR_SETTINGS, *INDUCTOR_OPTIONS)}
+    return {**{k: v for k, v in found.items() if v is not missing}, **compile_options(mode)}
 
 
 def _source_digest() -> str:

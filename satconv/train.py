@@ -280,17 +280,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction": (False, "TORCHINDUCTOR_MIX_ORDER_REDUCTION")}
 
 
+def inductor_setting(key: str, default=None):
+    """The value of ``torch._inductor.config`` setting ``key`` (dotted for sections: ``"triton.cudagraphs"``),
+    or ``default`` when this torch has no such setting (like ``getattr``)."""
+    import torch._inductor.config as ic
+    owner, _, name = key.rpartition(".")
+    section = getattr(ic, owner, None) if owner else ic
+    return getattr(section, name, default)
+
+
 def compile_options(mode: str | None = None) -> dict:
     """The ``torch.compile(options=...)`` of compile ``mode`` (``None``/``"default"`` or a CUDA-graph mode):
     the mode's own inductor options (``torch._inductor.list_mode_options``) plus :data:`INDUCTOR_OPTIONS`,
     except those this torch lacks or whose environment variable is set (the user's choice wins)."""
     import torch._inductor as inductor
-    import torch._inductor.config as ic
     options = dict(inductor.list_mode_options(mode or "default"))
+    missing = object()
     for key, (value, env) in INDUCTOR_OPTIONS.items():
-        owner, _, name = key.rpartition(".")
-        section = getattr(ic, owner) if owner else ic
-        if env not in os.environ and hasattr(section, name):
+        if env not in os.environ and inductor_setting(key, missing) is not missing:
             options[key] = value
     return options
 
@@ -889,4 +896,5 @@ def evaluate(run_dir: str | Path, split: str = "test", weights: str = "best", de
 
 __all__ = ["train", "evaluate", "evaluate_model", "read_metrics", "load_model", "load_atlas", "build_atlas",
            "attention_snapshot", "lr_at", "resolve_config", "run_dir_for", "param_groups", "RunResult",
-           "NonFiniteLoss", "OutOfMemory", "DataError", "METRIC_KEYS"]
+           "NonFiniteLoss", "OutOfMemory", "DataError", "METRIC_KEYS", "INDUCTOR_OPTIONS", "compile_options",
+           "compile_model", "compiled", "inductor_setting"]
