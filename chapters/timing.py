@@ -443,8 +443,8 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
 # ResNet18's alone: the attention models keep the GPU busy for a whole step already (their kernel time
 # is within a few percent of the step, in the breakdown below). Their `(step graph)` rows were measured
-# with the code of the content and ViT `reduce-overhead` rows (before the two changes above that sped up
-# the position-only models) and match those rows to within a few percent.
+# before the two changes above that sped up the position-only models, with the same model code as the
+# content and ViT `reduce-overhead` rows, and match those rows to within a few percent.
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
 # on the `meta` device, where the fused attention is counted as its matrix products; the fused CUDA
