@@ -12,7 +12,7 @@ from satconv import config as C
 from satconv.attention import ContentAttention, LearnedRelativeAttention, QuadraticAttention
 from satconv.attention import folded as folded_module
 from satconv.attention.base import (SHARED_ROUTES, attention_routes, dense_attention_route, explicit_paths,
-                                    shared_attention_route)
+                                    fold_following, shared_attention_route)
 from satconv.attention.folded import (SoftmaxDropoutMix, fold_query_key, key_axis_codes, pack_mask, window_codes,
                                       unpack_mask)
 from satconv.models import build_model
@@ -324,6 +324,33 @@ def test_route_family_names_the_route_setting_the_layers_read(name, monkeypatch)
         model(torch.randn(2, cfg.model.in_channels, size, size))
     assert bool(sdpa_calls) == ("dense" in families)
     assert bool(shared_calls) == ("shared" in families)
+
+
+def test_weight_folds_take_the_autocast_dtype():
+    """Under autocast the fold products are low-precision GEMMs (tensor cores on a GPU, not float32 on the
+    CUDA cores); outside autocast they keep float32, and float64 weights stay float64."""
+    torch.manual_seed(0)
+    proj, then, m = torch.nn.Linear(12, 6), torch.nn.Linear(6, 5), ContentAttention(8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fold_following(proj, then)[0].dtype == torch.bfloat16
+        assert fold_query_key(m.query, m.key, 3, scale=0.5)[0].dtype == torch.bfloat16
+    assert fold_following(proj, then)[0].dtype == torch.float32
+    assert fold_following(proj.double(), then.double())[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["paper_learned", "paper_learned_content", "re_vit"])
+def test_bf16_fast_paths_match_the_float32_explicit_model_on_cpu(name):
+    """The fast paths under bf16 autocast (folds in bf16, the block's dense folded into W_out) against the
+    explicit float32 model, within the bf16 tolerance of the GPU tests (two blocks, CPU autocast)."""
+    torch.manual_seed(0)
+    model = build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml", ["model.num_layers=2"])).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with explicit_paths():
+            ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert _rel(low, ref) < BF16_REL
 
 
 def test_folded_weights_reproduce_query_key_products():
