@@ -168,7 +168,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "device_type": device.type,
         "precision": precision,
         "compile": compile,
-        "inductor": timing.inductor_settings(None if compile is True else compile) if compile else None,
+        "inductor": timing.inductor_settings(compile) if compile else None,
         "channels_last": channels_last,
         **timing.run_options(cfg, device),
         "batch": batch,

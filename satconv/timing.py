@@ -186,7 +186,7 @@ def _train_setup(cfg: ExperimentConfig, device, precision: str, channels_last: b
         # instance; past torch._dynamo.config.cache_size_limit it silently runs eager, so start afresh
         torch._dynamo.reset()
         from .train import compile_model  # lazy: train pulls in the data and atlas modules
-        run = compile_model(model, None if compile is True else compile)
+        run = compile_model(model, compile)
     else:
         run = model
     return model, run, opt
@@ -373,7 +373,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "compile": compile,
         "channels_last": channels_last,
         **run_options(cfg, device),
-        "inductor": inductor_settings(None if compile is True else compile) if compile else None,
+        "inductor": inductor_settings(compile) if compile else None,
         "batch": batch,
         "image_size": m.image_size,
         "params": params,
@@ -466,7 +466,7 @@ INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "max_autotune", "max_autotune_
                      "fallback_random")
 
 
-def inductor_settings(mode: str | None = None) -> dict:
+def inductor_settings(mode: str | bool | None = None) -> dict:
     """The values of :data:`INDUCTOR_SETTINGS` in this process (missing ones are left out), and those
     satconv's compile sets over them (:func:`satconv.train.compile_options` of compile ``mode``)."""
     from .train import INDUCTOR_OPTIONS, compile_options, inductor_setting

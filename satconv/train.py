@@ -275,8 +275,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 #: inductor settings satconv compiles with, over those of the compile mode, and the environment variable
 #: that overrides each.  ``triton.mix_order_reduction`` off: inductor then does not fuse LayerNorm's
 #: row reduction (input gradient) with its column reduction (weight gradient) into one kernel; on the
-#: H200 those fused kernels made the normalisation of a position-only step 2.37 ms, against 1.36 ms
-#: without (``python -m satconv bench --kernels``, the timing chapter's kernel table).
+#: H200 those fused kernels ran several times slower than their bytes need (``python -m satconv bench
+#: --kernels``; the timing chapter's kernel breakdown shows a step with and without them).
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction": (False, "TORCHINDUCTOR_MIX_ORDER_REDUCTION")}
 
 
@@ -289,12 +289,12 @@ def inductor_setting(key: str, default=None):
     return getattr(section, name, default)
 
 
-def compile_options(mode: str | None = None) -> dict:
-    """The ``torch.compile(options=...)`` of compile ``mode`` (``None``/``"default"`` or a CUDA-graph mode):
-    the mode's own inductor options (``torch._inductor.list_mode_options``) plus :data:`INDUCTOR_OPTIONS`,
+def compile_options(mode: str | bool | None = None) -> dict:
+    """The ``torch.compile(options=...)`` of compile ``mode`` (``None``, ``True`` or ``"default"``, or a
+    CUDA-graph mode): the mode's own inductor options (``torch._inductor.list_mode_options``) plus :data:`INDUCTOR_OPTIONS`,
     except those this torch lacks or whose environment variable is set (the user's choice wins)."""
     import torch._inductor as inductor
-    options = dict(inductor.list_mode_options(mode or "default"))
+    options = dict(inductor.list_mode_options("default" if mode in (None, True) else mode))
     missing = object()
     for key, (value, env) in INDUCTOR_OPTIONS.items():
         if env not in os.environ and inductor_setting(key, missing) is not missing:
@@ -302,12 +302,12 @@ def compile_options(mode: str | None = None) -> dict:
     return options
 
 
-def compile_model(model: nn.Module, mode: str | None = None):
+def compile_model(model: nn.Module, mode: str | bool | None = None):
     """``torch.compile(model, dynamic=False)`` in compile ``mode``, with :func:`compile_options`.
 
     Args:
         model: any module.
-        mode: ``None``/``"default"``, ``"reduce-overhead"`` or ``"max-autotune"`` (``train.compile_mode``).
+        mode: ``None``, ``True`` or ``"default"``, ``"reduce-overhead"`` or ``"max-autotune"`` (``train.compile_mode``).
 
     Returns:
         The compiled callable (CUDA-graph modes: see :func:`compiled` for the step marks).

@@ -46,8 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, softmax_keys
-from .base import wide as _wide
+from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, softmax_keys, wide
 
 
 def fold_query_key(query: nn.Linear, key: nn.Linear, num_heads: int, scale: float):
@@ -62,12 +61,12 @@ def fold_query_key(query: nn.Linear, key: nn.Linear, num_heads: int, scale: floa
         ``(weight, bias)`` for ``F.linear``: ``(heads * D_key, D_in)`` and ``(heads * D_key,)`` or ``None``.
         Row ``h * D_key + e`` of the output is ``(x M_h + c_h)[e]``.
     """
-    qw = _wide(query.weight).view(num_heads, -1, query.in_features) * scale  # (H, Dk, D_in), scaled first
-    kw = _wide(key.weight).view(num_heads, -1, key.in_features)  # (H, Dk, D_key)
+    qw = wide(query.weight).view(num_heads, -1, query.in_features) * scale  # (H, Dk, D_in), scaled first
+    kw = wide(key.weight).view(num_heads, -1, key.in_features)  # (H, Dk, D_key)
     weight = torch.einsum("hkd,hke->hed", qw, kw).reshape(-1, query.in_features)  # (H*D_key, D_in)
     bias = None
     if query.bias is not None:
-        qb = _wide(query.bias).view(num_heads, -1) * scale  # (H, Dk)
+        qb = wide(query.bias).view(num_heads, -1) * scale  # (H, Dk)
         bias = torch.einsum("hk,hke->he", qb, kw).reshape(-1)  # (H*D_key,)
     return weight, bias
 
@@ -85,16 +84,16 @@ def fold_query_tables(query: nn.Linear, row: torch.Tensor, col: torch.Tensor, nu
         ``(weight, bias)`` for ``F.linear``: ``(heads * 2T, D_in)``, ``(heads * 2T,)`` or ``None``; the output
         reads ``(..., heads, 2T)`` with the row table in ``[:T]`` and the column table in ``[T:]``.
     """
-    qw = _wide(query.weight).view(num_heads, -1, query.in_features) * scale  # (H, Dk, D_in), scaled first
+    qw = wide(query.weight).view(num_heads, -1, query.in_features) * scale  # (H, Dk, D_in), scaled first
     half = qw.shape[1] // 2
-    tables = torch.cat([_wide(row), _wide(col)], dim=0)  # (2T, Dk/2)
+    tables = torch.cat([wide(row), wide(col)], dim=0)  # (2T, Dk/2)
     t = row.shape[0]
     weight = torch.cat([torch.einsum("hkd,tk->htd", qw[:, :half], tables[:t]),
                         torch.einsum("hkd,tk->htd", qw[:, half:], tables[t:])], dim=1)  # (H, 2T, D_in)
     weight = weight.reshape(-1, query.in_features)
     bias = None
     if query.bias is not None:
-        qb = _wide(query.bias).view(num_heads, -1) * scale  # (H, Dk)
+        qb = wide(query.bias).view(num_heads, -1) * scale  # (H, Dk)
         bias = torch.cat([qb[:, :half] @ tables[:t].t(), qb[:, half:] @ tables[t:].t()], dim=1).reshape(-1)
     return weight, bias
 
@@ -112,12 +111,12 @@ def fold_value_out(value: nn.Linear, out_weight: torch.Tensor, num_heads: int):
         ``(heads, D_out)`` (``v0_h W_out,h^T``) or ``None``, to be weighted by ``rowsum(P_h)``.
     """
     d_out = out_weight.shape[0]
-    vw = _wide(value.weight).view(num_heads, -1, value.in_features)  # (H, Dk, D)
-    ow = _wide(out_weight).view(d_out, num_heads, -1)  # (D_out, H, Dk)
+    vw = wide(value.weight).view(num_heads, -1, value.in_features)  # (H, Dk, D)
+    ow = wide(out_weight).view(d_out, num_heads, -1)  # (D_out, H, Dk)
     weight = torch.einsum("hkd,ehk->ehd", vw, ow).reshape(d_out, -1)  # (D_out, H*D)
     head_bias = None
     if value.bias is not None:
-        head_bias = torch.einsum("hk,ehk->he", _wide(value.bias).view(num_heads, -1), ow)  # (H, D_out)
+        head_bias = torch.einsum("hk,ehk->he", wide(value.bias).view(num_heads, -1), ow)  # (H, D_out)
     return weight, head_bias
 
 
@@ -160,7 +159,7 @@ class SoftmaxDropoutMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype):
-        probs = torch.softmax(_wide(logits), dim=-1).to(dtype)  # (B, R, Nk)
+        probs = torch.softmax(wide(logits), dim=-1).to(dtype)  # (B, R, Nk)
         packed = None
         if p > 0:
             keep = torch.rand(probs.shape, device=probs.device, dtype=torch.float32) >= p
@@ -181,16 +180,16 @@ class SoftmaxDropoutMix(torch.autograd.Function):
         keep = None if packed is None else unpack_mask(packed, ctx.n)  # (B, R, Nk)
         scale = 1.0 / (1.0 - ctx.p)
         if g_mixed is not None:
-            d_dropped = _wide(torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2)))  # (B, R, Nk)
+            d_dropped = wide(torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2)))  # (B, R, Nk)
             dropped = probs if keep is None else probs * keep * scale
             d_values = torch.bmm(dropped.to(g_mixed.dtype).transpose(1, 2), g_mixed).to(values.dtype)  # (B, Nk, D)
         else:
-            d_dropped = torch.zeros(probs.shape, device=probs.device, dtype=_wide(probs).dtype)
+            d_dropped = torch.zeros(probs.shape, device=probs.device, dtype=wide(probs).dtype)
             d_values = None
         if g_rowsum is not None:
             d_dropped = d_dropped + g_rowsum[..., None]
         d_probs = d_dropped if keep is None else d_dropped * keep * scale
-        pw = _wide(probs)
+        pw = wide(probs)
         d_logits = pw * (d_probs - (d_probs * pw).sum(-1, keepdim=True))
         return d_logits.to(ctx.logits_dtype), d_values, None, None
 
