@@ -244,7 +244,7 @@ def test_mask_packing_round_trips(n):
 def test_softmax_dropout_mix_matches_autograd_with_the_same_mask(p):
     """The fused softmax, dropout and ``P~ V`` (saving the probabilities and a packed mask, recomputing the
     dropped probabilities in backward) has plain autograd's outputs and gradients, for the mask it drew
-    (reproduced from the seed: its one random draw is ``torch.rand`` of the probabilities' shape)."""
+    (reproduced from the seed: its one random draw is a ``bernoulli_`` of the probabilities' shape)."""
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 13, dtype=torch.float64, requires_grad=True)
     values = torch.randn(2, 13, 5, dtype=torch.float64, requires_grad=True)
@@ -253,7 +253,7 @@ def test_softmax_dropout_mix_matches_autograd_with_the_same_mask(p):
     mixed, rowsum = SoftmaxDropoutMix.apply(logits, values, p, torch.float64)
     got = torch.autograd.grad((mixed * g_mixed).sum() + (rowsum * g_rowsum).sum(), [logits, values])
     torch.manual_seed(7)
-    keep = torch.rand(2, 6, 13) >= p
+    keep = torch.empty(2, 6, 13, dtype=torch.uint8).bernoulli_(1 - p).bool()  # satconv.dropout.keep_mask's draw
     dropped = torch.softmax(logits, -1) * keep / (1 - p)
     ref_mixed, ref_rowsum = dropped @ values, dropped.sum(-1)
     expected = torch.autograd.grad((ref_mixed * g_mixed).sum() + (ref_rowsum * g_rowsum).sum(), [logits, values])

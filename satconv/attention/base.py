@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dropout import Dropout
+
 
 _FAST_PATHS = [True]
 
@@ -257,7 +259,7 @@ class AttentionBase(nn.Module):
         if not value_proj and self.head_dim != dim:
             raise ValueError(f"without a value projection head_dim must equal dim ({dim}), got {self.head_dim}")
         self.value = nn.Linear(dim, num_heads * self.head_dim) if value_proj else None
-        self.attn_drop = nn.Dropout(dropout)
+        self.attn_drop = Dropout(dropout)
         self.proj = nn.Linear(num_heads * self.head_dim, self.out_dim, bias=bias)
 
     @property

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dropout import Dropout
 from .base import AttentionBase
 from .san import check_kernel_size, footprint, footprint_to_dense
 
@@ -70,7 +71,7 @@ class GlobalContext(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.rescale_weight = nn.Parameter(torch.ones(num_heads))
         self.rescale_bias = nn.Parameter(torch.zeros(num_heads))
-        self.sim_drop = nn.Dropout(dropout)
+        self.sim_drop = Dropout(dropout)
 
     def mlp(self, g: torch.Tensor) -> torch.Tensor:
         """``(B, d) -> (B, d)``: the bottleneck applied to the pooled features."""

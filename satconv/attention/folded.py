@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dropout import keep_mask
 from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, softmax_keys, wide
 
 
@@ -146,11 +147,12 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
 class SoftmaxDropoutMix(torch.autograd.Function):
     """``P~ = dropout(softmax(A))`` and ``P~ V`` (with ``rowsum(P~)``), saving little for the backward pass.
 
-    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype) -> (mixed: (B, R, D), rowsum: (B, R))``.
+    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype, salt=0) -> (mixed: (B, R, D), rowsum: (B, R))``;
+    ``salt`` is the call site's number for the mask (:func:`satconv.dropout.keep_mask`).
     The softmax is taken in float32 (float64 inputs stay float64) and the probabilities are saved in
-    ``dtype`` (the autocast dtype: halving the largest saved tensor); the dropout mask (keep where a
-    float32 ``torch.rand`` draw is ``>= p``, survivors scaled by ``1 / (1 - p)``: ``nn.Dropout``'s law)
-    is saved packed eight to a byte (:func:`pack_mask`).  The dropped probabilities, needed by the
+    ``dtype`` (the autocast dtype: halving the largest saved tensor); the dropout mask
+    (:func:`satconv.dropout.keep_mask`: keeps with probability ``1 - p``, survivors scaled by
+    ``1 / (1 - p)``, ``nn.Dropout``'s law) is saved packed eight to a byte (:func:`pack_mask`).  The dropped probabilities, needed by the
     backward GEMM, are recomputed from the two instead of being stored: per layer of the content model
     that keeps a ``(B, N, heads, N)`` tensor and a byte-per-entry mask out of memory.  The backward pass
     applies ``p * (g - sum(g * p))`` in float32 from the saved probabilities (the rounding the forward
@@ -158,11 +160,11 @@ class SoftmaxDropoutMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype):
+    def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype, salt: int = 0):
         probs = torch.softmax(wide(logits), dim=-1).to(dtype)  # (B, R, Nk)
         packed = None
         if p > 0:
-            keep = torch.rand(probs.shape, device=probs.device, dtype=torch.float32) >= p
+            keep = keep_mask(probs.shape, p, values, salt)  # (B, R, Nk) bool, anchored on this layer's values
             dropped = probs * keep * (1.0 / (1.0 - p))
             packed = pack_mask(keep)
         else:
@@ -191,7 +193,7 @@ class SoftmaxDropoutMix(torch.autograd.Function):
         d_probs = d_dropped if keep is None else d_dropped * keep * scale
         pw = wide(probs)
         d_logits = pw * (d_probs - (d_probs * pw).sum(-1, keepdim=True))
-        return d_logits.to(ctx.logits_dtype), d_values, None, None
+        return d_logits.to(ctx.logits_dtype), d_values, None, None, None
 
 
 #: key counts are padded to a multiple of this (masked keys) so that the score rows stay 16-byte aligned
@@ -262,7 +264,7 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     else:
         p = module.attn_drop.p if module.training else 0.0
         mixed, rowsum = SoftmaxDropoutMix.apply(logits.view(b, n * heads, nk), values, p,
-                                                low if low is not None else x.dtype)
+                                                low if low is not None else x.dtype, module.attn_drop.salt)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
     out_weight, out_bias = fold_following(module.proj, then)  # (D_out, H*Dk), (D_out,): W_out (then ``then``)
     if module.value is None:

@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..dropout import Dropout
 from .base import AttentionBase
 
 
@@ -185,7 +186,7 @@ class _SANAttention(AttentionBase):
         self.query = nn.Linear(dim, self.rel_dim)  # phi (SAM conv1)
         self.key = nn.Linear(dim, self.rel_dim)  # psi (SAM conv2)
         self.value = nn.Linear(dim, self.out_dim, bias=bias)  # beta (SAM conv3)
-        self.attn_drop = nn.Dropout(dropout)
+        self.attn_drop = Dropout(dropout)
 
     def weights(self, q, k, height, width, fp):
         """Footprint weights; subclasses implement the relation and gamma.

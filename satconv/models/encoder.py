@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dropout import Dropout
 from .common import LayerNorm, make_attention
 
 
@@ -26,7 +27,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.act(self.fc1(x))))
@@ -51,7 +52,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.attn = attn
         self.dense = nn.Linear(dim, dim)  # BertSelfOutput.dense
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm1 = LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
         self.norm2 = LayerNorm(dim, eps=eps)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dropout import Dropout
 from ..attention.fcvit import FCViTTokenMixer
 from .common import make_attention, stage_sizes
 
@@ -38,7 +39,7 @@ class ChannelMixer(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.dwconv(self.fc1(x))))))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dropout import Dropout
 from .common import make_attention
 
 #: SAN's channel ratios: attention output (mid) = planes / 4, relation channels (rel) = planes / 16
@@ -104,7 +105,7 @@ class SAN(nn.Module):
         self.norms = nn.ModuleList([nn.BatchNorm2d(w) for w in widths])  # bn_i
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2, 2)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.classifier = nn.Linear(widths[-1], cfg.num_classes)
 
     def attention_layers(self) -> list[nn.Module]:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dropout import Dropout
 from .common import make_attention, stage_sizes
 
 #: block width / attention width
@@ -80,7 +81,7 @@ class SASANet(nn.Module):
             prev = w
         self.stages = nn.ModuleList(stages)
         self.pool = nn.AvgPool2d(2, 2)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.classifier = nn.Linear(prev, cfg.num_classes)
 
     def attention_layers(self) -> list[nn.Module]:

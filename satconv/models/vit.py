@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dropout import Dropout
 from .common import LayerNorm, make_attention
 from .encoder import FeedForward
 from .resnet import make_stage
@@ -28,7 +29,7 @@ class PreNormBlock(nn.Module):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=eps)
         self.attn = attn
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm2 = LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
 
@@ -72,7 +73,7 @@ class ViT(nn.Module):
         n_tokens = self.grid ** 2 + int(self.use_cls)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if self.use_cls else None
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, d) * 0.02)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # the [Re]'s ViT gives every head its own q/k/v of the full width: value projection always on
         # hierarchical ([Re]): one block applied num_layers times, first-pass keys reused
         self.hierarchical, self.num_layers = cfg.hierarchical, cfg.num_layers
