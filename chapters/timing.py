@@ -433,18 +433,29 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   after the attention's $W_{out}$, with nothing in between, so the fast paths multiply the two out once
 #   per step (`satconv.attention.base.fold_following`) and run one GEMM on the heads' output instead of
 #   two; the explicit route applies them in turn, and a test compares the whole model both ways.
+# - **Dropout masks drawn by PyTorch's own kernels.** Compiled, `nn.Dropout` and the attention's dropout
+#   become one Philox call per element inside the fused kernel around them (a LayerNorm, the softmax),
+#   and on the H200 that integer work set the time of those kernels. Every dropout in satconv's models
+#   draws its mask through `satconv.dropout.keep_mask` instead: a custom operator that inductor does not
+#   look into, which draws the Bernoulli mask with `Tensor.bernoulli_` (PyTorch's CUDA kernel uses each
+#   Philox call for four entries) and hands the fused kernels a `bool` mask to read. The law is
+#   `nn.Dropout`'s. Compiled graphs of some torch releases merge calls of a custom operator with equal
+#   arguments, so every call is anchored on a tensor of its own and numbered by its module; a test
+#   checks that the masks of a model's forward pass cannot be merged, and another that a compiled
+#   backward pass reuses the forward's mask. Rows whose source predates this change do not include it.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
 # probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes
-# and copies the batch; the `wfirst` route above uses a batched GEMM instead and is measured again), and
+# and copies the batch; the `wfirst` route above uses a batched GEMM instead), and
 # a hand-written Triton kernel for the content model's softmax and dropout (inductor's fused kernel was
 # as fast once the relative terms were computed per axis). The shared-probability routes stay at
-# `einsum`, the default, which the `bmm` row of the batch-100 table does not beat, and the content
-# attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
+# `einsum`, the default, which neither the `bmm` nor the `wfirst` rows of the batch-100 table beat (in the
+# kernel breakdown, `wfirst` trades einsum's layout copies for a costlier gradient of the batch-broadcast
+# probabilities), and the content attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
 # ResNet18's alone: the attention models keep the GPU busy for a whole step already (their kernel time
-# is within a few percent of the step, in the breakdown below). Their `(step graph)` rows were measured
-# before the two changes above that sped up the position-only models, with the same model code as the
-# content and ViT `reduce-overhead` rows, and match those rows to within a few percent.
+# is within a few percent of the step, in the breakdown below). Their `(step graph)` rows ran older code
+# than their `reduce-overhead` rows (the rows' sources are listed under the table); measured with the
+# same code, the two modes were within a few percent of each other.
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
 # on the `meta` device, where the fused attention is counted as its matrix products; the fused CUDA
@@ -724,7 +735,9 @@ def kernel_chart(rows, title):
                 shown.add(cat)
                 left += parts[cat]
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set(yticks=range(len(rows)), yticklabels=[label_of(r) for r in rows], xlabel="ms per training step")
+    sources = [f", source {r['satconv_source'][:8]}" if r.get("satconv_source") else "" for r in rows]
+    ax.set(yticks=range(len(rows)), yticklabels=[label_of(r) + s for r, s in zip(rows, sources)],
+           xlabel="ms per training step")
     ax.invert_yaxis()
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -733,9 +746,9 @@ def kernel_chart(rows, title):
 
 def kernel_table(rows, top=5):
     """The most expensive kernels of each config, per step."""
-    cells = [[label_of(r), k["category"], k["name"][:90], f"{k['ms']:.3f}", f"{k['calls']:g}"]
-             for r in rows for k in r["kernels"][:top]]
-    return html_table(["config", "category", "kernel", "ms / step", "calls / step"], cells)
+    cells = [[label_of(r), (r.get("satconv_source") or "–")[:8], k["category"], k["name"][:90], f"{k['ms']:.3f}",
+              f"{k['calls']:g}"] for r in rows for k in r["kernels"][:top]]
+    return html_table(["config", "source", "category", "kernel", "ms / step", "calls / step"], cells)
 
 
 gpu_kernels = read_rows("h200_kernels.jsonl")
@@ -749,10 +762,15 @@ else:
         before = [r for r in gpu_kernels if r["config"] == name and mixed_order(r)]
         after = [r for r in gpu_kernels if r["config"] == name and r.get("inductor") and not mixed_order(r)]
         if before and after:
-            b, a = before[-1], after[-1]
+            b = before[-1]
+            same = [r for r in after if r.get("satconv_source") == b.get("satconv_source")]
+            a = (same or after)[0]  # the same code otherwise, else the first row without it
+            sources = (f"source `{a['satconv_source']}`" if same else
+                       f"sources `{b['satconv_source']}` → `{a['satconv_source']}`, so the later row also has "
+                       "the changes landed between them")
             pairs.append(f"`{name}`: normalisation {b['categories'].get('normalisation', 0):.2f} → "
                          f"{a['categories'].get('normalisation', 0):.2f} ms, step {b['step_ms']:.2f} → "
-                         f"{a['step_ms']:.2f} ms ({a['date'][:10]}, source `{a['satconv_source']}`)")
+                         f"{a['step_ms']:.2f} ms ({a['date'][:10]}, {sources})")
     if pairs:
         display(Markdown("Per training step, with inductor's mixed-order LayerNorm reduction and without: "
                          + "; ".join(pairs) + "."))
