@@ -2,6 +2,6 @@
 
 Modules: :mod:`satconv.attention` (mechanisms), :mod:`satconv.models`, :mod:`satconv.theory`
 (conv -> attention), :mod:`satconv.config`, :mod:`satconv.data`, :mod:`satconv.train`,
-:mod:`satconv.viz`, :mod:`satconv.timing`.
+:mod:`satconv.viz`, :mod:`satconv.timing`, :mod:`satconv.dropout` (the models' dropout).
 """
 __version__ = "0.1.0"

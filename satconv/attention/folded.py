@@ -147,14 +147,14 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
 class SoftmaxDropoutMix(torch.autograd.Function):
     """``P~ = dropout(softmax(A))`` and ``P~ V`` (with ``rowsum(P~)``), saving little for the backward pass.
 
-    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype, salt=0) -> (mixed: (B, R, D), rowsum: (B, R))``;
-    ``salt`` is the call site's number for the mask (:func:`satconv.dropout.keep_mask`).
+    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype, salt=0) -> (mixed: (B, R, D), rowsum: (B, R))``.
     The softmax is taken in float32 (float64 inputs stay float64) and the probabilities are saved in
     ``dtype`` (the autocast dtype: halving the largest saved tensor); the dropout mask
-    (:func:`satconv.dropout.keep_mask`: keeps with probability ``1 - p``, survivors scaled by
-    ``1 / (1 - p)``, ``nn.Dropout``'s law) is saved packed eight to a byte (:func:`pack_mask`).  The dropped probabilities, needed by the
-    backward GEMM, are recomputed from the two instead of being stored: per layer of the content model
-    that keeps a ``(B, N, heads, N)`` tensor and a byte-per-entry mask out of memory.  The backward pass
+    (:func:`satconv.dropout.keep_mask`, anchored on ``values``, ``salt`` the call site's number: keeps
+    with probability ``1 - p``, survivors scaled by ``1 / (1 - p)``, ``nn.Dropout``'s law) is saved
+    packed eight to a byte (:func:`pack_mask`).  The dropped probabilities, needed by the backward GEMM,
+    are recomputed from the two instead of being stored: per layer of the content model that keeps a
+    ``(B, N, heads, N)`` tensor and a byte-per-entry mask out of memory.  The backward pass
     applies ``p * (g - sum(g * p))`` in float32 from the saved probabilities (the rounding the forward
     output already carries).
     """
