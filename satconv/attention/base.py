@@ -408,6 +408,8 @@ class InputIndependentAttention(AttentionBase):
 
     Subclasses implement :meth:`position_scores`.  The probabilities are computed once per call
     and shared by the whole batch (``(1, H, N, N)`` @ ``(B, 1, N, D)``, one batched GEMM, §6.4).
+    Dropout on them in training is therefore one mask for the whole batch, as in epfml/attention-cnn,
+    which drops out its batch-free ``(W, H, heads, W, H)`` probabilities before the batch einsum.
     In eval mode they are cached per ``(height, width, device, dtype)``; an entry is reused while
     the ``_version`` counters (and storages) of :meth:`position_parameters` are unchanged, so an
     optimizer step or ``load_state_dict`` invalidates it.  Changes made behind autograd's back
