@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dropout import Dropout
 from ..attention.fcvit import FCViTTokenMixer
+from ..dropout import Dropout
 from .common import make_attention, stage_sizes
 
 #: hidden width of the channel mixer / block width
