@@ -443,12 +443,20 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   arguments, so every call is anchored on a tensor of its own and numbered by its module; a test
 #   checks that the masks of a model's forward pass cannot be merged, and another that a compiled
 #   backward pass reuses the forward's mask. Rows whose source predates this change do not include it.
+# - **The softmax-and-dropout backward in one Triton kernel.** The backward pass of the folded
+#   attention's softmax and dropout is element-wise work on the $(B, N N_h, N)$ scores: the gradient
+#   reaching the dropped probabilities, masked and scaled, through the softmax's backward, plus the
+#   dropped probabilities again for the values' gradient. Inductor made three kernels of it, each
+#   reading the scores' operands again; `satconv.attention.fused` reads the gradient, the
+#   probabilities and the bit-packed mask once and writes both results (a `torch.library.triton_op`,
+#   so compiled graphs run it as it is). Tests compare it with the PyTorch expressions, on a CPU through
+#   Triton's interpreter. Rows whose source predates it do not include it.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
 # probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes
 # and copies the batch; the `wfirst` route above uses a batched GEMM instead), and
-# a hand-written Triton kernel for the content model's softmax and dropout (inductor's fused kernel was
-# as fast once the relative terms were computed per axis). The shared-probability routes stay at
+# a hand-written Triton kernel for the content model's softmax and dropout in the forward pass
+# (inductor's fused kernel was as fast once the relative terms were computed per axis). The shared-probability routes stay at
 # `einsum`, the default, which neither the `bmm` nor the `wfirst` rows of the batch-100 table beat (in the
 # kernel breakdown, `wfirst` trades einsum's layout copies for a costlier gradient of the batch-broadcast
 # probabilities), and the content attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dropout import keep_mask
+from . import fused
 from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, softmax_keys, wide
 
 
@@ -156,7 +157,8 @@ class SoftmaxDropoutMix(torch.autograd.Function):
     are recomputed from the two instead of being stored: per layer of the content model that keeps a
     ``(B, N, heads, N)`` tensor and a byte-per-entry mask out of memory.  The backward pass
     applies ``p * (g - sum(g * p))`` in float32 from the saved probabilities (the rounding the forward
-    output already carries).
+    output already carries); on CUDA its element-wise part is one Triton kernel
+    (:mod:`satconv.attention.fused`), elsewhere these PyTorch expressions.
     """
 
     @staticmethod
@@ -179,6 +181,12 @@ class SoftmaxDropoutMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_mixed: torch.Tensor | None, g_rowsum: torch.Tensor | None):
         probs, packed, values = ctx.saved_tensors
+        if g_mixed is not None and fused.enabled(probs):  # one Triton kernel for the element-wise part
+            g = torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2))  # (B, R, Nk)
+            d_logits, dropped = fused.softmax_dropout_backward(g, probs, packed, g_rowsum, ctx.p,
+                                                               ctx.logits_dtype, g_mixed.dtype)
+            d_values = torch.bmm(dropped.transpose(1, 2), g_mixed).to(values.dtype)  # (B, Nk, D)
+            return d_logits, d_values, None, None, None
         keep = None if packed is None else unpack_mask(packed, ctx.n)  # (B, R, Nk)
         scale = 1.0 / (1.0 - ctx.p)
         if g_mixed is not None:

@@ -1,0 +1,126 @@
+"""satconv.attention.fused: the Triton softmax-and-dropout backward equals the PyTorch expressions.
+
+Without a GPU the kernel runs in Triton's interpreter, which has to be switched on before the kernel is
+defined, so those checks run in a fresh interpreter (``TRITON_INTERPRET=1``).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from satconv.attention import fused
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="Triton is not importable")
+
+REFERENCE = textwrap.dedent("""
+    import torch
+    from satconv.attention import folded, fused
+
+    def reference(g, probs, keep, g_rowsum, p):
+        # the PyTorch expressions of SoftmaxDropoutMix.backward, in float32
+        d = g.float() if g_rowsum is None else g.float() + g_rowsum[..., None]
+        k = keep.float() / (1 - p)
+        d = d * k
+        pw = probs.float()
+        return pw * (d - (d * pw).sum(-1, keepdim=True)), pw * k
+
+    def case(b, r, n, p, with_rowsum, dtype, device="cpu"):
+        probs = torch.softmax(torch.randn(b, r, n, device=device), -1).to(dtype)
+        keep = torch.rand(b, r, n, device=device) >= p
+        g = torch.randn(b, r, n, device=device).to(dtype)
+        g_rowsum = torch.randn(b, r, device=device) if with_rowsum else None
+        packed = folded.pack_mask(keep) if p else None
+        got = fused.softmax_dropout_backward(g, probs, packed, g_rowsum, p, torch.float32, dtype)
+        return got, reference(g, probs, keep, g_rowsum, p)
+""")
+
+INTERPRETED = REFERENCE + textwrap.dedent("""
+    torch.manual_seed(0)
+    # key counts: a power of two, ViT's padded 264-like odd sizes, fewer rows than a program takes
+    for b, r, n, p, with_rowsum, dtype in [(2, 7, 16, 0.25, True, torch.float32), (1, 3, 13, 0.0, False, torch.float32),
+                                           (2, 5, 40, 0.4, True, torch.bfloat16), (3, 33, 24, 0.1, False, torch.float32)]:
+        (d_logits, dropped), (ref_logits, ref_dropped) = case(b, r, n, p, with_rowsum, dtype)
+        assert d_logits.dtype == torch.float32 and dropped.dtype == dtype
+        torch.testing.assert_close(d_logits, ref_logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(dropped, ref_dropped.to(dtype), rtol=0 if dtype == torch.float32 else 8e-3,
+                                   atol=1e-7)
+
+    # through SoftmaxDropoutMix: the fused backward has autograd's gradients for the mask drawn
+    fused.enabled = lambda t: True  # CPU tensors, interpreted kernel
+    for p in (0.0, 0.3):
+        torch.manual_seed(1)
+        logits = torch.randn(2, 6, 13, requires_grad=True)
+        values = torch.randn(2, 13, 5, requires_grad=True)
+        g_mixed, g_rowsum = torch.randn(2, 6, 5), torch.randn(2, 6)
+        torch.manual_seed(7)
+        mixed, rowsum = folded.SoftmaxDropoutMix.apply(logits, values, p, torch.float32)
+        got = torch.autograd.grad((mixed * g_mixed).sum() + (rowsum * g_rowsum).sum(), [logits, values])
+        torch.manual_seed(7)
+        keep = torch.empty(2, 6, 13, dtype=torch.uint8).bernoulli_(1 - p).bool()
+        dropped = torch.softmax(logits, -1) * keep / (1 - p)
+        loss = ((dropped @ values) * g_mixed).sum() + (dropped.sum(-1) * g_rowsum).sum()
+        want = torch.autograd.grad(loss, [logits, values])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    print("ok")
+""")
+
+
+def test_fused_backward_equals_the_pytorch_expressions_interpreted():
+    """Float32 to rounding (bf16 inputs: the dropped probabilities to one bf16 step) for several key
+    counts, with and without dropout and the row-sum gradient; and SoftmaxDropoutMix's gradients with the
+    fused backward equal plain autograd's for the same mask."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_fused_backward_is_used_only_where_it_applies():
+    """On CUDA tensors in a float dtype it can run (unless turned off); never on CPU tensors or float64."""
+    assert not fused.enabled(torch.zeros(1))
+    if torch.cuda.is_available():
+        assert fused.enabled(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+        assert not fused.enabled(torch.zeros(1, device="cuda", dtype=torch.float64))
+        with fused.use_fused_backward(False):
+            assert not fused.enabled(torch.zeros(1, device="cuda"))
+        assert fused.enabled(torch.zeros(1, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+def test_fused_backward_equals_the_pytorch_expressions_gpu():
+    """The compiled kernel on the GPU, at the content model's row length and ViT's padded one."""
+    scope = {}
+    exec(REFERENCE, scope)
+    torch.manual_seed(0)
+    for n, dtype in [(256, torch.bfloat16), (264, torch.bfloat16), (256, torch.float32)]:
+        (d_logits, dropped), (ref_logits, ref_dropped) = scope["case"](4, 300, n, 0.1, True, dtype, "cuda")
+        torch.testing.assert_close(d_logits, ref_logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(dropped.float(), ref_dropped.to(dtype).float(), rtol=8e-3, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+@pytest.mark.parametrize("name", ["paper_learned_content", "re_vit"])
+def test_compiled_training_gradients_with_and_without_the_fused_backward_gpu(name):
+    """A compiled bf16 training step (two blocks, dropout off so that both draw nothing) has the same
+    gradients with the fused backward as with the PyTorch expressions, to bf16 rounding."""
+    from satconv import config as C
+    from satconv.models import build_model
+
+    cfg = C.load(C.REPO_ROOT / "configs" / f"{name}.yaml",
+                 ["model.num_layers=2", "model.dropout=0.0", "model.attention.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda().train()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    grads = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        with fused.use_fused_backward(on), torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.compile(model)(x).float().square().mean().backward()
+        grads[on] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    rel = ((grads[True] - grads[False]).norm() / grads[False].norm()).item()
+    assert rel < 1e-2
