@@ -453,17 +453,17 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   Triton's interpreter. Rows whose source predates it do not include it.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
-# probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes
-# and copies the batch; the `wfirst` route above uses a batched GEMM instead), and
-# a hand-written Triton kernel for the content model's softmax and dropout in the forward pass
-# (inductor's fused kernel was as fast once the relative terms were computed per axis). The shared-probability routes stay at
-# `einsum`, the default, which neither the `bmm` nor the `wfirst` rows of the batch-100 table beat (in the
-# kernel breakdown, `wfirst` trades einsum's layout copies for a costlier gradient of the batch-broadcast
-# probabilities), and the content attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
-# ResNet18's alone: the attention models keep the GPU busy for a whole step already (their kernel time
-# is within a few percent of the step, in the breakdown below). Their `(step graph)` rows ran older code
-# than their `reduce-overhead` rows (the rows' sources are listed under the table); measured with the
-# same code, the two modes were within a few percent of each other.
+# probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes and
+# copies the batch; the `wfirst` route above uses a batched GEMM instead), and a hand-written Triton kernel
+# for the content model's softmax and dropout in the forward pass (inductor's fused kernel was as fast once
+# the relative terms were computed per axis). The shared-probability routes stay at `einsum`, the default,
+# which neither the `bmm` nor the `wfirst` rows of the batch-100 table beat (in the kernel breakdown, `wfirst`
+# trades einsum's layout copies for a costlier gradient of the batch-broadcast probabilities), and the content
+# attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
+# ResNet18's alone: the attention models keep the GPU busy for a whole step already (their kernel time is
+# within a few percent of the step, in the breakdown below). Their `(step graph)` rows ran older code than
+# their `reduce-overhead` rows (the rows' sources are listed under the table); measured with the same code,
+# the two modes were within a few percent of each other.
 #
 # The table counts the FLOPs each route runs per training image (forward and backward, batch 100, counted
 # on the `meta` device, where the fused attention is counted as its matrix products; the fused CUDA

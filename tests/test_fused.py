@@ -40,8 +40,10 @@ REFERENCE = textwrap.dedent("""
 INTERPRETED = REFERENCE + textwrap.dedent("""
     torch.manual_seed(0)
     # key counts: a power of two, ViT's padded 264-like odd sizes, fewer rows than a program takes
-    for b, r, n, p, with_rowsum, dtype in [(2, 7, 16, 0.25, True, torch.float32), (1, 3, 13, 0.0, False, torch.float32),
-                                           (2, 5, 40, 0.4, True, torch.bfloat16), (3, 33, 24, 0.1, False, torch.float32)]:
+    for b, r, n, p, with_rowsum, dtype in [(2, 7, 16, 0.25, True, torch.float32),
+                                           (1, 3, 13, 0.0, False, torch.float32),
+                                           (2, 5, 40, 0.4, True, torch.bfloat16),
+                                           (3, 33, 24, 0.1, False, torch.float32)]:
         (d_logits, dropped), (ref_logits, ref_dropped) = case(b, r, n, p, with_rowsum, dtype)
         assert d_logits.dtype == torch.float32 and dropped.dtype == dtype
         torch.testing.assert_close(d_logits, ref_logits, rtol=0, atol=1e-6)
