@@ -448,8 +448,8 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   reaching the dropped probabilities, masked and scaled, through the softmax's backward, plus the
 #   dropped probabilities again for the values' gradient. Inductor made three kernels of it, each
 #   reading the scores' operands again; `satconv.attention.fused` reads the gradient, the
-#   probabilities and the bit-packed mask once and writes both results (a `torch.library.triton_op`,
-#   so compiled graphs run it as it is). Tests compare it with the PyTorch expressions, on a CPU through
+#   probabilities and the bit-packed mask once and writes both results (a custom operator, so compiled
+#   graphs call it as it is). Tests compare it with the PyTorch expressions, on a CPU through
 #   Triton's interpreter. Rows whose source predates it do not include it.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared

@@ -52,6 +52,9 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
 
     # through SoftmaxDropoutMix: the fused backward has autograd's gradients for the mask drawn
     fused.enabled = lambda t: True  # CPU tensors, interpreted kernel
+    launches = []
+    launch = fused._launch
+    fused._launch = lambda *args: launches.append(1) or launch(*args)  # counts the kernel's launches
     for p in (0.0, 0.3):
         torch.manual_seed(1)
         logits = torch.randn(2, 6, 13, requires_grad=True)
@@ -67,6 +70,18 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
         want = torch.autograd.grad(loss, [logits, values])
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+        # compiled by inductor: the operator runs as it is, with the same mask (keep_mask is eager's draw)
+        def loss_of(lg, vl):
+            m, rs = folded.SoftmaxDropoutMix.apply(lg, vl, p, torch.float32)
+            return (m * g_mixed).sum() + (rs * g_rowsum).sum()
+
+        torch.manual_seed(7)
+        before = len(launches)
+        compiled = torch.autograd.grad(torch.compile(loss_of, dynamic=False)(logits, values), [logits, values])
+        assert len(launches) == before + 1  # the compiled backward ran the kernel
+        for a, b in zip(compiled, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     print("ok")
 """)
 
@@ -74,7 +89,7 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
 def test_fused_backward_equals_the_pytorch_expressions_interpreted():
     """Float32 to rounding (bf16 inputs: the dropped probabilities to one bf16 step) for several key
     counts, with and without dropout and the row-sum gradient; and SoftmaxDropoutMix's gradients with the
-    fused backward equal plain autograd's for the same mask."""
+    fused backward equal plain autograd's for the same mask, eager and compiled by inductor."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -15,8 +15,8 @@ operands again (the unpacked mask, the float32 widening and the row sum recomput
 bandwidth (an estimate from the tensor sizes, not a measurement of this kernel).  :func:`softmax_dropout_backward`
 does it in one pass: it reads ``g``, ``p`` and the bit-packed mask once and writes ``dL/dA`` and ``P~``.
 
-It is a ``torch.library.triton_op`` (``satconv::softmax_dropout_backward``), so ``torch.compile`` runs it
-as it is inside compiled graphs.  :func:`enabled` says whether the folded attention uses it: on CUDA
+It is a custom operator (``satconv::softmax_dropout_backward``, with a fake implementation for tracing),
+so ``torch.compile`` calls it as it is inside compiled graphs.  :func:`enabled` says whether the folded attention uses it: on CUDA
 tensors when Triton is importable, unless turned off with :func:`use_fused_backward`.  The PyTorch
 expressions it replaces stay the reference (``tests/test_fast_paths.py``); on a CPU the kernel runs in
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests pin it without a GPU.
@@ -91,14 +91,13 @@ if triton is not None:
         block = triton.next_power_of_2(n)
         per_program = max(1, min(16, 2048 // block))  # rows per program: about 2048 entries
         grid = (triton.cdiv(rows, per_program),)
-        kernel = torch.library.wrap_triton(_backward_kernel)
-        kernel[grid](g, probs, packed if packed is not None else probs,
+        _backward_kernel[grid](g, probs, packed if packed is not None else probs,
                      g_rowsum if g_rowsum is not None else probs, d_logits, dropped, rows, n,
                      packed.shape[-1] if packed is not None else 0, scale,
                      HAS_KEEP=packed is not None, HAS_GROW=g_rowsum is not None, ROWS=per_program,
                      BLOCK=block, num_warps=4)
 
-    @torch.library.triton_op("satconv::softmax_dropout_backward", mutates_args=())
+    @torch.library.custom_op("satconv::softmax_dropout_backward", mutates_args=())
     def _softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor | None,
                                   g_rowsum: torch.Tensor | None, scale: float, logits_dtype: torch.dtype,
                                   dropped_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +106,14 @@ if triton is not None:
         g_rowsum = None if g_rowsum is None else g_rowsum.contiguous()
         d_logits = torch.empty(probs.shape, dtype=logits_dtype, device=probs.device)
         dropped = torch.empty(probs.shape, dtype=dropped_dtype, device=probs.device)
-        _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped)
+        with torch.cuda.device(probs.device) if probs.is_cuda else contextlib.nullcontext():
+            _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped)
         return d_logits, dropped
+
+    @_softmax_dropout_backward.register_fake
+    def _(g, probs, packed, g_rowsum, scale, logits_dtype, dropped_dtype):
+        return (torch.empty(probs.shape, dtype=logits_dtype, device=probs.device),
+                torch.empty(probs.shape, dtype=dropped_dtype, device=probs.device))
 
 
 def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor | None,
