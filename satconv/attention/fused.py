@@ -91,11 +91,11 @@ if triton is not None:
         block = triton.next_power_of_2(n)
         per_program = max(1, min(16, 2048 // block))  # rows per program: about 2048 entries
         grid = (triton.cdiv(rows, per_program),)
-        _backward_kernel[grid](g, probs, packed if packed is not None else probs,
-                     g_rowsum if g_rowsum is not None else probs, d_logits, dropped, rows, n,
-                     packed.shape[-1] if packed is not None else 0, scale,
-                     HAS_KEEP=packed is not None, HAS_GROW=g_rowsum is not None, ROWS=per_program,
-                     BLOCK=block, num_warps=4)
+        _backward_kernel[grid](g, probs, packed if packed is not None else probs,  # unused pointers: any tensor
+                               g_rowsum if g_rowsum is not None else probs, d_logits, dropped, rows, n,
+                               packed.shape[-1] if packed is not None else 0, scale,
+                               HAS_KEEP=packed is not None, HAS_GROW=g_rowsum is not None, ROWS=per_program,
+                               BLOCK=block, num_warps=4)
 
     @torch.library.custom_op("satconv::softmax_dropout_backward", mutates_args=())
     def _softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor | None,
