@@ -12,14 +12,16 @@ softmax over keys, with the attention dropout) and ``P~ X``.  Its backward pass 
 Compiled by inductor, these became three kernels on an H200 that each read the ``(B, N * heads, N_key)``
 operands again (the unpacked mask, the float32 widening and the row sum recomputed in each): in
 ``book/bench/h200_kernels.jsonl`` they take several times what their bytes would at the H200's memory
-bandwidth (an estimate from the tensor sizes, not a measurement of this kernel).  :func:`softmax_dropout_backward`
-does it in one pass: it reads ``g``, ``p`` and the bit-packed mask once and writes ``dL/dA`` and ``P~``.
+bandwidth (an estimate from the tensor sizes, not a measurement of this kernel).
+:func:`softmax_dropout_backward` does it in one pass: it reads ``g``, ``p`` and the bit-packed mask once and
+writes ``dL/dA`` and ``P~``.
 
-It is a custom operator (``satconv::softmax_dropout_backward``, with a fake implementation for tracing),
-so ``torch.compile`` calls it as it is inside compiled graphs.  :func:`enabled` says whether the folded attention uses it: on CUDA
-tensors when Triton is importable, unless turned off with :func:`use_fused_backward`.  The PyTorch
-expressions it replaces stay the reference (``tests/test_fast_paths.py``); on a CPU the kernel runs in
-Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests pin it without a GPU.
+It is a custom operator (``satconv::softmax_dropout_backward``, with a fake implementation for tracing), so
+``torch.compile`` calls it as it is inside compiled graphs. :func:`enabled` says whether the folded
+attention uses it: on CUDA tensors when Triton is importable, unless turned off with
+:func:`use_fused_backward`. The PyTorch expressions it replaces stay the reference
+(``tests/test_fused.py``); on a CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``),
+which is how the tests pin it without a GPU.
 """
 from __future__ import annotations
 
