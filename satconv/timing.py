@@ -33,6 +33,7 @@ import yaml
 
 from . import config as cfgmod
 from .flops import _config_flops, flops_per_image, paper_convention_flops  # noqa: F401 (public here too)
+from .attention import fused
 from .attention.base import attention_routes
 from .config import ExperimentConfig, TrainConfig
 
@@ -202,11 +203,14 @@ def _inputs(cfg: ExperimentConfig, batch: int, device, channels_last: bool):
 
 
 def run_options(cfg: ExperimentConfig, device) -> dict:
-    """The training options a bench, epoch or kernel row ran with: the attention routes, and
-    ``step_graph`` where it applied (CUDA only: a CPU row ran plain steps)."""
+    """The training options a bench, epoch or kernel row ran with: the attention routes, ``step_graph``
+    where it applied (CUDA only: a CPU row ran plain steps), and ``fused_backward``: whether a folded
+    content attention's backward would run the fused Triton kernel (:func:`satconv.attention.fused.on_device`;
+    models without one ignore it)."""
     t = cfg.train
     return {"attention_route": t.attention_route, "shared_route": t.shared_route,
-            "step_graph": t.step_graph and torch.device(device).type == "cuda"}
+            "step_graph": t.step_graph and torch.device(device).type == "cuda",
+            "fused_backward": fused.on_device(device)}
 
 
 def step_graph_conflict(cfg: ExperimentConfig, compile) -> str | None:

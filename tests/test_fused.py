@@ -98,7 +98,13 @@ def test_fused_backward_equals_the_pytorch_expressions_interpreted():
 
 def test_fused_backward_is_used_only_where_it_applies():
     """On CUDA tensors in a float dtype it can run (unless turned off); never on CPU tensors or float64."""
-    assert not fused.enabled(torch.zeros(1))
+    assert not fused.enabled(torch.zeros(1)) and not fused.on_device("cpu")
+    from satconv import config as C
+    from satconv.timing import run_options
+    cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned_content.yaml")
+    assert run_options(cfg, "cpu")["fused_backward"] is False  # bench rows record it
+    with fused.use_fused_backward(False):
+        assert run_options(cfg, "cuda")["fused_backward"] is False
     if torch.cuda.is_available():
         assert fused.enabled(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
         assert not fused.enabled(torch.zeros(1, device="cuda", dtype=torch.float64))

@@ -55,12 +55,16 @@ def use_fused_backward(on: bool = True):
         _ENABLED[0] = old
 
 
+def on_device(device) -> bool:
+    """Whether the fused backward runs on ``device`` (a ``torch.device`` or its name): Triton is importable,
+    the device is a CUDA one, and :func:`use_fused_backward` has not turned it off."""
+    return _ENABLED[0] and available() and torch.device(device).type == "cuda"
+
+
 def enabled(t: torch.Tensor) -> bool:
     """Whether the folded attention's backward pass on tensor ``t`` runs :func:`softmax_dropout_backward`:
-    Triton is importable, ``t`` is on a CUDA device and in bf16, fp16 or float32, and
-    :func:`use_fused_backward` has not turned it off."""
-    return (_ENABLED[0] and available() and t.device.type == "cuda"
-            and t.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    :func:`on_device` for ``t``'s device, and ``t`` in bf16, fp16 or float32."""
+    return on_device(t.device) and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 if triton is not None:
@@ -143,4 +147,4 @@ def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch
                                                       logits_dtype, dropped_dtype)
 
 
-__all__ = ["available", "enabled", "use_fused_backward", "softmax_dropout_backward"]
+__all__ = ["available", "on_device", "enabled", "use_fused_backward", "softmax_dropout_backward"]
