@@ -450,7 +450,10 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   reading the scores' operands again; `satconv.attention.fused` reads the gradient, the
 #   probabilities and the bit-packed mask once and writes both results (a custom operator, so compiled
 #   graphs call it as it is). Tests compare it with the PyTorch expressions, on a CPU through
-#   Triton's interpreter. Rows whose source predates it do not include it.
+#   Triton's interpreter. Rows whose source predates it do not include it. A forward kernel of the same
+#   kind (relative terms, padded keys, softmax, dropout and the packed mask in one pass) is in the
+#   package too, off until it has been measured (`satconv.attention.fused.use_fused_forward`); rows
+#   record both settings (`fused_backward`, `fused_forward`).
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
 # probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes and

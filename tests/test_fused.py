@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from satconv.attention import fused
+from satconv.attention.folded import pack_mask
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="Triton is not importable")
 
@@ -82,14 +83,85 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
         assert len(launches) == before + 1  # the compiled backward ran the kernel
         for a, b in zip(compiled, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    # the fused forward: relative terms, padded keys, softmax, dropout, packing and row sums in one kernel
+    for b, r, hk, wk, n_valid, p, dtype in [(2, 7, 4, 4, 16, 0.25, torch.float32),
+                                            (1, 5, 1, 13, 11, 0.0, torch.float32),
+                                            (2, 6, 4, 4, 16, 0.4, torch.bfloat16),
+                                            (2, 3, 1, 40, 37, 0.1, torch.bfloat16)]:
+        n, rel = hk * wk, hk > 1
+        scores = torch.randn(b, r, n)
+        row, col = (torch.randn(b, r, hk), torch.randn(b, r, wk)) if rel else (None, None)
+        keep = (torch.rand(b, r, n) >= p) if p else None
+        probs, dropped, packed, rowsum = fused.softmax_dropout_forward(scores, row, col, n_valid, keep, p, dtype, dtype)
+        full = scores if not rel else (scores.view(b, r, hk, wk) + row[..., None] + col[..., None, :]).view(b, r, n)
+        full = full.masked_fill(torch.arange(n) >= n_valid, float("-inf"))
+        ref = torch.softmax(full, -1).to(dtype)
+        k = torch.ones(b, r, n) if keep is None else keep.float() / (1 - p)
+        tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=4e-3)  # a bf16 step
+        torch.testing.assert_close(probs.float(), ref.float(), **tol)
+        assert (probs[..., n_valid:] == 0).all()
+        torch.testing.assert_close(dropped.float(), probs.float() * k, **tol)
+        torch.testing.assert_close(rowsum, (probs.float() * k).sum(-1), rtol=1e-5, atol=1e-5)
+        assert (packed is None) == (keep is None) and (keep is None or torch.equal(packed, folded.pack_mask(keep)))
+
+    # SoftmaxDropoutMix with relative terms and padding: fused forward and backward against the PyTorch path
+    def run_mix(fwd, bwd, p):
+        fused.forward_enabled, fused.enabled = (lambda t: fwd), (lambda t: bwd)
+        torch.manual_seed(3)
+        lg = torch.randn(2, 6, 16, requires_grad=True)
+        vl = torch.randn(2, 16, 5, requires_grad=True)
+        rw = torch.randn(2, 6, 4, requires_grad=True)
+        cl = torch.randn(2, 6, 4, requires_grad=True)
+        gm, gs = torch.randn(2, 6, 5), torch.randn(2, 6)
+        torch.manual_seed(9)
+        m, rs = folded.SoftmaxDropoutMix.apply(lg, vl, p, torch.float32, 0, rw, cl, 14)
+        grads = torch.autograd.grad((m * gm).sum() + (rs * gs).sum(), [lg, vl, rw, cl])
+        return (m, rs) + grads
+
+    for p in (0.0, 0.3):
+        want = run_mix(False, False, p)
+        for fwd, bwd in ((True, True), (True, False), (False, True)):
+            for a, b in zip(run_mix(fwd, bwd, p), want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    # whole models on both kernels (the folded forward hands them the relative terms and the padding)
+    # against the explicit model, logits and gradients, float32, evaluation mode (no dropout drawn)
+    from satconv import config as C
+    from satconv.attention.base import explicit_paths
+    from satconv.models import build_model
+    fused.forward_enabled, fused.enabled = (lambda t: True), (lambda t: True)
+    forwards = []
+    forward = fused.softmax_dropout_forward
+    fused.softmax_dropout_forward = lambda *args: forwards.append(args[1] is not None) or forward(*args)
+    for name in ("paper_learned_content", "re_vit"):
+        torch.manual_seed(0)
+        model = build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml", ["model.num_layers=2"])).eval()
+        x = torch.randn(2, 3, 32, 32)
+
+        def run():
+            out = model(x)
+            return [out] + list(torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True,
+                                                     materialize_grads=True))
+        before = len(launches)
+        got = run()
+        assert len(launches) == before + 2  # both blocks ran the fused backward
+        assert forwards[-2:] == [name == "paper_learned_content"] * 2  # and the fused forward, relative terms in it
+        with explicit_paths():
+            want = run()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     print("ok")
 """)
 
 
-def test_fused_backward_equals_the_pytorch_expressions_interpreted():
-    """Float32 to rounding (bf16 inputs: the dropped probabilities to one bf16 step) for several key
-    counts, with and without dropout and the row-sum gradient; and SoftmaxDropoutMix's gradients with the
-    fused backward equal plain autograd's for the same mask, eager and compiled by inductor."""
+def test_fused_kernels_equal_the_pytorch_expressions_interpreted():
+    """Backward: float32 to rounding (bf16 inputs: the dropped probabilities to one bf16 step) for several key
+    counts, with and without dropout and the row-sum gradient; SoftmaxDropoutMix's gradients with it equal
+    plain autograd's for the same mask, eager and compiled by inductor.  Forward: the probabilities (zero on
+    padded keys), dropped probabilities, packed mask and row sums for several shapes, with and without
+    relative terms; and SoftmaxDropoutMix with relative terms and padding gives the same outputs and
+    gradients (row and column terms included) with either kernel or both as with the PyTorch expressions."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -105,6 +177,11 @@ def test_fused_backward_is_used_only_where_it_applies():
     assert run_options(cfg, "cpu")["fused_backward"] is False  # bench rows record it
     with fused.use_fused_backward(False):
         assert run_options(cfg, "cuda")["fused_backward"] is False
+    assert not fused.forward_on_device("cpu") and run_options(cfg, "cpu")["fused_forward"] is False
+    if torch.cuda.is_available():
+        assert not fused.forward_on_device("cuda")  # opt-in
+        with fused.use_fused_forward():
+            assert fused.forward_on_device("cuda") and run_options(cfg, "cuda")["fused_forward"] is True
     if torch.cuda.is_available():
         assert fused.enabled(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
         assert not fused.enabled(torch.zeros(1, device="cuda", dtype=torch.float64))
@@ -126,10 +203,34 @@ def test_fused_backward_equals_the_pytorch_expressions_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+def test_fused_forward_equals_the_pytorch_expressions_gpu():
+    """The compiled forward kernel on the GPU: the content model's relative layout (16 x 16 keys) and ViT's
+    padded keys (257 of 264), in bf16 with dropout."""
+    torch.manual_seed(0)
+    for hk, wk, n_valid in [(16, 16, 256), (1, 264, 257)]:
+        b, r, n = 4, 300, hk * wk
+        scores = torch.randn(b, r, n, device="cuda").bfloat16()
+        row, col = ((torch.randn(b, r, hk, device="cuda"), torch.randn(b, r, wk, device="cuda")) if hk > 1
+                    else (None, None))
+        keep = torch.rand(b, r, n, device="cuda") >= 0.1
+        probs, dropped, packed, rowsum = fused.softmax_dropout_forward(scores, row, col, n_valid, keep, 0.1,
+                                                                       torch.bfloat16, torch.bfloat16)
+        full = scores.float()
+        if row is not None:
+            full = (full.view(b, r, hk, wk) + row[..., None] + col[..., None, :]).view(b, r, n)
+        full = full.masked_fill(torch.arange(n, device="cuda") >= n_valid, float("-inf"))
+        torch.testing.assert_close(probs.float(), torch.softmax(full, -1), rtol=1e-2, atol=4e-3)
+        torch.testing.assert_close(dropped.float(), probs.float() * keep / 0.9, rtol=1e-2, atol=4e-3)
+        torch.testing.assert_close(rowsum, (probs.float() * keep / 0.9).sum(-1), rtol=1e-4, atol=1e-4)
+        assert torch.equal(packed, pack_mask(keep))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
 @pytest.mark.parametrize("name", ["paper_learned_content", "re_vit"])
-def test_compiled_training_gradients_with_and_without_the_fused_backward_gpu(name):
-    """A compiled bf16 training step (two blocks, dropout off so that both draw nothing) has the same
-    gradients with the fused backward as with the PyTorch expressions, to bf16 rounding."""
+def test_compiled_training_gradients_with_and_without_the_fused_kernels_gpu(name):
+    """A compiled bf16 training step (two blocks, dropout off so that none draws anything) has the same
+    gradients with the fused backward, and with both fused kernels, as with the PyTorch expressions, to
+    bf16 rounding."""
     from satconv import config as C
     from satconv.models import build_model
 
@@ -139,11 +240,12 @@ def test_compiled_training_gradients_with_and_without_the_fused_backward_gpu(nam
     model = build_model(cfg).cuda().train()
     x = torch.randn(8, 3, 32, 32, device="cuda")
     grads = {}
-    for on in (True, False):
+    for fwd, bwd in ((False, False), (False, True), (True, True)):
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
-        with fused.use_fused_backward(on), torch.autocast("cuda", dtype=torch.bfloat16):
+        with fused.use_fused_forward(fwd), fused.use_fused_backward(bwd), torch.autocast("cuda", dtype=torch.bfloat16):
             torch.compile(model)(x).float().square().mean().backward()
-        grads[on] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    rel = ((grads[True] - grads[False]).norm() / grads[False].norm()).item()
-    assert rel < 1e-2
+        grads[fwd, bwd] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    ref = grads[False, False]
+    for key in ((False, True), (True, True)):
+        assert ((grads[key] - ref).norm() / ref.norm()).item() < 1e-2, key

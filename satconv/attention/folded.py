@@ -148,7 +148,10 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
 class SoftmaxDropoutMix(torch.autograd.Function):
     """``P~ = dropout(softmax(A))`` and ``P~ V`` (with ``rowsum(P~)``), saving little for the backward pass.
 
-    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype, salt=0) -> (mixed: (B, R, D), rowsum: (B, R))``.
+    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype, salt=0, row=None, col=None, n_valid=None)
+    -> (mixed: (B, R, D), rowsum: (B, R))``; ``row: (B, R, Hk)`` and ``col: (B, R, Wk)`` are relative terms
+    added to key ``(r_k, c_k)`` (``Nk = Hk * Wk``) and keys ``>= n_valid`` are padding, both applied here
+    so that the fused forward (:func:`satconv.attention.fused.use_fused_forward`) reads them in its kernel.
     The softmax is taken in float32 (float64 inputs stay float64) and the probabilities are saved in
     ``dtype`` (the autocast dtype: halving the largest saved tensor); the dropout mask
     (:func:`satconv.dropout.keep_mask`, anchored on ``values``, ``salt`` the call site's number: keeps
@@ -162,19 +165,33 @@ class SoftmaxDropoutMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype, salt: int = 0):
-        probs = torch.softmax(wide(logits), dim=-1).to(dtype)  # (B, R, Nk)
-        packed = None
-        if p > 0:
-            keep = keep_mask(probs.shape, p, values, salt)  # (B, R, Nk) bool, anchored on this layer's values
-            dropped = probs * keep * (1.0 / (1.0 - p))
-            packed = pack_mask(keep)
+    def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype, salt: int = 0,
+                row: torch.Tensor | None = None, col: torch.Tensor | None = None, n_valid: int | None = None):
+        b, r, nk = logits.shape
+        n_valid = nk if n_valid is None else n_valid
+        keep = keep_mask(logits.shape, p, values, salt) if p > 0 else None  # (B, R, Nk) bool, anchored on values
+        if fused.forward_enabled(logits):  # one Triton kernel: relative terms, padding, softmax, dropout, packing
+            probs, dropped, packed, rowsum = fused.softmax_dropout_forward(logits, row, col, n_valid, keep, p,
+                                                                           dtype, values.dtype)
         else:
-            dropped = probs
+            full = logits
+            if row is not None:  # key (r_k, c_k) gets row[..., r_k] + col[..., c_k]
+                full = (logits.view(b, r, row.shape[-1], col.shape[-1]) + row[..., :, None]
+                        + col[..., None, :]).view(b, r, nk)
+            if n_valid < nk:
+                full = full.masked_fill(torch.arange(nk, device=logits.device) >= n_valid, float("-inf"))
+            probs = torch.softmax(wide(full), dim=-1).to(dtype)  # (B, R, Nk)
+            packed = None
+            if keep is not None:
+                dropped = probs * keep * (1.0 / (1.0 - p))
+                packed = pack_mask(keep)
+            else:
+                dropped = probs
+            rowsum = dropped.sum(-1, dtype=torch.float32 if dtype != torch.float64 else dtype)  # (B, R)
         mixed = torch.bmm(dropped.to(values.dtype), values)  # (B, R, D)
-        rowsum = dropped.sum(-1, dtype=torch.float32 if dtype != torch.float64 else dtype)  # (B, R)
         ctx.save_for_backward(probs, packed, values)
-        ctx.p, ctx.n, ctx.logits_dtype = p, logits.shape[-1], logits.dtype
+        ctx.p, ctx.n, ctx.logits_dtype = p, nk, logits.dtype
+        ctx.rel = None if row is None else (row.shape[-1], col.shape[-1], row.dtype, col.dtype)
         ctx.set_materialize_grads(False)  # an unused output (rowsum without a value bias) gets None, not zeros
         return mixed, rowsum
 
@@ -186,7 +203,7 @@ class SoftmaxDropoutMix(torch.autograd.Function):
             d_logits, dropped = fused.softmax_dropout_backward(g, probs, packed, g_rowsum, ctx.p,
                                                                ctx.logits_dtype, g_mixed.dtype)
             d_values = torch.bmm(dropped.transpose(1, 2), g_mixed).to(values.dtype)  # (B, Nk, D)
-            return d_logits, d_values, None, None, None
+            return (d_logits, d_values, None, None, None) + SoftmaxDropoutMix._relative_grads(ctx, d_logits)
         keep = None if packed is None else unpack_mask(packed, ctx.n)  # (B, R, Nk)
         scale = 1.0 / (1.0 - ctx.p)
         if g_mixed is not None:
@@ -201,7 +218,19 @@ class SoftmaxDropoutMix(torch.autograd.Function):
         d_probs = d_dropped if keep is None else d_dropped * keep * scale
         pw = wide(probs)
         d_logits = pw * (d_probs - (d_probs * pw).sum(-1, keepdim=True))
-        return d_logits.to(ctx.logits_dtype), d_values, None, None, None
+        return ((d_logits.to(ctx.logits_dtype), d_values, None, None, None)
+                + SoftmaxDropoutMix._relative_grads(ctx, d_logits))
+
+    @staticmethod
+    def _relative_grads(ctx, d_logits: torch.Tensor) -> tuple:
+        """Gradients of ``row``, ``col`` and ``n_valid`` from the logits' ``(B, R, Nk)``: the sums over key
+        columns and key rows (``(None, None, None)`` without relative terms); padded keys have zero gradient."""
+        if ctx.rel is None:
+            return None, None, None
+        hk, wk, row_dtype, col_dtype = ctx.rel
+        grid = d_logits.view(*d_logits.shape[:2], hk, wk)  # (B, R, Hk, Wk)
+        acc = torch.float64 if d_logits.dtype == torch.float64 else torch.float32
+        return grid.sum(-1, dtype=acc).to(row_dtype), grid.sum(-2, dtype=acc).to(col_dtype), None
 
 
 #: key counts are padded to a multiple of this (masked keys) so that the score rows stay 16-byte aligned
@@ -255,11 +284,15 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
         keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(tokens, (0, 0, 0, pad))  # (B, N + pad, .)
     nk = n + pad
     logits = torch.bmm(folded_q.view(b, n * heads, -1), keys.transpose(1, 2)).view(b, n, heads, nk)  # (B, N, H, Nk)
+    row = col = None
     if relative is not None:
         row, col = relative(tokens, height, width)  # (B, H, W, heads, H), (B, H, W, heads, W)
+    in_kernel = not return_attention and fused.forward_enabled(logits)  # it adds the terms and masks the padding
+    if relative is not None and not in_kernel:
         logits = (logits.view(b, height, width, heads, height, width)
                   + row[..., :, None] + col[..., None, :]).view(b, n, heads, n)  # (B, N, H, N)
-    if pad:
+        row = col = None
+    if pad and not in_kernel:
         valid = torch.arange(nk, device=x.device) < n  # (Nk,)
         logits = logits.masked_fill(~valid, float("-inf"))
     low = autocast_dtype(x)
@@ -271,8 +304,10 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
         rowsum = dropped.sum(-1)  # (B, N, H)
     else:
         p = module.attn_drop.p if module.training else 0.0
+        rel = (None, None) if row is None else (row.reshape(b, n * heads, height), col.reshape(b, n * heads, width))
         mixed, rowsum = SoftmaxDropoutMix.apply(logits.view(b, n * heads, nk), values, p,
-                                                low if low is not None else x.dtype, module.attn_drop.salt)
+                                                low if low is not None else x.dtype, module.attn_drop.salt, *rel,
+                                                n if pad and in_kernel else None)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
     out_weight, out_bias = fold_following(module.proj, then)  # (D_out, H*Dk), (D_out,): W_out (then ``then``)
     if module.value is None:

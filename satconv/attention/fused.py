@@ -1,4 +1,5 @@
-"""One Triton kernel for the backward pass of the folded attention's softmax and dropout.
+"""Triton kernels for the folded attention's softmax and dropout: one for the backward pass, one (opt-in)
+for the forward pass.
 
 :class:`satconv.attention.folded.SoftmaxDropoutMix` computes ``P~ = dropout(softmax(A))`` (eq. (2)'s
 softmax over keys, with the attention dropout) and ``P~ X``.  Its backward pass needs, per row of
@@ -22,6 +23,12 @@ attention uses it: on CUDA tensors when Triton is importable, unless turned off 
 :func:`use_fused_backward`. The PyTorch expressions it replaces stay the reference
 (``tests/test_fused.py``); on a CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``),
 which is how the tests pin it without a GPU.
+
+:func:`softmax_dropout_forward` does the forward part in one pass as well: it adds the per-axis relative
+terms to the content scores, masks padded keys, takes the softmax, applies the keep mask and writes the
+probabilities, the dropped probabilities, the packed mask and their row sums, where inductor's fused softmax
+and :func:`~satconv.attention.folded.pack_mask` made two kernels.  It is off unless turned on with
+:func:`use_fused_forward` until it has been measured on a GPU.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     triton = None
 
 _ENABLED = [True]
+_FORWARD = [False]  # the fused forward is opt-in until it is measured (use_fused_forward)
 
 
 def available() -> bool:
@@ -59,6 +67,31 @@ def on_device(device) -> bool:
     """Whether the fused backward runs on ``device`` (a ``torch.device`` or its name): Triton is importable,
     the device is a CUDA one, and :func:`use_fused_backward` has not turned it off."""
     return _ENABLED[0] and available() and torch.device(device).type == "cuda"
+
+
+@contextlib.contextmanager
+def use_fused_forward(on: bool = True):
+    """Context manager: within the block the folded attention's forward softmax and dropout run as one
+    Triton kernel (:func:`softmax_dropout_forward`) on CUDA (``on=True``), or as inductor's kernels (the
+    default, until the fused forward has been measured on a GPU)."""
+    old = _FORWARD[0]
+    _FORWARD[0] = bool(on)
+    try:
+        yield
+    finally:
+        _FORWARD[0] = old
+
+
+def forward_on_device(device) -> bool:
+    """Whether the fused forward runs on ``device``: turned on by :func:`use_fused_forward`, Triton
+    importable, a CUDA device."""
+    return _FORWARD[0] and available() and torch.device(device).type == "cuda"
+
+
+def forward_enabled(t: torch.Tensor) -> bool:
+    """Whether the folded attention's forward on scores ``t`` runs :func:`softmax_dropout_forward`:
+    :func:`forward_on_device` for ``t``'s device, and ``t`` in bf16, fp16 or float32."""
+    return forward_on_device(t.device) and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 def enabled(t: torch.Tensor) -> bool:
@@ -122,6 +155,99 @@ if triton is not None:
                 torch.empty(probs.shape, dtype=dropped_dtype, device=probs.device))
 
 
+if triton is not None:
+    @triton.jit
+    def _forward_kernel(s_ptr, row_ptr, col_ptr, keep_ptr, probs_ptr, dropped_ptr, packed_ptr, rowsum_ptr,
+                        rows, n, n_valid, n_packed, height, width, scale,
+                        HAS_REL: tl.constexpr, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
+        col = tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
+        inside = (row < rows) & (col < n)
+        valid = inside & (col < n_valid)
+        offset = row.to(tl.int64) * n + col
+        x = tl.load(s_ptr + offset, mask=valid, other=float("-inf")).to(tl.float32)
+        if HAS_REL:  # key (r_k, c_k) = (col // width, col % width) reads its row and column terms
+            x += tl.load(row_ptr + row.to(tl.int64) * height + col // width, mask=valid, other=0.0).to(tl.float32)
+            x += tl.load(col_ptr + row.to(tl.int64) * width + col % width, mask=valid, other=0.0).to(tl.float32)
+        e = tl.where(valid, tl.exp(x - tl.max(x, axis=1)[:, None]), 0.0)
+        prob = (e / tl.sum(e, axis=1)[:, None]).to(probs_ptr.dtype.element_ty)  # rounded as saved
+        tl.store(probs_ptr + offset, prob, mask=inside)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + offset, mask=inside, other=0).to(tl.int32)
+            dropped = prob.to(tl.float32) * (keep.to(tl.float32) * scale)
+            bits = tl.reshape(keep << (col % 8), (ROWS, BLOCK // 8, 8))
+            byte = tl.sum(bits, axis=2).to(tl.uint8)  # (ROWS, BLOCK // 8): bit j of byte i is entry 8i + j
+            byte_col = tl.arange(0, BLOCK // 8)[None, :]
+            tl.store(packed_ptr + row.to(tl.int64) * n_packed + byte_col, byte,
+                     mask=(row < rows) & (byte_col < n_packed))
+        else:
+            dropped = prob.to(tl.float32)
+        tl.store(dropped_ptr + offset, dropped.to(dropped_ptr.dtype.element_ty), mask=inside)
+        tl.store(rowsum_ptr + row, tl.sum(dropped, axis=1)[:, None], mask=row < rows)
+
+    @torch.library.custom_op("satconv::softmax_dropout_forward", mutates_args=())
+    def _softmax_dropout_forward(scores: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None,
+                                 n_valid: int, keep: torch.Tensor | None, scale: float, probs_dtype: torch.dtype,
+                                 dropped_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+        scores = scores.contiguous()
+        n = scores.shape[-1]
+        rows = scores.numel() // n
+        height, width = (row.shape[-1], col.shape[-1]) if row is not None else (1, 1)
+        probs = torch.empty(scores.shape, dtype=probs_dtype, device=scores.device)
+        dropped = torch.empty(scores.shape, dtype=dropped_dtype, device=scores.device)
+        n_packed = (n + 7) // 8 if keep is not None else 0
+        packed = torch.empty((*scores.shape[:-1], n_packed), dtype=torch.uint8, device=scores.device)
+        rowsum = torch.empty(scores.shape[:-1], dtype=torch.float32, device=scores.device)
+        block = max(8, triton.next_power_of_2(n))
+        per_program = max(1, min(16, 2048 // block))
+        rel = (row.contiguous(), col.contiguous()) if row is not None else (scores, scores)  # unused: any tensor
+        with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
+            _forward_kernel[(triton.cdiv(rows, per_program),)](
+                scores, *rel, keep.contiguous().view(torch.uint8) if keep is not None else scores, probs, dropped,
+                packed, rowsum, rows, n, n_valid, n_packed, height, width, scale,
+                HAS_REL=row is not None, HAS_KEEP=keep is not None, ROWS=per_program, BLOCK=block, num_warps=4)
+        return probs, dropped, packed, rowsum
+
+    @_softmax_dropout_forward.register_fake
+    def _(scores, row, col, n_valid, keep, scale, probs_dtype, dropped_dtype):
+        n = scores.shape[-1]
+        n_packed = (n + 7) // 8 if keep is not None else 0
+        return (torch.empty(scores.shape, dtype=probs_dtype, device=scores.device),
+                torch.empty(scores.shape, dtype=dropped_dtype, device=scores.device),
+                torch.empty((*scores.shape[:-1], n_packed), dtype=torch.uint8, device=scores.device),
+                torch.empty(scores.shape[:-1], dtype=torch.float32, device=scores.device))
+
+
+def softmax_dropout_forward(scores: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None,
+                            n_valid: int, keep: torch.Tensor | None, p: float, probs_dtype: torch.dtype,
+                            dropped_dtype: torch.dtype):
+    """The forward softmax and dropout of :class:`~satconv.attention.folded.SoftmaxDropoutMix`, fused.
+
+    Args:
+        scores: ``(B, R, Nk)`` logits (content part).
+        row, col: ``(B, R, Hk)`` and ``(B, R, Wk)`` relative terms added to key ``(r_k, c_k)``
+            (``Nk = Hk * Wk``, keys row-major), or both ``None``.
+        n_valid: keys ``>= n_valid`` are padding: probability 0.
+        keep: ``(B, R, Nk)`` bool keep mask (:func:`satconv.dropout.keep_mask`), or ``None``.
+        p: the drop probability (survivors scaled by ``1 / (1 - p)``).
+        probs_dtype, dropped_dtype: dtypes of the saved probabilities and of the dropped ones.
+
+    Returns:
+        ``(probs, dropped, packed, rowsum)``: ``(B, R, Nk)`` softmax in ``probs_dtype`` (computed in float32),
+        ``(B, R, Nk)`` ``probs * keep / (1 - p)``, ``(B, R, ceil(Nk / 8))`` uint8 packed mask
+        (:func:`~satconv.attention.folded.pack_mask`'s layout; ``None`` without ``keep``) and ``(B, R)``
+        float32 row sums of ``dropped``.
+    """
+    if triton is None:
+        raise RuntimeError("softmax_dropout_forward needs Triton, which is not importable here")
+    if (row is None) != (col is None):
+        raise ValueError("row and col relative terms go together")
+    probs, dropped, packed, rowsum = torch.ops.satconv.softmax_dropout_forward(
+        scores, row, col, int(n_valid), keep, 1.0 / (1.0 - p), probs_dtype, dropped_dtype)
+    return probs, dropped, (packed if keep is not None else None), rowsum
+
+
 def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor | None,
                              g_rowsum: torch.Tensor | None, p: float, logits_dtype: torch.dtype,
                              dropped_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,4 +273,5 @@ def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch
                                                       logits_dtype, dropped_dtype)
 
 
-__all__ = ["available", "on_device", "enabled", "use_fused_backward", "softmax_dropout_backward"]
+__all__ = ["available", "on_device", "enabled", "use_fused_backward", "softmax_dropout_backward",
+           "use_fused_forward", "forward_on_device", "forward_enabled", "softmax_dropout_forward"]
