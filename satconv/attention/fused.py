@@ -51,53 +51,59 @@ def available() -> bool:
     return triton is not None
 
 
+#: dtypes the kernels take
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
 @contextlib.contextmanager
-def use_fused_backward(on: bool = True):
-    """Context manager: within the block the folded attention does (``on=True``) or does not use the
-    fused backward kernel; outside, :func:`enabled` decides as before."""
-    old = _ENABLED[0]
-    _ENABLED[0] = bool(on)
+def _switched(switch: list, on: bool):
+    old = switch[0]
+    switch[0] = bool(on)
     try:
         yield
     finally:
-        _ENABLED[0] = old
+        switch[0] = old
+
+
+def _runs(switch: list, device) -> bool:
+    return switch[0] and available() and torch.device(device).type == "cuda"
+
+
+def use_fused_backward(on: bool = True):
+    """Context manager: within the block the folded attention does (``on=True``) or does not use the
+    fused backward kernel; outside, :func:`enabled` decides as before."""
+    return _switched(_ENABLED, on)
 
 
 def on_device(device) -> bool:
     """Whether the fused backward runs on ``device`` (a ``torch.device`` or its name): Triton is importable,
     the device is a CUDA one, and :func:`use_fused_backward` has not turned it off."""
-    return _ENABLED[0] and available() and torch.device(device).type == "cuda"
+    return _runs(_ENABLED, device)
 
 
-@contextlib.contextmanager
+def enabled(t: torch.Tensor) -> bool:
+    """Whether the folded attention's backward pass on tensor ``t`` runs :func:`softmax_dropout_backward`:
+    :func:`on_device` for ``t``'s device, and ``t`` in one of :data:`FLOATS`."""
+    return on_device(t.device) and t.dtype in FLOATS
+
+
 def use_fused_forward(on: bool = True):
     """Context manager: within the block the folded attention's forward softmax and dropout run as one
     Triton kernel (:func:`softmax_dropout_forward`) on CUDA (``on=True``), or as inductor's kernels (the
     default, until the fused forward has been measured on a GPU)."""
-    old = _FORWARD[0]
-    _FORWARD[0] = bool(on)
-    try:
-        yield
-    finally:
-        _FORWARD[0] = old
+    return _switched(_FORWARD, on)
 
 
 def forward_on_device(device) -> bool:
     """Whether the fused forward runs on ``device``: turned on by :func:`use_fused_forward`, Triton
     importable, a CUDA device."""
-    return _FORWARD[0] and available() and torch.device(device).type == "cuda"
+    return _runs(_FORWARD, device)
 
 
 def forward_enabled(t: torch.Tensor) -> bool:
     """Whether the folded attention's forward on scores ``t`` runs :func:`softmax_dropout_forward`:
-    :func:`forward_on_device` for ``t``'s device, and ``t`` in bf16, fp16 or float32."""
-    return forward_on_device(t.device) and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
-
-
-def enabled(t: torch.Tensor) -> bool:
-    """Whether the folded attention's backward pass on tensor ``t`` runs :func:`softmax_dropout_backward`:
-    :func:`on_device` for ``t``'s device, and ``t`` in bf16, fp16 or float32."""
-    return on_device(t.device) and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    :func:`forward_on_device` for ``t``'s device, and ``t`` in one of :data:`FLOATS`."""
+    return forward_on_device(t.device) and t.dtype in FLOATS
 
 
 if triton is not None:
