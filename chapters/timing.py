@@ -435,7 +435,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   two; the explicit route applies them in turn, and a test compares the whole model both ways.
 # - **Dropout masks drawn by PyTorch's own kernels.** Compiled, `nn.Dropout` and the attention's dropout
 #   become one Philox call per element inside the fused kernel around them (a LayerNorm, the softmax),
-#   and on the H200 that integer work set the time of those kernels. Every dropout in satconv's models
+#   and on the H200 that integer work took a large share of those kernels' time. Every dropout in satconv's models
 #   draws its mask through `satconv.dropout.keep_mask` instead: a custom operator that inductor does not
 #   look into, which draws the Bernoulli mask with `Tensor.bernoulli_` (PyTorch's CUDA kernel uses each
 #   Philox call for four entries) and hands the fused kernels a `bool` mask to read. The law is

@@ -2,10 +2,10 @@
 
 ``nn.Dropout`` keeps each entry with probability ``1 - p`` and scales the survivors by ``1 / (1 - p)``.
 Compiled by inductor, its draw becomes one Philox call per element inside the fused kernel around it
-(a LayerNorm, the content attention's softmax), and on an H200 that integer work, not memory, set the
-time of those kernels: the ``triton_per_fused_..._native_dropout_native_layer_norm`` kernels of a
-position-only step ran well above the time their bytes need (``book/bench/h200_kernels.jsonl``).  PyTorch's own CUDA kernels draw four
-numbers per Philox call.
+(a LayerNorm, the content attention's softmax), and on an H200 that integer work took a large share of
+those kernels' time: the ``triton_per_fused_..._native_dropout_native_layer_norm`` kernels of a
+position-only step ran well above the time their bytes need (``book/bench/h200_kernels.jsonl``).
+PyTorch's own CUDA kernels draw four numbers per Philox call.
 
 :func:`keep_mask` is a custom operator (``satconv::keep_mask``) that inductor does not look into: it
 draws the Bernoulli mask with ``torch.Tensor.bernoulli_`` and returns it as ``bool``; the fused kernels
