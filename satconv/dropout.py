@@ -40,6 +40,11 @@ def _(shape, p, anchor, salt):
     return torch.empty(list(shape), dtype=torch.bool, device=anchor.device)
 
 
+def _check_probability(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+
+
 def keep_mask(shape: Sequence[int], p: float, anchor: torch.Tensor, salt: int = 0) -> torch.Tensor:
     """A dropout mask: ``True`` (keep) with probability ``1 - p``, independently per entry.
 
@@ -59,8 +64,7 @@ def keep_mask(shape: Sequence[int], p: float, anchor: torch.Tensor, salt: int = 
         ``bool`` tensor of ``shape`` on ``anchor.device``, drawn from the device's default generator
         (``torch.manual_seed`` reproduces it).
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    _check_probability(p)
     return torch.ops.satconv.keep_mask(list(shape), float(p), anchor, int(salt))
 
 
@@ -89,8 +93,7 @@ class Dropout(nn.Dropout):
     """
 
     def __init__(self, p: float = 0.5):
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        _check_probability(p)  # at construction, not only at the first draw
         super().__init__(p)
         self.salt = next(_SALTS)
 

@@ -145,6 +145,28 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
     return ((packed[..., None] >> bits) & 1).view(*packed.shape[:-1], -1)[..., :n].bool()
 
 
+def relative_and_padding(logits: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None,
+                         n_valid: int | None) -> torch.Tensor:
+    """Logits with per-axis relative terms added and padded keys masked.
+
+    Args:
+        logits: ``(..., Nk)`` scores, keys row-major on an ``Hk x Wk`` grid when there are relative terms.
+        row, col: ``(*lead, Hk)`` and ``(*lead, Wk)``, where ``lead`` splits ``logits``' leading axes
+            (``(B, H, W, heads)`` for ``(B, N, heads, Nk)``); key ``(r_k, c_k)`` gets ``row[..., r_k] +
+            col[..., c_k]``.  Both ``None``: no relative terms.
+        n_valid: keys ``>= n_valid`` get ``-inf`` (probability 0); ``None``: no padding.
+
+    Returns:
+        Logits of ``logits``' shape.
+    """
+    if row is not None:
+        logits = (logits.view(*row.shape, col.shape[-1]) + row[..., :, None] + col[..., None, :]).view(logits.shape)
+    nk = logits.shape[-1]
+    if n_valid is not None and n_valid < nk:
+        logits = logits.masked_fill(torch.arange(nk, device=logits.device) >= n_valid, float("-inf"))
+    return logits
+
+
 class SoftmaxDropoutMix(torch.autograd.Function):
     """``P~ = dropout(softmax(A))`` and ``P~ V`` (with ``rowsum(P~)``), saving little for the backward pass.
 
@@ -167,19 +189,14 @@ class SoftmaxDropoutMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype, salt: int = 0,
                 row: torch.Tensor | None = None, col: torch.Tensor | None = None, n_valid: int | None = None):
-        b, r, nk = logits.shape
+        nk = logits.shape[-1]
         n_valid = nk if n_valid is None else n_valid
         keep = keep_mask(logits.shape, p, values, salt) if p > 0 else None  # (B, R, Nk) bool, anchored on values
         if fused.forward_enabled(logits):  # one Triton kernel: relative terms, padding, softmax, dropout, packing
             probs, dropped, packed, rowsum = fused.softmax_dropout_forward(logits, row, col, n_valid, keep, p,
                                                                            dtype, values.dtype)
         else:
-            full = logits
-            if row is not None:  # key (r_k, c_k) gets row[..., r_k] + col[..., c_k]
-                full = (logits.view(b, r, row.shape[-1], col.shape[-1]) + row[..., :, None]
-                        + col[..., None, :]).view(b, r, nk)
-            if n_valid < nk:
-                full = full.masked_fill(torch.arange(nk, device=logits.device) >= n_valid, float("-inf"))
+            full = relative_and_padding(logits, row, col, n_valid)
             probs = torch.softmax(wide(full), dim=-1).to(dtype)  # (B, R, Nk)
             packed = None
             if keep is not None:
@@ -288,13 +305,9 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     if relative is not None:
         row, col = relative(tokens, height, width)  # (B, H, W, heads, H), (B, H, W, heads, W)
     in_kernel = not return_attention and fused.forward_enabled(logits)  # it adds the terms and masks the padding
-    if relative is not None and not in_kernel:
-        logits = (logits.view(b, height, width, heads, height, width)
-                  + row[..., :, None] + col[..., None, :]).view(b, n, heads, n)  # (B, N, H, N)
+    if not in_kernel:
+        logits = relative_and_padding(logits, row, col, n if pad else None)  # (B, N, H, Nk)
         row = col = None
-    if pad and not in_kernel:
-        valid = torch.arange(nk, device=x.device) < n  # (Nk,)
-        logits = logits.masked_fill(~valid, float("-inf"))
     low = autocast_dtype(x)
     if return_attention:  # exact probabilities: float32 (at least), dropout by the module
         probs = softmax_keys(logits)  # (B, N, H, Nk)
