@@ -471,6 +471,82 @@ INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "max_autotune", "max_autotune_
                      "fallback_random")
 
 
+def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, precision: str | None = None,
+                       rows_per_program: Sequence[int] = (1, 2, 4, 8, 16), warps: Sequence[int] = (1, 2, 4, 8),
+                       warmup: int = 5, repeats: int = 20) -> list[dict]:
+    """Time the fused softmax-dropout kernels (:mod:`satconv.attention.fused`) at every launch shape.
+
+    One eager training step of ``cfg`` records the arguments of the first call of each kernel; each kernel
+    is then timed on those arguments at every ``(rows per program, warps)`` pair
+    (:data:`satconv.attention.fused.LAUNCH` is set for the call and restored).  The fastest pair per kernel
+    is what ``LAUNCH`` should hold for that row block.
+
+    Returns:
+        One dict per (kernel, rows per program, warps): ``kernel``, ``block`` (the row block, a power of
+        two), ``shape`` (the scores' ``(B, R, Nk)``), ``rows_per_program``, ``warps``, ``us`` (median
+        microseconds per call), ``fastest`` (the best of its kernel), ``current`` (the pair
+        :func:`~satconv.attention.fused.launch_shape` picks now), and the config, device, precision,
+        torch version, date and ``satconv_source``.
+
+    Raises:
+        RuntimeError: not a CUDA device, Triton missing, or ``cfg``'s model calls neither kernel.
+    """
+    import triton
+    device = resolve_device(device)
+    if device.type != "cuda" or not fused.available():
+        raise RuntimeError(f"the fused kernels run on CUDA with Triton; device {device} cannot time them")
+    precision = _resolve_precision(precision, device)
+    torch.manual_seed(cfg.train.seed)
+    model, run, opt = _train_setup(cfg, device, precision, False, False)
+    model.train()
+    x, y = _inputs(cfg, batch, device, False)
+    plain = cfgmod.override(cfg, ["train.step_graph=false"], source=cfg.name).train  # eager: the calls are seen
+    calls = {}
+
+    def recording(kernel, original):
+        def call(*args):
+            calls.setdefault(kernel, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
+            return original(*args)
+        return call
+
+    originals = fused.softmax_dropout_forward, fused.softmax_dropout_backward
+    fused.softmax_dropout_forward = recording("forward", originals[0])
+    fused.softmax_dropout_backward = recording("backward", originals[1])
+    try:
+        with fused.use_fused_forward(), fused.use_fused_backward():
+            _make_train_step(run, opt, x, y, device, precision, plain)()
+    finally:
+        fused.softmax_dropout_forward, fused.softmax_dropout_backward = originals
+    if not calls:
+        raise RuntimeError(f"{cfg.name}: the model calls neither fused kernel (no folded content attention)")
+    common = {"config": cfg.name, "device": device_name(device), "precision": precision, "batch": batch,
+              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "satconv_source": _source_digest()}
+    rows = []
+    for kernel, args in sorted(calls.items()):
+        scores = args[0] if kernel == "forward" else args[1]
+        block = max(8, triton.next_power_of_2(scores.shape[-1]))
+        fn = dict(forward=originals[0], backward=originals[1])[kernel]
+        current = fused.launch_shape(kernel, block)
+        found = []
+        for per in rows_per_program:
+            for w in warps:
+                saved = fused.LAUNCH.get((kernel, block))
+                fused.LAUNCH[(kernel, block)] = (per, w)
+                try:
+                    us = statistics.median(time_repeats(lambda: fn(*args), device, warmup, repeats)) * 1e6
+                finally:
+                    if saved is None:
+                        del fused.LAUNCH[(kernel, block)]
+                    else:
+                        fused.LAUNCH[(kernel, block)] = saved
+                found.append({"kernel": kernel, "block": block, "shape": list(scores.shape),
+                              "rows_per_program": per, "warps": w, "us": us, "current": (per, w) == current})
+        best = min(r["us"] for r in found)
+        rows += [{**r, "fastest": r["us"] == best, **common} for r in found]
+    return rows
+
+
 def inductor_settings(mode: str | bool | None = None) -> dict:
     """The values of :data:`INDUCTOR_SETTINGS` in this process (missing ones are left out), and those
     satconv's compile sets over them (:func:`satconv.train.compile_options` of compile ``mode``)."""
@@ -755,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the config's batch size")
     p.add_argument("--data", default=None, help="with --epoch: an image-folder root (default: generated images)")
     p.add_argument("--epochs", type=_positive_int, default=2, help="with --epoch: epochs to train (>= 2)")
+    p.add_argument("--fused-launch", action="store_true",
+                   help="instead of timing models: time the fused softmax-dropout kernels at every launch shape "
+                        "(rows per program x warps) on the configs' attention sizes (CUDA; --batch takes sizes)")
     p.add_argument("--kernels", action="store_true",
                    help="instead of timing: profile 3 training steps and split their kernel time by category "
                         "(satconv.kernels; --batch takes sizes, not 'max')")
@@ -882,6 +961,20 @@ def bench_main(argv: list[str] | None = None) -> int:
               repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak,
               train_only=args.train_only)
     status = 0
+    if args.fused_launch:
+        if "max" in args.batch or args.sides or args.epoch or args.kernels:
+            parser.error("--fused-launch takes fixed batch sizes and no --sides, --epoch or --kernels")
+        if device.type != "cuda":
+            parser.error("--fused-launch times Triton kernels on a CUDA device")
+        for cfg in configs:
+            for batch in args.batch:
+                rows = fused_launch_sweep(cfg, batch=batch, device=device, precision=args.precision,
+                                          warmup=args.warmup, repeats=args.repeats)
+                for row in rows:
+                    print(json.dumps(row), flush=True)
+                if args.out:
+                    append_jsonl(args.out, rows)
+        return status
     if args.kernels:  # where a training step's time goes, by kernel category
         if "max" in args.batch or args.sides or args.epoch:
             parser.error("--kernels takes fixed batch sizes and no --sides or --epoch")
@@ -922,7 +1015,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     return status
 
 
-__all__ = ["flops_per_image", "paper_convention_flops", "saved_activation_bytes", "run_options", "step_graph_conflict",
+__all__ = ["fused_launch_sweep", "flops_per_image", "paper_convention_flops", "saved_activation_bytes", "run_options", "step_graph_conflict",
            "bench_model", "largest_batch", "scaling", "epochs_from_run", "bench_batch",
            "with_image_side", "measure_matmul_peak", "device_peak_tflops", "device_name", "resolve_device",
            "time_repeats", "epoch_time_projection", "epoch_timing", "append_jsonl", "build_parser", "bench_main", "DEVICE_PEAKS"]

@@ -178,16 +178,47 @@ def test_fused_backward_is_used_only_where_it_applies():
     with fused.use_fused_backward(False):
         assert run_options(cfg, "cuda")["fused_backward"] is False
     assert not fused.forward_on_device("cpu") and run_options(cfg, "cpu")["fused_forward"] is False
+    with fused.use_fused_forward(False):
+        assert not fused.forward_on_device("cuda") and run_options(cfg, "cuda")["fused_forward"] is False
     if torch.cuda.is_available():
-        assert not fused.forward_on_device("cuda")  # opt-in
-        with fused.use_fused_forward():
-            assert fused.forward_on_device("cuda") and run_options(cfg, "cuda")["fused_forward"] is True
+        assert fused.forward_on_device("cuda") and run_options(cfg, "cuda")["fused_forward"] is True
+        assert fused.forward_enabled(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+        assert not fused.forward_enabled(torch.zeros(1, device="cuda", dtype=torch.float64))
     if torch.cuda.is_available():
         assert fused.enabled(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
         assert not fused.enabled(torch.zeros(1, device="cuda", dtype=torch.float64))
         with fused.use_fused_backward(False):
             assert not fused.enabled(torch.zeros(1, device="cuda"))
         assert fused.enabled(torch.zeros(1, device="cuda"))
+
+
+def test_launch_shapes_come_from_the_table_or_the_rule():
+    """Measured row blocks read :data:`fused.LAUNCH`; others get about 1024 entries per program, at least one
+    row; an unknown kernel name is an error that names the allowed ones."""
+    for (kernel, block), shape in fused.LAUNCH.items():
+        assert fused.launch_shape(kernel, block) == shape
+    assert fused.launch_shape("forward", 64) == (16, 4) and fused.launch_shape("backward", 128) == (8, 4)
+    assert fused.launch_shape("backward", 4096) == (1, 4)
+    with pytest.raises(ValueError, match="'forward' or 'backward'"):
+        fused.launch_shape("sideways", 256)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+def test_fused_launch_sweep_times_every_shape_and_restores_the_table_gpu():
+    """The sweep records both kernels of a content model, times each launch pair on the recorded arguments,
+    flags one fastest per kernel and leaves :data:`fused.LAUNCH` as it was."""
+    from satconv import config as C
+    from satconv.timing import fused_launch_sweep
+
+    cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned_content.yaml", ["model.num_layers=1"])
+    table = dict(fused.LAUNCH)
+    rows = fused_launch_sweep(cfg, batch=2, rows_per_program=(1, 4), warps=(1, 2), warmup=1, repeats=3)
+    assert fused.LAUNCH == table
+    assert sorted({r["kernel"] for r in rows}) == ["backward", "forward"] and len(rows) == 8
+    for kernel in ("backward", "forward"):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert sum(r["fastest"] for r in mine) == 1 and all(r["us"] > 0 for r in mine)
+        assert mine[0]["shape"][-1] == 256 and mine[0]["block"] == 256
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")

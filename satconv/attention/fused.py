@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     triton = None
 
 _ENABLED = [True]
-_FORWARD = [False]  # the fused forward is opt-in until it is measured (use_fused_forward)
+_FORWARD = [True]
 
 
 def available() -> bool:
@@ -106,6 +106,21 @@ def forward_enabled(t: torch.Tensor) -> bool:
     return forward_on_device(t.device) and t.dtype in FLOATS
 
 
+#: ``(rows per program, warps)`` for each kernel at row block sizes that the models use (256: the learned +
+#: content model's 16 x 16 keys; 512: ViT's 264 padded keys), the fastest in a sweep on an H200
+#: (``book/bench/h200_fused_launch.jsonl``, from :func:`satconv.timing.fused_launch_sweep`)
+LAUNCH = {("backward", 256): (8, 4), ("backward", 512): (1, 2),
+          ("forward", 256): (8, 2), ("forward", 512): (1, 1)}
+
+
+def launch_shape(kernel: str, block: int) -> tuple[int, int]:
+    """``(rows per program, warps)`` for ``kernel`` (``"forward"`` or ``"backward"``) at a power-of-two row
+    block: :data:`LAUNCH` where it was measured, otherwise about 1024 entries per program on 4 warps."""
+    if kernel not in ("forward", "backward"):
+        raise ValueError(f"kernel must be 'forward' or 'backward', got {kernel!r}")
+    return LAUNCH.get((kernel, block), (max(1, min(16, 1024 // block)), 4))
+
+
 if triton is not None:
     @triton.jit
     def _backward_kernel(g_ptr, p_ptr, packed_ptr, grow_ptr, dl_ptr, dropped_ptr, rows, n, n_packed, scale,
@@ -119,9 +134,12 @@ if triton is not None:
         prob = tl.load(p_ptr + offset, mask=inside, other=0.0).to(tl.float32)
         if HAS_GROW:
             g += tl.load(grow_ptr + row, mask=row < rows, other=0.0).to(tl.float32)
-        if HAS_KEEP:
-            byte = tl.load(packed_ptr + row.to(tl.int64) * n_packed + col // 8, mask=inside, other=0)
-            keep = ((byte.to(tl.int32) >> (col % 8)) & 1).to(tl.float32) * scale
+        if HAS_KEEP:  # each row's packed bytes are read once and spread to their 8 entries in registers
+            byte_col = tl.arange(0, BLOCK // 8)[None, :]
+            byte = tl.load(packed_ptr + row.to(tl.int64) * n_packed + byte_col,
+                           mask=(row < rows) & (byte_col < n_packed), other=0).to(tl.int32)  # (ROWS, BLOCK // 8)
+            bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # bit j of byte i: entry 8i + j
+            keep = tl.reshape(bits, (ROWS, BLOCK)).to(tl.float32) * scale
             g = g * keep
             dropped = prob * keep
         else:
@@ -133,14 +151,14 @@ if triton is not None:
     def _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped):
         n = probs.shape[-1]
         rows = probs.numel() // n
-        block = triton.next_power_of_2(n)
-        per_program = max(1, min(16, 2048 // block))  # rows per program: about 2048 entries
-        grid = (triton.cdiv(rows, per_program),)
-        _backward_kernel[grid](g, probs, packed if packed is not None else probs,  # unused pointers: any tensor
-                               g_rowsum if g_rowsum is not None else probs, d_logits, dropped, rows, n,
-                               packed.shape[-1] if packed is not None else 0, scale,
-                               HAS_KEEP=packed is not None, HAS_GROW=g_rowsum is not None, ROWS=per_program,
-                               BLOCK=block, num_warps=4)
+        block = max(8, triton.next_power_of_2(n))
+        per_program, warps = launch_shape("backward", block)
+        _backward_kernel[(triton.cdiv(rows, per_program),)](
+            g, probs, packed if packed is not None else probs,  # unused pointers: any tensor
+            g_rowsum if g_rowsum is not None else probs, d_logits, dropped, rows, n,
+            packed.shape[-1] if packed is not None else 0, scale,
+            HAS_KEEP=packed is not None, HAS_GROW=g_rowsum is not None, ROWS=per_program, BLOCK=block,
+            num_warps=warps)
 
     @torch.library.custom_op("satconv::softmax_dropout_backward", mutates_args=())
     def _softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor | None,
@@ -206,13 +224,13 @@ if triton is not None:
         packed = torch.empty((*scores.shape[:-1], n_packed), dtype=torch.uint8, device=scores.device)
         rowsum = torch.empty(scores.shape[:-1], dtype=torch.float32, device=scores.device)
         block = max(8, triton.next_power_of_2(n))
-        per_program = max(1, min(16, 2048 // block))
+        per_program, warps = launch_shape("forward", block)
         rel = (row.contiguous(), col.contiguous()) if row is not None else (scores, scores)  # unused: any tensor
         with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
             _forward_kernel[(triton.cdiv(rows, per_program),)](
                 scores, *rel, keep.contiguous().view(torch.uint8) if keep is not None else scores, probs, dropped,
                 packed, rowsum, rows, n, n_valid, n_packed, height, width, scale,
-                HAS_REL=row is not None, HAS_KEEP=keep is not None, ROWS=per_program, BLOCK=block, num_warps=4)
+                HAS_REL=row is not None, HAS_KEEP=keep is not None, ROWS=per_program, BLOCK=block, num_warps=warps)
         return probs, dropped, packed, rowsum
 
     @_softmax_dropout_forward.register_fake
