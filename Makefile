@@ -44,7 +44,7 @@ rc=0; $(BIN)/pytest $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "note: no tests collected by: pytest $(1)"; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 endef
 
-.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-test gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-tuning gpu-bench-scale gpu-bench-kernels clean clean-all
+.PHONY: help setup vendor chromium unit nbval book browser test sync gpu-runs gpu-test gpu-bench gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-tuning gpu-bench-scale gpu-bench-kernels gpu-bench-fused clean clean-all
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -154,7 +154,7 @@ ROUTED_CONFIGS ?= configs/paper_learned_content.yaml configs/re_vit.yaml
 SHARED_CONFIGS ?= configs/paper_learned.yaml configs/paper_quadratic.yaml
 # near the memory limit a fragmented cache fails where the search succeeded: grow segments instead
 MAX_ALLOC = PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-tuning gpu-bench-scale gpu-bench-kernels
+gpu-bench: gpu-bench-speed gpu-bench-routes gpu-bench-graphs gpu-bench-tuning gpu-bench-scale gpu-bench-kernels gpu-bench-fused
 
 # each half fits one 10-minute call on the GPU machine
 gpu-bench-speed:
@@ -201,6 +201,19 @@ gpu-bench-scale:
 	  --out $(BENCH_OUT)_epochs.jsonl
 	$(BENCH) --config $(CONV_CONFIGS) --epoch $(CONV_OPTS) \
 	  $(if $(GPU_DATA),--data $(GPU_DATA)) --out $(BENCH_OUT)_epochs.jsonl
+
+# the fused softmax-dropout kernels (satconv.attention.fused) of the content attention: rows without either,
+# with the backward one, with both (the default); then the launch-shape sweep behind fused.LAUNCH
+FUSED_CONFIGS ?= configs/paper_learned_content.yaml configs/re_vit.yaml
+gpu-bench-fused:
+	mkdir -p book/bench
+	rm -f $(BENCH_OUT)_fused.jsonl $(BENCH_OUT)_fused_launch.jsonl
+	$(BENCH) --config $(FUSED_CONFIGS) --batch 100 --compile reduce-overhead --train-only --no-fused-forward \
+	  --no-fused-backward --out $(BENCH_OUT)_fused.jsonl
+	$(BENCH) --config $(FUSED_CONFIGS) --batch 100 --compile reduce-overhead --train-only --no-fused-forward \
+	  --out $(BENCH_OUT)_fused.jsonl
+	$(BENCH) --config $(FUSED_CONFIGS) --batch 100 --compile reduce-overhead --train-only --out $(BENCH_OUT)_fused.jsonl
+	$(BENCH) --fused-launch --config $(FUSED_CONFIGS) --batch 100 --out $(BENCH_OUT)_fused_launch.jsonl
 
 # where a training step's time goes (satconv.kernels), batch 100, the same compile modes as gpu-bench-speed
 gpu-bench-kernels:

@@ -40,6 +40,7 @@ import statistics
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.colors import LogNorm
 import torch
 from IPython.display import HTML, Markdown, display
 from myst_nb import glue
@@ -125,7 +126,9 @@ def mixed_order(row) -> bool:
 def label_of(row):
     """A bench row's config name, with the route when it is not the default one."""
     route = route_of(row)
+    fused_kernels = "+".join(k for k, key in (("fwd", "fused_forward"), ("bwd", "fused_backward")) if row.get(key))
     return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm", "wfirst") else "")
+            + (f" (fused {fused_kernels})" if fused_kernels and route == "folded" else "")
             + (" (step graph)" if row.get("step_graph") else "")
             + (" (mixed-order LayerNorm)" if mixed_order(row) else ""))
 
@@ -450,16 +453,22 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   reading the scores' operands again; `satconv.attention.fused` reads the gradient, the
 #   probabilities and the bit-packed mask once and writes both results (a custom operator, so compiled
 #   graphs call it as it is). Tests compare it with the PyTorch expressions, on a CPU through
-#   Triton's interpreter. Rows whose source predates it do not include it. A forward kernel of the same
-#   kind (relative terms, padded keys, softmax, dropout and the packed mask in one pass) is in the
-#   package too, off until it has been measured (`satconv.attention.fused.use_fused_forward`); rows
-#   record both settings (`fused_backward`, `fused_forward`).
+#   Triton's interpreter. Rows whose source predates it do not include it.
+# - **The forward softmax and dropout in one Triton kernel.** The forward pass's kernel of the same kind
+#   adds the per-axis relative terms to the content scores, masks padded keys (ViT's), takes the softmax,
+#   applies the mask that `keep_mask` drew, and writes the probabilities, the dropped probabilities, the
+#   bit-packed mask and their row sums in one pass, where inductor made two kernels. Both kernels run a
+#   block of score rows per program; how many rows and warps is a table measured for the row lengths the
+#   models use (`satconv.attention.fused.LAUNCH`, timed by `python -m satconv bench --fused-launch`,
+#   below). Rows record both settings (`fused_forward`, `fused_backward`), and `bench
+#   --no-fused-forward` / `--no-fused-backward` turn them off.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
 # probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes and
 # copies the batch; the `wfirst` route above uses a batched GEMM instead), and a hand-written Triton kernel
-# for the content model's softmax and dropout in the forward pass (inductor's fused kernel was as fast once
-# the relative terms were computed per axis). The shared-probability routes stay at `einsum`, the default,
+# for the content model's softmax and dropout in the forward pass, a first one (inductor's fused kernel
+# was as fast once the relative terms were computed per axis; the forward kernel above, which also packs the
+# mask and sums the rows, did measure faster: see the fused-kernel rows below). The shared-probability routes stay at `einsum`, the default,
 # which neither the `bmm` nor the `wfirst` rows of the batch-100 table beat (in the kernel breakdown, `wfirst`
 # trades einsum's layout copies for a costlier gradient of the batch-broadcast probabilities), and the content
 # attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
@@ -806,6 +815,65 @@ cpu_kernels = [kernel_breakdown(config.load(REPO_ROOT / f"configs/{name}.yaml", 
                for name in ("paper_quadratic", "paper_learned_content")]
 kernel_chart(cpu_kernels, f"CPU, quick profile (tiny models), {cpu_kernels[0]['device']}: aten operators by category")
 display(kernel_table(cpu_kernels, top=3))
+
+# %% [markdown]
+# ### The fused softmax-dropout kernels
+#
+# The content attention's softmax and dropout (the learned + content model and ViT) with the fused
+# backward kernel alone, then with the forward kernel as well, first at the launch shape of the kernels
+# as first written and then at the measured table (`book/bench/h200_fused.jsonl`; `make gpu-bench-fused`
+# measures all three settings again). The sources differ where the code changed between the rows.
+
+# %%
+gpu_fused = read_rows("h200_fused.jsonl")
+if gpu_fused is None:
+    display(not_measured("The fused-kernel rows", "h200_fused.jsonl"))
+else:
+    display(Markdown(f"Measured on {device_line(gpu_fused)}, batch {gpu_fused[0]['batch']}, "
+                     f"`--compile {gpu_fused[0]['compile']}`."))
+    yes = {True: "yes", False: "no", None: "not recorded"}
+    display(html_table(
+        ["config", "fused forward", "fused backward", "source", "train img/s", "step ms", "peak GiB", "date"],
+        [[r["config"], yes[r.get("fused_forward")], yes[r.get("fused_backward")], r.get("satconv_source", "–"),
+          f"{r['train_img_s']:,.0f}", f"{r['train_step_ms']:.2f}", fmt(r.get("peak_mem_gib"), ".2f"), r["date"][:10]]
+         for r in gpu_fused if "error" not in r]))
+
+# %% [markdown]
+# Each kernel at every launch shape, on the arguments of one training step of each model (the rows'
+# `shape` is the scores' $(B, N N_h, N_{key})$): microseconds per call (colour on a log scale, the darkest
+# the slowest), the circled cell the one that
+# `launch_shape` picks, which is the table's entry (`book/bench/h200_fused_launch.jsonl`).
+
+# %%
+gpu_launch = read_rows("h200_fused_launch.jsonl")
+if gpu_launch is None:
+    display(not_measured("The fused kernels' launch shapes", "h200_fused_launch.jsonl"))
+else:
+    display(Markdown(f"Measured on {device_line(gpu_launch)}."))
+    panels = list(dict.fromkeys((r["config"], r["kernel"]) for r in gpu_launch))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False)
+    for ax, (name, kernel) in zip(axes[0], panels):
+        mine = [r for r in gpu_launch if (r["config"], r["kernel"]) == (name, kernel)]
+        per = sorted({r["rows_per_program"] for r in mine})
+        warps = sorted({r["warps"] for r in mine})
+        grid = [[next((r["us"] for r in mine if (r["rows_per_program"], r["warps"]) == (p, w)), float("nan"))
+                 for w in warps] for p in per]
+        low, high = min(r["us"] for r in mine), max(r["us"] for r in mine)
+        ax.imshow(grid, cmap="viridis_r", aspect="auto", norm=LogNorm(low, high))  # log: outliers would hide the rest
+        for r in mine:
+            y, x = per.index(r["rows_per_program"]), warps.index(r["warps"])
+            ax.text(x, y, f"{r['us']:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if r["us"] > (low * high) ** 0.5 else "black")
+            if r["current"]:
+                ax.scatter([x], [y], s=260, facecolors="none", edgecolors="red", linewidths=1.5)
+        ax.set(xticks=range(len(warps)), xticklabels=warps, yticks=range(len(per)), yticklabels=per,
+               xlabel="warps", ylabel="rows per program")
+        ax.set_title(f"{name}\n{kernel}, {mine[0]['shape']}", fontsize=7)
+    fig.tight_layout()
+    plt.show()
+    picked = [r for r in gpu_launch if r["current"]]
+    display(Markdown("The table's entries are the fastest in " + ", ".join(
+        f"`{r['config']}` {r['kernel']}: {'yes' if r['fastest'] else 'no'}" for r in picked) + "."))
 
 # %% [markdown]
 # ### Batch 100 against the largest batch that fits

@@ -206,7 +206,7 @@ def run_options(cfg: ExperimentConfig, device) -> dict:
     """The training options a bench, epoch or kernel row ran with: the attention routes, ``step_graph``
     where it applied (CUDA only: a CPU row ran plain steps), and ``fused_backward``: whether a folded
     content attention's backward would run the fused Triton kernel (:func:`satconv.attention.fused.on_device`;
-    models without one ignore it), and ``fused_forward`` the same for the opt-in fused forward."""
+    models without one ignore it), and ``fused_forward`` the same for the fused forward kernel."""
     t = cfg.train
     return {"attention_route": t.attention_route, "shared_route": t.shared_route,
             "step_graph": t.step_graph and torch.device(device).type == "cuda",
@@ -831,6 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the config's batch size")
     p.add_argument("--data", default=None, help="with --epoch: an image-folder root (default: generated images)")
     p.add_argument("--epochs", type=_positive_int, default=2, help="with --epoch: epochs to train (>= 2)")
+    p.add_argument("--no-fused-forward", action="store_true",
+                   help="run the folded attention's forward softmax and dropout as inductor's kernels, not the "
+                        "fused Triton kernel (satconv.attention.fused; rows record fused_forward)")
+    p.add_argument("--no-fused-backward", action="store_true",
+                   help="the same for the backward pass (rows record fused_backward)")
     p.add_argument("--fused-launch", action="store_true",
                    help="instead of timing models: time the fused softmax-dropout kernels at every launch shape "
                         "(rows per program x warps) on the configs' attention sizes (CUDA; --batch takes sizes)")
@@ -937,9 +942,17 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     Prints one JSON line per row to stdout (and appends them to ``--out``).  Bad arguments print
     the usage and exit with status 2 (``SystemExit``).  Returns 0, or 1 if some row ran out of memory.
+    ``--no-fused-forward`` and ``--no-fused-backward`` hold for the whole command.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.fused_launch and (args.no_fused_forward or args.no_fused_backward):
+        parser.error("--fused-launch times the fused kernels: it takes no --no-fused-forward or --no-fused-backward")
+    with fused.use_fused_forward(not args.no_fused_forward), fused.use_fused_backward(not args.no_fused_backward):
+        return _bench(parser, args)
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.repeats < 3:
         parser.error(f"--repeats must be >= 3, got {args.repeats}")
     try:

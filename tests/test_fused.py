@@ -192,6 +192,23 @@ def test_fused_backward_is_used_only_where_it_applies():
         assert fused.enabled(torch.zeros(1, device="cuda"))
 
 
+def test_bench_flags_turn_the_fused_kernels_off_for_the_command(monkeypatch):
+    """``bench --no-fused-forward`` / ``--no-fused-backward`` hold while the command runs and are undone after;
+    ``--fused-launch`` refuses them."""
+    from satconv import timing
+    seen = []
+    monkeypatch.setattr(timing, "_bench", lambda parser, args: seen.append(
+        (fused.forward_on_device("cuda"), fused.on_device("cuda"), fused._FORWARD[0], fused._ENABLED[0])) or 0)
+    cfg = "configs/paper_quadratic.yaml"
+    assert timing.bench_main(["--config", cfg, "--no-fused-forward"]) == 0
+    assert timing.bench_main(["--config", cfg, "--no-fused-backward"]) == 0
+    assert timing.bench_main(["--config", cfg]) == 0
+    assert [s[2:] for s in seen] == [(False, True), (True, False), (True, True)]
+    assert fused._FORWARD[0] and fused._ENABLED[0]
+    with pytest.raises(SystemExit):
+        timing.bench_main(["--config", cfg, "--fused-launch", "--no-fused-forward"])
+
+
 def test_launch_shapes_come_from_the_table_or_the_rule():
     """Measured row blocks read :data:`fused.LAUNCH`; others get about 1024 entries per program, at least one
     row; an unknown kernel name is an error that names the allowed ones."""

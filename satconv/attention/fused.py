@@ -1,5 +1,5 @@
-"""Triton kernels for the folded attention's softmax and dropout: one for the backward pass, one (opt-in)
-for the forward pass.
+"""Triton kernels for the folded attention's softmax and dropout: one for the forward pass, one for the
+backward pass.
 
 :class:`satconv.attention.folded.SoftmaxDropoutMix` computes ``P~ = dropout(softmax(A))`` (eq. (2)'s
 softmax over keys, with the attention dropout) and ``P~ X``.  Its backward pass needs, per row of
@@ -27,8 +27,12 @@ which is how the tests pin it without a GPU.
 :func:`softmax_dropout_forward` does the forward part in one pass as well: it adds the per-axis relative
 terms to the content scores, masks padded keys, takes the softmax, applies the keep mask and writes the
 probabilities, the dropped probabilities, the packed mask and their row sums, where inductor's fused softmax
-and :func:`~satconv.attention.folded.pack_mask` made two kernels.  It is off unless turned on with
-:func:`use_fused_forward` until it has been measured on a GPU.
+and :func:`~satconv.attention.folded.pack_mask` made two kernels.  It runs on CUDA unless
+:func:`use_fused_forward` turns it off; the A/B rows are ``book/bench/h200_fused.jsonl``.
+
+Both kernels take a block of rows per program; :data:`LAUNCH` holds the rows per program and warps that
+measured fastest for the row lengths the models use (``python -m satconv bench --fused-launch`` times them
+all again on the current GPU).
 """
 from __future__ import annotations
 
@@ -89,14 +93,14 @@ def enabled(t: torch.Tensor) -> bool:
 
 def use_fused_forward(on: bool = True):
     """Context manager: within the block the folded attention's forward softmax and dropout run as one
-    Triton kernel (:func:`softmax_dropout_forward`) on CUDA (``on=True``), or as inductor's kernels (the
-    default, until the fused forward has been measured on a GPU)."""
+    Triton kernel (:func:`softmax_dropout_forward`) on CUDA (``on=True``, the default outside any block),
+    or as inductor's kernels (``on=False``)."""
     return _switched(_FORWARD, on)
 
 
 def forward_on_device(device) -> bool:
-    """Whether the fused forward runs on ``device``: turned on by :func:`use_fused_forward`, Triton
-    importable, a CUDA device."""
+    """Whether the fused forward runs on ``device``: Triton importable, a CUDA device, and
+    :func:`use_fused_forward` has not turned it off."""
     return _runs(_FORWARD, device)
 
 
