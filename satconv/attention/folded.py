@@ -304,12 +304,9 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     row = col = None
     if relative is not None:
         row, col = relative(tokens, height, width)  # (B, H, W, heads, H), (B, H, W, heads, W)
-    in_kernel = not return_attention and fused.forward_enabled(logits)  # it adds the terms and masks the padding
-    if not in_kernel:
-        logits = relative_and_padding(logits, row, col, n if pad else None)  # (B, N, H, Nk)
-        row = col = None
     low = autocast_dtype(x)
     if return_attention:  # exact probabilities: float32 (at least), dropout by the module
+        logits = relative_and_padding(logits, row, col, n if pad else None)  # (B, N, H, Nk)
         probs = softmax_keys(logits)  # (B, N, H, Nk)
         probs = probs if low is not None else probs.to(x.dtype)
         dropped = module.attn_drop(probs)
@@ -318,9 +315,10 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     else:
         p = module.attn_drop.p if module.training else 0.0
         rel = (None, None) if row is None else (row.reshape(b, n * heads, height), col.reshape(b, n * heads, width))
+        # the Function adds the relative terms and masks the padding (in the fused kernel on CUDA)
         mixed, rowsum = SoftmaxDropoutMix.apply(logits.view(b, n * heads, nk), values, p,
                                                 low if low is not None else x.dtype, module.attn_drop.salt, *rel,
-                                                n if pad and in_kernel else None)
+                                                n if pad else None)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
     out_weight, out_bias = fold_following(module.proj, then)  # (D_out, H*Dk), (D_out,): W_out (then ``then``)
     if module.value is None:
