@@ -481,6 +481,13 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
     (:data:`satconv.attention.fused.LAUNCH` is set for the call and restored).  The fastest pair per kernel
     is what ``LAUNCH`` should hold for that row block.
 
+    Args:
+        cfg: an experiment config whose model has a folded content attention (learned + content, ViT).
+        batch: images in the recorded step (the scores are ``(batch, N * heads, N_key)``).
+        device, precision: as in :func:`bench_model` (a CUDA device).
+        rows_per_program, warps: the launch pairs to time.
+        warmup, repeats: untimed and timed calls per pair (:func:`time_repeats`; the median is reported).
+
     Returns:
         One dict per (kernel, rows per program, warps): ``kernel``, ``block`` (the row block, a power of
         two), ``shape`` (the scores' ``(B, R, Nk)``), ``rows_per_program``, ``warps``, ``us`` (median
