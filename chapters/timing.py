@@ -686,6 +686,12 @@ else:
     speedups = gpu_table(gpu)
 glue("speedup_summary", ", ".join(f"{RE_REFERENCE[c]['label']} {s:.1f}x" for c, s in speedups.items())
      or "not measured yet", display=False)
+# each model's best batch-100 row against the performance target (training images/s)
+glue("target_summary", "; ".join(
+    f"{RE_REFERENCE[c]['label']} {s * RE_REFERENCE[c]['img_s']:,.0f} of {RE_REFERENCE[c]['target']:,} img/s, "
+    + ("met" if s * RE_REFERENCE[c]["img_s"] >= RE_REFERENCE[c]["target"]
+       else f"{s * RE_REFERENCE[c]['img_s'] / RE_REFERENCE[c]['target']:.1%} of it")
+    for c, s in speedups.items()) or "not measured yet", display=False)
 
 # %%
 # the same rows as a picture: the [Re], this package and the performance target, per model
@@ -714,7 +720,8 @@ else:
 
 # %% [markdown]
 # Speed-up over the [Re] at batch 100 (training images per second, best row per model):
-# {glue:text}`speedup_summary`. MFU is the training FLOPs per image (counted as in part 1) times the
+# {glue:text}`speedup_summary`. Against the performance targets: {glue:text}`target_summary`.
+# MFU is the training FLOPs per image (counted as in part 1) times the
 # measured images per second, divided by the peak. The GEMM column says how far each model is from what
 # the same GPU reaches on one large matrix product; these networks multiply small matrices (at most 256
 # tokens of 400 channels per image, fewer in the local and convolutional networks), spend time in
