@@ -829,7 +829,9 @@ display(kernel_table(cpu_kernels, top=3))
 # The content attention's softmax and dropout (the learned + content model and ViT) with the fused
 # backward kernel alone, then with the forward kernel as well, first at the launch shape of the kernels
 # as first written and then at the measured table (`book/bench/h200_fused.jsonl`; `make gpu-bench-fused`
-# measures all three settings again). The sources differ where the code changed between the rows.
+# measures all three settings again). The sources differ where the code changed between the rows; rows
+# record the launch table since it exists (`fused_launch`: kernel/row block = rows per program x warps), and
+# of the rows below, those of the latest source ran the table's shapes.
 
 # %%
 gpu_fused = read_rows("h200_fused.jsonl")
@@ -840,8 +842,10 @@ else:
                      f"`--compile {gpu_fused[0]['compile']}`."))
     yes = {True: "yes", False: "no", None: "not recorded"}
     display(html_table(
-        ["config", "fused forward", "fused backward", "source", "train img/s", "step ms", "peak GiB", "date"],
-        [[r["config"], yes[r.get("fused_forward")], yes[r.get("fused_backward")], r.get("satconv_source", "–"),
+        ["config", "fused forward", "fused backward", "launch table", "source", "train img/s", "step ms", "peak GiB",
+         "date"],
+        [[r["config"], yes[r.get("fused_forward")], yes[r.get("fused_backward")],
+          r.get("fused_launch") or "not recorded", r.get("satconv_source", "–"),
           f"{r['train_img_s']:,.0f}", f"{r['train_step_ms']:.2f}", fmt(r.get("peak_mem_gib"), ".2f"), r["date"][:10]]
          for r in gpu_fused if "error" not in r]))
 

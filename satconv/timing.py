@@ -206,12 +206,15 @@ def run_options(cfg: ExperimentConfig, device) -> dict:
     """The training options a bench, epoch or kernel row ran with: the attention routes, ``step_graph``
     where it applied (CUDA only: a CPU row ran plain steps), and ``fused_backward``: whether a folded
     content attention's backward would run the fused Triton kernel (:func:`satconv.attention.fused.on_device`;
-    models without one ignore it), and ``fused_forward`` the same for the fused forward kernel."""
+    models without one ignore it), ``fused_forward`` the same for the fused forward kernel, and
+    ``fused_launch`` the kernels' launch table where either runs (:func:`satconv.attention.fused.launch_table`,
+    else ``None``)."""
     t = cfg.train
     return {"attention_route": t.attention_route, "shared_route": t.shared_route,
             "step_graph": t.step_graph and torch.device(device).type == "cuda",
             "fused_backward": fused.on_device(device),
-            "fused_forward": fused.forward_on_device(device)}
+            "fused_forward": fused.forward_on_device(device),
+            "fused_launch": fused.launch_table() if fused.on_device(device) or fused.forward_on_device(device) else None}
 
 
 def step_graph_conflict(cfg: ExperimentConfig, compile) -> str | None:

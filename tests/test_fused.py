@@ -218,6 +218,13 @@ def test_launch_shapes_come_from_the_table_or_the_rule():
     assert fused.launch_shape("backward", 4096) == (1, 4)
     with pytest.raises(ValueError, match="'forward' or 'backward'"):
         fused.launch_shape("sideways", 256)
+    from satconv import config as C
+    from satconv.timing import run_options
+    assert fused.launch_table() == "backward/256=8x4, backward/512=1x2, forward/256=8x2, forward/512=1x1"
+    cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned_content.yaml")
+    assert run_options(cfg, "cpu")["fused_launch"] is None  # no fused kernel runs on a CPU
+    with fused.use_fused_forward(False), fused.use_fused_backward(False):
+        assert run_options(cfg, "cuda")["fused_launch"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")

@@ -125,6 +125,12 @@ def launch_shape(kernel: str, block: int) -> tuple[int, int]:
     return LAUNCH.get((kernel, block), (max(1, min(16, 1024 // block)), 4))
 
 
+def launch_table() -> str:
+    """:data:`LAUNCH` as one line for bench rows: ``"backward/256=8x4, ..."`` (kernel/row block = rows per
+    program x warps), sorted."""
+    return ", ".join(f"{kernel}/{block}={rows}x{warps}" for (kernel, block), (rows, warps) in sorted(LAUNCH.items()))
+
+
 if triton is not None:
     @triton.jit
     def _backward_kernel(g_ptr, p_ptr, packed_ptr, grow_ptr, dl_ptr, dropped_ptr, rows, n, n_packed, scale,
@@ -301,5 +307,6 @@ def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch
                                                       logits_dtype, dropped_dtype)
 
 
-__all__ = ["available", "on_device", "enabled", "use_fused_backward", "softmax_dropout_backward",
+__all__ = ["LAUNCH", "launch_shape", "launch_table", "available", "on_device", "enabled", "use_fused_backward",
+           "softmax_dropout_backward",
            "use_fused_forward", "forward_on_device", "forward_enabled", "softmax_dropout_forward"]
