@@ -330,9 +330,11 @@ def test_saved_activation_bytes_of_the_compiled_graphs_never_exceed_eager():
     assert 3 * 4 * 4 * 4 <= compiled <= eager
 
 
-def test_inductor_settings_follow_the_config(monkeypatch):
+def test_inductor_settings_follow_the_config():
+    # inductor's own patch: monkeypatch's undo deleted the setting from the config module, so compiles in
+    # later tests failed ("coordinate_descent_tuning does not exist")
     import torch._inductor.config as ic
-    monkeypatch.setattr(ic, "coordinate_descent_tuning", True)
-    assert timing.inductor_settings()["coordinate_descent_tuning"] is True
-    monkeypatch.setattr(ic, "coordinate_descent_tuning", False)
-    assert timing.inductor_settings()["coordinate_descent_tuning"] is False
+    with ic.patch(coordinate_descent_tuning=True):
+        assert timing.inductor_settings()["coordinate_descent_tuning"] is True
+    with ic.patch(coordinate_descent_tuning=False):
+        assert timing.inductor_settings()["coordinate_descent_tuning"] is False
