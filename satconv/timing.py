@@ -501,7 +501,6 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
     Raises:
         RuntimeError: not a CUDA device, Triton missing, or ``cfg``'s model calls neither kernel.
     """
-    import triton
     device = resolve_device(device)
     if device.type != "cuda" or not fused.available():
         raise RuntimeError(f"the fused kernels run on CUDA with Triton; device {device} cannot time them")
@@ -533,27 +532,25 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "satconv_source": _source_digest()}
     rows = []
-    for kernel, args in sorted(calls.items()):
-        scores = args[0] if kernel == "forward" else args[1]
-        block = max(8, triton.next_power_of_2(scores.shape[-1]))
-        fn = dict(forward=originals[0], backward=originals[1])[kernel]
-        current = fused.launch_shape(kernel, block)
-        found = []
-        for per in rows_per_program:
-            for w in warps:
-                saved = fused.LAUNCH.get((kernel, block))
-                fused.LAUNCH[(kernel, block)] = (per, w)
-                try:
+    table = dict(fused.LAUNCH)
+    try:
+        for kernel, args in sorted(calls.items()):
+            scores = args[0] if kernel == "forward" else args[1]
+            block = fused.row_block(scores.shape[-1])
+            fn = dict(forward=originals[0], backward=originals[1])[kernel]
+            current = fused.launch_shape(kernel, block)
+            found = []
+            for per in rows_per_program:
+                for w in warps:
+                    fused.LAUNCH[(kernel, block)] = (per, w)
                     us = statistics.median(time_repeats(lambda: fn(*args), device, warmup, repeats)) * 1e6
-                finally:
-                    if saved is None:
-                        del fused.LAUNCH[(kernel, block)]
-                    else:
-                        fused.LAUNCH[(kernel, block)] = saved
-                found.append({"kernel": kernel, "block": block, "shape": list(scores.shape),
-                              "rows_per_program": per, "warps": w, "us": us, "current": (per, w) == current})
-        best = min(r["us"] for r in found)
-        rows += [{**r, "fastest": r["us"] == best, **common} for r in found]
+                    found.append({"kernel": kernel, "block": block, "shape": list(scores.shape),
+                                  "rows_per_program": per, "warps": w, "us": us, "current": (per, w) == current})
+            best = min(r["us"] for r in found)
+            rows += [{**r, "fastest": r["us"] == best, **common} for r in found]
+    finally:
+        fused.LAUNCH.clear()
+        fused.LAUNCH.update(table)
     return rows
 
 

@@ -215,28 +215,29 @@ class SoftmaxDropoutMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_mixed: torch.Tensor | None, g_rowsum: torch.Tensor | None):
         probs, packed, values = ctx.saved_tensors
-        if g_mixed is not None and fused.enabled(probs):  # one Triton kernel for the element-wise part
-            g = torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2))  # (B, R, Nk)
+        g = None if g_mixed is None else torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2))  # (B, R, Nk)
+        if g is not None and fused.enabled(probs):  # one Triton kernel for the element-wise part
             d_logits, dropped = fused.softmax_dropout_backward(g, probs, packed, g_rowsum, ctx.p,
                                                                ctx.logits_dtype, g_mixed.dtype)
-            d_values = torch.bmm(dropped.transpose(1, 2), g_mixed).to(values.dtype)  # (B, Nk, D)
-            return (d_logits, d_values, None, None, None) + SoftmaxDropoutMix._relative_grads(ctx, d_logits)
-        keep = None if packed is None else unpack_mask(packed, ctx.n)  # (B, R, Nk)
-        scale = 1.0 / (1.0 - ctx.p)
-        if g_mixed is not None:
-            d_dropped = wide(torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2)))  # (B, R, Nk)
-            dropped = probs if keep is None else probs * keep * scale
-            d_values = torch.bmm(dropped.to(g_mixed.dtype).transpose(1, 2), g_mixed).to(values.dtype)  # (B, Nk, D)
+            relative = SoftmaxDropoutMix._relative_grads(ctx, d_logits)
         else:
-            d_dropped = torch.zeros(probs.shape, device=probs.device, dtype=wide(probs).dtype)
-            d_values = None
-        if g_rowsum is not None:
-            d_dropped = d_dropped + g_rowsum[..., None]
-        d_probs = d_dropped if keep is None else d_dropped * keep * scale
-        pw = wide(probs)
-        d_logits = pw * (d_probs - (d_probs * pw).sum(-1, keepdim=True))
-        return ((d_logits.to(ctx.logits_dtype), d_values, None, None, None)
-                + SoftmaxDropoutMix._relative_grads(ctx, d_logits))
+            keep = None if packed is None else unpack_mask(packed, ctx.n)  # (B, R, Nk)
+            scale = 1.0 / (1.0 - ctx.p)
+            if g is not None:
+                d_dropped = wide(g)
+                dropped = probs if keep is None else probs * keep * scale
+            else:
+                d_dropped = torch.zeros(probs.shape, device=probs.device, dtype=wide(probs).dtype)
+            if g_rowsum is not None:
+                d_dropped = d_dropped + g_rowsum[..., None]
+            d_probs = d_dropped if keep is None else d_dropped * keep * scale
+            pw = wide(probs)
+            d_logits = pw * (d_probs - (d_probs * pw).sum(-1, keepdim=True))
+            relative = SoftmaxDropoutMix._relative_grads(ctx, d_logits)  # from the float32 gradient
+            d_logits = d_logits.to(ctx.logits_dtype)
+        d_values = (None if g is None
+                    else torch.bmm(dropped.to(g_mixed.dtype).transpose(1, 2), g_mixed).to(values.dtype))  # (B, Nk, D)
+        return (d_logits, d_values, None, None, None) + relative
 
     @staticmethod
     def _relative_grads(ctx, d_logits: torch.Tensor) -> tuple:

@@ -117,6 +117,12 @@ LAUNCH = {("backward", 256): (8, 4), ("backward", 512): (1, 2),
           ("forward", 256): (8, 2), ("forward", 512): (1, 1)}
 
 
+def row_block(n: int) -> int:
+    """The kernels' row block for rows of ``n`` entries: the power of two ``>= n``, at least 8 (one packed
+    mask byte)."""
+    return max(8, triton.next_power_of_2(n))
+
+
 def launch_shape(kernel: str, block: int) -> tuple[int, int]:
     """``(rows per program, warps)`` for ``kernel`` (``"forward"`` or ``"backward"``) at a power-of-two row
     block: :data:`LAUNCH` where it was measured, otherwise about 1024 entries per program on 4 warps."""
@@ -161,7 +167,7 @@ if triton is not None:
     def _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped):
         n = probs.shape[-1]
         rows = probs.numel() // n
-        block = max(8, triton.next_power_of_2(n))
+        block = row_block(n)
         per_program, warps = launch_shape("backward", block)
         _backward_kernel[(triton.cdiv(rows, per_program),)](
             g, probs, packed if packed is not None else probs,  # unused pointers: any tensor
@@ -233,7 +239,7 @@ if triton is not None:
         n_packed = (n + 7) // 8 if keep is not None else 0
         packed = torch.empty((*scores.shape[:-1], n_packed), dtype=torch.uint8, device=scores.device)
         rowsum = torch.empty(scores.shape[:-1], dtype=torch.float32, device=scores.device)
-        block = max(8, triton.next_power_of_2(n))
+        block = row_block(n)
         per_program, warps = launch_shape("forward", block)
         rel = (row.contiguous(), col.contiguous()) if row is not None else (scores, scores)  # unused: any tensor
         with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
@@ -307,6 +313,6 @@ def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch
                                                       logits_dtype, dropped_dtype)
 
 
-__all__ = ["LAUNCH", "launch_shape", "launch_table", "available", "on_device", "enabled", "use_fused_backward",
+__all__ = ["LAUNCH", "row_block", "launch_shape", "launch_table", "available", "on_device", "enabled", "use_fused_backward",
            "softmax_dropout_backward",
            "use_fused_forward", "forward_on_device", "forward_enabled", "softmax_dropout_forward"]
