@@ -277,7 +277,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 #: row reduction (input gradient) with its column reduction (weight gradient) into one kernel; on the
 #: H200 those fused kernels ran several times slower than their bytes need (``python -m satconv bench
 #: --kernels``; the timing chapter's kernel breakdown shows a step with and without them).
-INDUCTOR_OPTIONS = {"triton.mix_order_reduction": (False, "TORCHINDUCTOR_MIX_ORDER_REDUCTION")}
+#: ``comprehensive_padding`` off: inductor otherwise pads the row stride of the buffers it lays out (rows
+#: longer than 1024 entries, to 128 bytes: a ``(B*N, 3600)`` folded-query buffer gets stride 3648).  A
+#: padded output is not contiguous, so ``addmm`` cannot use cuBLASLt's bias epilogue and first copies the
+#: broadcast bias into the whole output (about 0.15 ms per layer of the content models on the H200); the
+#: step of the learned + content model ran faster overall without the padding (``h200_padding.jsonl``).
+INDUCTOR_OPTIONS = {"triton.mix_order_reduction": (False, "TORCHINDUCTOR_MIX_ORDER_REDUCTION"),
+                    "comprehensive_padding": (False, "TORCHINDUCTOR_COMPREHENSIVE_PADDING")}
 
 
 def inductor_setting(key: str, default=None):

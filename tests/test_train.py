@@ -286,14 +286,19 @@ def test_compiled_model_keeps_static_shapes(mode, monkeypatch):
 
 def test_compile_options_are_the_modes_plus_satconvs_unless_the_environment_says(monkeypatch):
     """The mode's own inductor options (CUDA graphs for reduce-overhead) plus INDUCTOR_OPTIONS (LayerNorm's
-    mixed-order reduction off); a set TORCHINDUCTOR_* variable leaves that option to inductor."""
+    mixed-order reduction and comprehensive padding off); a set TORCHINDUCTOR_* variable leaves that option
+    to inductor."""
     import torch._inductor.config as ic
     monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
-    has = hasattr(ic.triton, "mix_order_reduction")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPREHENSIVE_PADDING", raising=False)
+    mixed = {"triton.mix_order_reduction": False} if hasattr(ic.triton, "mix_order_reduction") else {}
+    padding = {"comprehensive_padding": False} if hasattr(ic, "comprehensive_padding") else {}
     assert T.compile_options("max-autotune")["max_autotune"] is True
-    assert T.compile_options("default") == T.compile_options(None) == ({"triton.mix_order_reduction": False} if has else {})
+    assert T.compile_options("default") == T.compile_options(None) == {**mixed, **padding}
     assert T.compile_options("reduce-overhead")["triton.cudagraphs"] is True
     monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
+    assert T.compile_options("default") == padding
+    monkeypatch.setenv("TORCHINDUCTOR_COMPREHENSIVE_PADDING", "1")
     assert T.compile_options("default") == {}
 
 
