@@ -876,7 +876,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
         A JSON-ready dict: ``config``, ``device``, ``precision``, ``compile``, ``batch``, ``data`` (the
         data set's label, e.g. "CIFAR-10 (JPEG q75 copy)"), ``data_root``, ``seed``, ``epochs``,
         ``images`` (training images per epoch), ``epoch_time_s`` (last epoch, validation included),
-        ``model_only_img_s``, ``ratio`` (epoch time over the model-only time for as many images).
+        ``model_only_img_s``, ``ratio`` (epoch time over the model-only time for as many images),
+        ``torch``, ``date`` and ``satconv_source`` (:func:`satconv.train.source_digest`).
     """
     from .train import train
     if epochs < 2:
@@ -911,7 +912,8 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
             "images": images,
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "satconv_source": _source_digest()}
 
 
 def epochs_from_run(run_dir: str | Path) -> dict | None:
