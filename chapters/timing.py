@@ -127,7 +127,7 @@ def label_of(row):
     """A bench row's config name, with the route when it is not the default one."""
     route = route_of(row)
     fused_kernels = "+".join(k for k, key in (("fwd", "fused_forward"), ("bwd", "fused_backward")) if row.get(key))
-    return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm", "wfirst") else "")
+    return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm", "wfirst", "bmm_gemm") else "")
             + (f" (fused {fused_kernels})" if fused_kernels and route == "folded" else "")
             + (" (step graph)" if row.get("step_graph") else "")
             + (" (mixed-order LayerNorm)" if mixed_order(row) else ""))
@@ -385,7 +385,10 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   reads, or as a batched GEMM that writes that layout directly (`bmm`: the probabilities laid out
 #   $(N N_h) \times N$ and broadcast over the batch, their gradient a sum of per-image products), or
 #   with $W_{out}$'s head slices applied first (`wfirst`: $\sum_h P_h (X W_h^\top)$, one GEMM for all
-#   heads, then one batched GEMM over keys and heads at once, no layout copy). The learned logits are a
+#   heads, then one batched GEMM over keys and heads at once, no layout copy), or by `bmm`'s forward pass
+#   with the probabilities' gradient as one GEMM over the batch and features together (`bmm_gemm`,
+#   `satconv.attention.base.SharedProbabilityProduct`: one layout copy per layer, in the backward pass,
+#   where `einsum` has one in each pass). The learned logits are a
 #   row term plus a column term, built as two small $(N_h, H, H)$ and $(N_h, W, W)$ tables and
 #   broadcast-added: no $(N, N)$ index and, in the backward pass, no $N^2$ scatter.
 # - **Relative logits per axis, from windows of the folded tables.** The row part of $q \cdot r$ for a query in
@@ -474,7 +477,8 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # was as fast once the relative terms were computed per axis; the forward kernel above, which also packs the
 # mask and sums the rows, did measure faster: see the fused-kernel rows below). The shared-probability routes stay at `einsum`, the default,
 # which neither the `bmm` nor the `wfirst` rows of the batch-100 table beat (in the kernel breakdown, `wfirst`
-# trades einsum's layout copies for a costlier gradient of the batch-broadcast probabilities), and the content
+# trades einsum's layout copies for a costlier gradient of the batch-broadcast probabilities; `bmm_gemm`
+# is newer than the GPU rows, `make gpu-bench-routes` measures it), and the content
 # attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
 # ResNet18's alone: the attention models keep the GPU busy for a whole step already (their kernel time is
 # within a few percent of the step, in the breakdown below). Some `(step graph)` rows ran older code than

@@ -51,6 +51,26 @@ def test_combine_routes_equal_broadcast_product(shared_probs, route):
         torch.testing.assert_close(a, e, **EXACT)
 
 
+def test_shared_probability_product_in_autocast_keeps_the_input_dtypes():
+    """SharedProbabilityProduct (the bmm_gemm route) under CPU bf16 autocast: the product runs in bf16,
+    and the float32 probabilities and values get float32 gradients close to the float64 ones (the
+    gradient of P is the one GEMM over batch and features, of P^T the batched one)."""
+    from satconv.attention.base import SharedProbabilityProduct
+    torch.manual_seed(0)
+    p64 = torch.softmax(torch.randn(15, 12, dtype=torch.float64), -1)
+    x64, g64 = torch.randn(4, 12, 8, dtype=torch.float64), torch.randn(4, 15, 8, dtype=torch.float64)
+    p, x = p64.float().requires_grad_(), x64.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = SharedProbabilityProduct.apply(p, x)
+    assert out.dtype == torch.bfloat16
+    d_p, d_x = torch.autograd.grad(out, [p, x], g64.to(torch.bfloat16))
+    assert d_p.dtype == d_x.dtype == torch.float32
+    ref = torch.einsum("rn,bnd->brd", p64, x64)
+    ref_p, ref_x = torch.einsum("brd,bnd->rn", g64, x64), torch.einsum("rn,brd->bnd", p64, g64)
+    for got, want in ((out, ref), (d_p, ref_p), (d_x, ref_x)):
+        assert _rel(got, want) < 2e-2
+
+
 def test_query_position_gather_equals_full_index():
     """The per-axis gather of q.r equals indexing the (N, N) relative-offset table directly."""
     torch.manual_seed(0)
@@ -374,7 +394,7 @@ def _rel(a, b):
 
 ROUTE_CASES = ([(n, "folded", "einsum") for n in ("paper_quadratic", "paper_learned", "paper_learned_content", "re_vit")]
                + [(n, "sdpa", "einsum") for n in ("paper_learned_content", "re_vit")]
-               + [("paper_learned", "folded", r) for r in ("bmm", "wfirst")])
+               + [("paper_learned", "folded", r) for r in ("bmm", "wfirst", "bmm_gemm")])
 
 
 def _gpu_model(name: str, layers: int = 2):

@@ -72,7 +72,7 @@ class _RouteSetting:
 #: routes of the folded dense attention (:func:`satconv.attention.folded.folded_forward`), default first
 DENSE_ROUTES = ("folded", "sdpa")
 #: routes of probabilities shared by the batch (:meth:`AttentionBase.combine`), default first
-SHARED_ROUTES = ("einsum", "bmm", "wfirst")
+SHARED_ROUTES = ("einsum", "bmm", "wfirst", "bmm_gemm")
 _DENSE = _RouteSetting("dense attention", DENSE_ROUTES)
 _SHARED = _RouteSetting("shared-probability", SHARED_ROUTES)
 
@@ -110,7 +110,10 @@ def shared_route() -> str:
     the batch of per-image products.  ``"wfirst"`` applies every head's slice of ``W_out`` first
     (``Y = x W_h^T`` for all heads, one GEMM into ``(B, N * heads, D_out)``), then sums over keys and
     heads with a batched GEMM of the ``(N, N * heads)`` probabilities: no layout copy, and a
-    ``(B, N, D_out)`` result.  Same function; set with :func:`shared_attention_route`.
+    ``(B, N, D_out)`` result.  ``"bmm_gemm"`` runs ``"bmm"``'s forward pass and backward products for the
+    values, but takes the probabilities' gradient as one GEMM over batch and features
+    (:class:`SharedProbabilityProduct`): one layout copy per layer, in the backward pass, where
+    ``"einsum"`` has two.  Same function; set with :func:`shared_attention_route`.
     """
     return _SHARED.current()
 
@@ -328,7 +331,10 @@ class AttentionBase(nn.Module):
                 p = probs[0].permute(1, 2, 0).reshape(n, n * h)  # (N, N*H): [query, (key, head)]
                 out = torch.bmm(p.to(y.dtype).expand(b, -1, -1), y.view(b, n * h, e))  # (B, N, E)
                 return out if bias is None else out + bias.to(out.dtype)
-            if route == "bmm":
+            if route == "bmm_gemm":
+                p = probs[0].transpose(0, 1).reshape(n * h, n)  # (N*H, N): rows (query, head)
+                out = SharedProbabilityProduct.apply(p, v[:, 0])  # (B, N*H, D): W_out's layout
+            elif route == "bmm":
                 p = probs[0].transpose(0, 1).reshape(n * h, n)  # (N*H, N): rows (query, head)
                 out = torch.bmm(p.to(v.dtype).expand(b, -1, -1), v[:, 0])  # (B, N*H, D): W_out's layout
             else:  # one (H*N, N) @ (N, B*D) GEMM, then a copy into W_out's layout
@@ -380,6 +386,40 @@ class AttentionBase(nn.Module):
         out = self.combine(self.attn_drop(probs), self.values(tokens), then)
         out = out.reshape(b, height, width, -1)
         return (out, probs) if return_attention else out
+
+
+class SharedProbabilityProduct(torch.autograd.Function):
+    """``out_b = P X_b`` for every image ``b``, with probabilities ``P`` shared by the batch (paper.md §6.4).
+
+    ``forward(p: (R, N), x: (B, N, D)) -> (B, R, D)``.  The forward pass and the values' gradient
+    ``P^T G_b`` are batched GEMMs with ``P`` broadcast over the batch (stride 0, not copied).  The
+    probabilities' gradient ``sum_b G_b X_b^T`` is one ``(R, B D) @ (B D, N)`` GEMM over the batch and
+    features together, the gradient ``G`` laid out ``(R, B, D)`` for it (one layout copy), instead of
+    ``B`` per-image products summed afterwards (the ``"bmm"`` route's autograd, which writes a
+    ``(B, R, N)`` tensor of them).  Both operands are cast to the autocast dtype when autocast is on
+    (else to ``x.dtype``); the gradients come back in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dtype = autocast_dtype(x) or x.dtype
+        ctx.dtypes = p.dtype, x.dtype
+        p, x = p.to(dtype), x.to(dtype)
+        ctx.save_for_backward(p, x)
+        return torch.bmm(p.expand(x.shape[0], -1, -1), x)  # (B, R, D)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        p, x = ctx.saved_tensors
+        (b, n, d), r = x.shape, p.shape[0]
+        g = g.to(x.dtype)
+        d_p = d_x = None
+        if ctx.needs_input_grad[0]:  # sum_b G_b X_b^T: (R, B*D) @ (B*D, N)
+            d_p = torch.mm(g.transpose(0, 1).reshape(r, b * d), x.transpose(0, 1).reshape(n, b * d).t())
+            d_p = d_p.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            d_x = torch.bmm(p.t().expand(b, -1, -1), g).to(ctx.dtypes[1])  # (B, N, D)
+        return d_p, d_x
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
