@@ -331,12 +331,10 @@ class AttentionBase(nn.Module):
                 p = probs[0].permute(1, 2, 0).reshape(n, n * h)  # (N, N*H): [query, (key, head)]
                 out = torch.bmm(p.to(y.dtype).expand(b, -1, -1), y.view(b, n * h, e))  # (B, N, E)
                 return out if bias is None else out + bias.to(out.dtype)
-            if route == "bmm_gemm":
+            if route in ("bmm", "bmm_gemm"):  # (B, N*H, D): W_out's layout
                 p = probs[0].transpose(0, 1).reshape(n * h, n)  # (N*H, N): rows (query, head)
-                out = SharedProbabilityProduct.apply(p, v[:, 0])  # (B, N*H, D): W_out's layout
-            elif route == "bmm":
-                p = probs[0].transpose(0, 1).reshape(n * h, n)  # (N*H, N): rows (query, head)
-                out = torch.bmm(p.to(v.dtype).expand(b, -1, -1), v[:, 0])  # (B, N*H, D): W_out's layout
+                out = (SharedProbabilityProduct.apply(p, v[:, 0]) if route == "bmm_gemm"
+                       else torch.bmm(p.to(v.dtype).expand(b, -1, -1), v[:, 0]))
             else:  # one (H*N, N) @ (N, B*D) GEMM, then a copy into W_out's layout
                 out = torch.einsum("hnm,bmd->bnhd", probs[0], v[:, 0])  # (B, N, H, D)
             return self.project(out.reshape(b, n, h * d), then)  # (B, N, H*D) -> (B, N, out_dim or E)
