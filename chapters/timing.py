@@ -989,8 +989,9 @@ else:
 # number of epochs over 45,000 images (CIFAR-10's training set less the 5,000 held out for validation).
 # The model-only projection uses the fastest batch-100 row of each model; where a whole epoch was timed
 # (data loading, augmentation and evaluation included, `h200_epochs.jsonl`), the projection from that
-# epoch time is shown too, scaled to 45,000 images. The [Re]'s projection uses its reference throughput
-# with the same schedule.
+# epoch time is shown too, scaled to 45,000 images, with the date of that epoch row and the model-only
+# figure measured with it (an epoch row of older code timed a slower model). The [Re]'s projection uses its
+# reference throughput with the same schedule.
 
 # %%
 TRAIN_IMAGES = 45000
@@ -1001,7 +1002,7 @@ for r in gpu or []:
     if "error" not in r and r.get("batch") == 100:
         best[r["config"]] = max(best.get(r["config"], r), r, key=lambda row: row["train_img_s"])
 header = ["config", "epochs", "model-only img/s", "projected h (model only)", "whole-epoch img/s",
-          "projected h (measured epochs)", "[Re] img/s", "[Re] projected h"]
+          "projected h (measured epochs)", "epoch timed (model-only img/s then)", "[Re] img/s", "[Re] projected h"]
 cells = []
 for name in MAIN:
     epochs = CONFIGS[name].train.epochs
@@ -1011,6 +1012,9 @@ for name in MAIN:
                   fmt(r and timing.epoch_time_projection(r["train_img_s"], epochs, TRAIN_IMAGES), ".2f", "–"),
                   fmt(epoch_img_s, ",.0f"),
                   fmt(epoch_img_s and timing.epoch_time_projection(epoch_img_s, epochs, TRAIN_IMAGES), ".2f"),
+                  # an epoch row of older code ran a slower model: its date and its own model-only figure
+                  (f"{e['date'][:10]} ({fmt(e.get('model_only_img_s'), ',.0f', 'not recorded')})"
+                   if e and e.get("date") else "–"),
                   "does not run" if name in RE_DOES_NOT_RUN else fmt(ref and ref["img_s"], ","),
                   fmt(ref and timing.epoch_time_projection(ref["img_s"], epochs, TRAIN_IMAGES), ".2f")])
 html_table(header, cells)
