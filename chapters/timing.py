@@ -759,6 +759,9 @@ else:
 # products, convolutions, softmax, normalisation, layout copies, optimizer, other element-wise work).
 # Where the wall time of a step exceeds its summed kernel time, the difference is launch overhead and
 # idle time. The committed GPU breakdown is `book/bench/h200_kernels.jsonl` (`make gpu-bench-kernels`).
+# Profiled without CUDA graphs (`--compile default`), a row also names the aten operator that launched each
+# kernel not written by inductor (`launched_by`, `satconv.kernels.kernel_launchers`): that is how the
+# bias copies inside `addmm` were found (see the padding section below).
 # On a CPU the same breakdown sums the self time of the aten operators, which run on several threads,
 # so it can exceed the wall time; the example below, tiny models measured during the book build, only
 # shows what the tool reports.
@@ -796,10 +799,16 @@ def kernel_chart(rows, title):
 
 
 def kernel_table(rows, top=5):
-    """The most expensive kernels of each config, per step."""
+    """The most expensive kernels of each config, per step, with the aten operators that launched them
+    where the rows record them (`satconv.kernels.kernel_launchers`: profiles without CUDA graphs)."""
+    shown = [(r, k) for r in rows for k in r["kernels"][:top]]
+    launched = any(k.get("launched_by") for _, k in shown)
     cells = [[label_of(r), (r.get("satconv_source") or "–")[:8], k["category"], k["name"][:90], f"{k['ms']:.3f}",
-              f"{k['calls']:g}"] for r in rows for k in r["kernels"][:top]]
-    return html_table(["config", "source", "category", "kernel", "ms / step", "calls / step"], cells)
+              f"{k['calls']:g}"]
+             + ([", ".join(f"{op} x{n:g}" for op, n in k.get("launched_by", {}).items()) or "–"] if launched else [])
+             for r, k in shown]
+    return html_table(["config", "source", "category", "kernel", "ms / step", "calls / step"]
+                      + (["launched by (per step)"] if launched else []), cells)
 
 
 gpu_kernels = read_rows("h200_kernels.jsonl")

@@ -9,7 +9,9 @@ profiles a few steps with ``torch.profiler`` after the warm-up, and reports per 
   idle time;
 - that time by category (:func:`categorise`: matrix products, convolutions, softmax, normalisation,
   layout copies, optimizer, other element-wise work);
-- the most expensive kernels with their calls per step.
+- the most expensive kernels with their calls per step, and for the kernels an aten operator launched
+  (a cuBLAS GEMM, a copy ATen makes inside ``addmm``) which operators and how often
+  (:func:`kernel_launchers`; not under CUDA graphs, whose replays have no operators).
 
 Under CUDA graphs (``reduce-overhead``) the profiler still sees the replayed kernels; with
 ``--compile default`` the kernel names show inductor's fusions.  Kernel times do not depend on the
@@ -97,6 +99,39 @@ def _self_time_us(event, device_type: str) -> float:
     return float(event.self_cpu_time_total)
 
 
+def kernel_launchers(events) -> dict[str, dict[str, int]]:
+    """Which aten operators launched each device kernel, and how often.
+
+    The launcher of a kernel is the outermost ``aten::`` operator above the host event that launched it:
+    ``aten::addmm`` for the bias copy ATen makes inside an ``addmm`` whose output is not contiguous,
+    ``aten::baddbmm`` (not the ``aten::copy_`` within it) for a batched one.  Inductor's Triton kernels
+    and CUDA-graph replays have no aten operator above them and are left out.
+
+    Args:
+        events: ``torch.profiler`` function events (``prof.events()``): host events with ``name``,
+            ``cpu_parent`` and ``kernels`` (the device kernels they launched, each with a ``name``).
+
+    Returns:
+        ``{kernel name: {operator name: launches}}``.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for event in events:
+        kernels = getattr(event, "kernels", None)
+        if not kernels:
+            continue
+        operator, node = None, event
+        while node is not None:
+            if node.name.startswith("aten::"):
+                operator = node.name
+            node = node.cpu_parent
+        if operator is None:
+            continue
+        for kernel in kernels:
+            slot = out.setdefault(kernel.name, {})
+            slot[operator] = slot.get(operator, 0) + 1
+    return out
+
+
 def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, precision: str | None = None,
                      compile=False, channels_last: bool = False, warmup: int = 5, steps: int = 3,
                      top: int | None = None) -> dict:
@@ -115,7 +150,9 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         One JSON-ready dict: ``step_ms`` (median wall time per step, timed separately from the
         profiled steps), ``kernel_ms`` (summed self time of the device kernels, CPU operators on a
         CPU), ``categories`` (``{category: ms per step}``, summing to ``kernel_ms``), ``kernels``
-        (the ``top`` most expensive, or all: ``name``, ``category``, ``ms``, ``calls`` per step),
+        (the ``top`` most expensive, or all: ``name``, ``category``, ``ms``, ``calls`` per step, and on
+        a GPU ``launched_by``, ``{aten operator: launches per step}`` from :func:`kernel_launchers`,
+        for the kernels an aten operator launched),
         ``category_rule`` (:data:`CATEGORY_RULE`), and the
         device, precision, compile mode and its ``inductor`` settings (``None`` uncompiled), batch, torch
         version, date and ``satconv_source``
@@ -153,13 +190,17 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         slot = per_name.setdefault(ev.key, [0.0, 0])
         slot[0] += us
         slot[1] += ev.count
+    launchers = kernel_launchers(prof.events()) if device.type == "cuda" else {}
     categories: dict[str, float] = {}
     kernels = []
     for name, (us, calls) in per_name.items():
         cat = categorise(name)
         ms = us / 1e3 / steps
         categories[cat] = categories.get(cat, 0.0) + ms
-        kernels.append({"name": name, "category": cat, "ms": ms, "calls": calls / steps})
+        kernel = {"name": name, "category": cat, "ms": ms, "calls": calls / steps}
+        if name in launchers:
+            kernel["launched_by"] = {op: n / steps for op, n in sorted(launchers[name].items(), key=lambda kv: -kv[1])}
+        kernels.append(kernel)
     kernels.sort(key=lambda k: -k["ms"])
     del model, run, opt, step, prof
     return {
@@ -184,4 +225,4 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
     }
 
 
-__all__ = ["CATEGORIES", "CATEGORY_RULE", "LAYOUT_OPS", "categorise", "kernel_breakdown"]
+__all__ = ["CATEGORIES", "CATEGORY_RULE", "LAYOUT_OPS", "categorise", "kernel_launchers", "kernel_breakdown"]

@@ -303,6 +303,45 @@ def test_kernel_breakdown_on_cpu_sums_its_categories():
         kernel_breakdown(C.load(QUADRATIC_YAML, profile="quick"), batch=4, device="cpu", steps=0)
 
 
+def test_kernel_launchers_name_the_outermost_aten_operator():
+    """A copy kernel launched inside aten::baddbmm's aten::copy_ is baddbmm's, one launched by aten::addmm
+    itself is addmm's; kernels with no aten operator above them (Triton, graph replays) are left out."""
+    from types import SimpleNamespace as E
+    from satconv.kernels import kernel_launchers
+    region = E(name="## Call CompiledFxGraph abc", cpu_parent=None, kernels=[])
+    baddbmm = E(name="aten::baddbmm", cpu_parent=region, kernels=[E(name="gemm")])
+    copy = E(name="aten::copy_", cpu_parent=baddbmm, kernels=[E(name="direct_copy")])
+    addmm = E(name="aten::addmm", cpu_parent=region, kernels=[E(name="direct_copy"), E(name="gemm")])
+    triton = E(name="triton_poi_fused_add_0", cpu_parent=region, kernels=[E(name="triton_poi_fused_add_0")])
+    events = [region, baddbmm, copy, addmm, addmm, triton]
+    assert kernel_launchers(events) == {"gemm": {"aten::baddbmm": 1, "aten::addmm": 2},
+                                        "direct_copy": {"aten::baddbmm": 1, "aten::addmm": 2}}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+def test_kernel_launchers_find_the_bias_copy_of_addmm_into_padded_rows_on_gpu():
+    """The case that cost the content models a copy per layer: addmm into an output whose rows are padded
+    (not contiguous) cannot add the bias in cuBLASLt's epilogue and copies it into the output first; the
+    profile attributes that copy kernel to aten::addmm.  Into a contiguous output there is no copy."""
+    from satconv.kernels import kernel_launchers
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(96, device="cuda", dtype=torch.bfloat16)
+    copies = {}
+    for stride in (128, 96):  # padded rows, then contiguous
+        out = torch.empty_strided((256, 96), (stride, 1), device="cuda", dtype=torch.bfloat16)
+        torch.addmm(bias, x, w, out=out)  # warm-up
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.addmm(bias, x, w, out=out)
+            torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), (x.float() @ w.float() + bias.float()), rtol=2e-2, atol=2e-1)
+        copies[stride] = {k: v for k, v in kernel_launchers(prof.events()).items() if "copy" in k}
+    assert copies[128] and all(ops == {"aten::addmm": 1} for ops in copies[128].values())
+    assert not copies[96]
+
+
 def test_bench_model_train_only_skips_evaluation_and_latency():
     cfg = C.load(QUADRATIC_YAML, profile="quick")
     row = timing.bench_model(cfg, batch=2, device="cpu", warmup=1, repeats=3, train_only=True)
