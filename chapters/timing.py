@@ -710,10 +710,11 @@ def against_target(row):
                                                                             ", memory not met"))
 
 
-# each model's best batch-100 row (training images/s), against the performance target
+# each model's best batch-100 row (training images/s): against the performance target here, and the
+# model-only projection of a full schedule below
 best_rows = {}
 for r in gpu or []:
-    if "error" not in r and r["config"] in RE_REFERENCE:
+    if "error" not in r and r.get("batch") == 100:
         best_rows[r["config"]] = max(best_rows.get(r["config"], r), r, key=lambda row: row["train_img_s"])
 glue("target_summary", "; ".join(against_target(best_rows[c]) for c in speedups if c in best_rows)
      or "not measured yet", display=False)
@@ -1006,16 +1007,12 @@ else:
 TRAIN_IMAGES = 45000
 epochs_by_config = {r["config"]: r for r in run_epochs}
 epochs_by_config.update({r["config"]: r for r in gpu_epochs or [] if "error" not in r})
-best = {}
-for r in gpu or []:
-    if "error" not in r and r.get("batch") == 100:
-        best[r["config"]] = max(best.get(r["config"], r), r, key=lambda row: row["train_img_s"])
 header = ["config", "epochs", "model-only img/s", "projected h (model only)", "whole-epoch img/s",
           "projected h (measured epochs)", "epoch timed (model-only img/s then)", "[Re] img/s", "[Re] projected h"]
 cells = []
 for name in MAIN:
     epochs = CONFIGS[name].train.epochs
-    r, e, ref = best.get(name), epochs_by_config.get(name), RE_REFERENCE.get(name)
+    r, e, ref = best_rows.get(name), epochs_by_config.get(name), RE_REFERENCE.get(name)
     epoch_img_s = e["images"] / e["epoch_time_s"] if e else None
     cells.append([name, epochs, fmt(r and r["train_img_s"], ",.0f", "not measured yet"),
                   fmt(r and timing.epoch_time_projection(r["train_img_s"], epochs, TRAIN_IMAGES), ".2f", "–"),
@@ -1058,7 +1055,7 @@ else:
     cells = []
     for e in epoch_rows:
         epoch_img_s = e["images"] / e["epoch_time_s"]
-        model_only = e.get("model_only_img_s") or (best.get(e["config"]) or {}).get("train_img_s")
+        model_only = e.get("model_only_img_s") or (best_rows.get(e["config"]) or {}).get("train_img_s")
         source = e["source"]
         if source == "bench --epoch" and "seed" in e:  # rows written before they named data and seed did not
             source = (f"bench --epoch: {e['data']}, {e['epochs']} epochs (the last timed), seed {e['seed']}, "

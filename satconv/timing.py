@@ -210,11 +210,11 @@ def run_options(cfg: ExperimentConfig, device) -> dict:
     ``fused_launch`` the kernels' launch table where either runs (:func:`satconv.attention.fused.launch_table`,
     else ``None``)."""
     t = cfg.train
+    backward, forward = fused.on_device(device), fused.forward_on_device(device)
     return {"attention_route": t.attention_route, "shared_route": t.shared_route,
             "step_graph": t.step_graph and torch.device(device).type == "cuda",
-            "fused_backward": fused.on_device(device),
-            "fused_forward": fused.forward_on_device(device),
-            "fused_launch": fused.launch_table() if fused.on_device(device) or fused.forward_on_device(device) else None}
+            "fused_backward": backward, "fused_forward": forward,
+            "fused_launch": fused.launch_table() if backward or forward else None}
 
 
 def step_graph_conflict(cfg: ExperimentConfig, compile) -> str | None:
