@@ -186,7 +186,7 @@ gpu-bench-routes:
 	  --train-only --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(SHARED_CONFIGS) --batch 100 --compile reduce-overhead --set train.shared_route=wfirst \
 	  --train-only --out $(BENCH_OUT).jsonl
-	$(BENCH) --config $(SHARED_CONFIGS) --batch 100 --compile reduce-overhead --set train.shared_route=bmm_gemm \
+	$(BENCH) --config $(SHARED_CONFIGS) --batch 100 --compile reduce-overhead --set train.shared_route=einsum \
 	  --train-only --out $(BENCH_OUT).jsonl
 	$(BENCH) --config $(ROUTED_CONFIGS) --batch 100 --compile reduce-overhead --set train.attention_route=sdpa \
 	  --out $(BENCH_OUT).jsonl

@@ -127,7 +127,7 @@ def label_of(row):
     """A bench row's config name, with the route when it is not the default one."""
     route = route_of(row)
     fused_kernels = "+".join(k for k, key in (("fwd", "fused_forward"), ("bwd", "fused_backward")) if row.get(key))
-    return (row["config"] + (f" ({route})" if route in ("sdpa", "bmm", "wfirst", "bmm_gemm") else "")
+    return (row["config"] + (f" ({route})" if route in ("sdpa", "einsum", "bmm", "wfirst") else "")
             + (f" (fused {fused_kernels})" if fused_kernels and route == "folded" else "")
             + (" (step graph)" if row.get("step_graph") else "")
             + (" (mixed-order LayerNorm)" if mixed_order(row) else ""))
@@ -475,10 +475,11 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # copies the batch; the `wfirst` route above uses a batched GEMM instead), and a hand-written Triton kernel
 # for the content model's softmax and dropout in the forward pass, a first one (inductor's fused kernel
 # was as fast once the relative terms were computed per axis; the forward kernel above, which also packs the
-# mask and sums the rows, did measure faster: see the fused-kernel rows below). The shared-probability routes stay at `einsum`, the default,
-# which neither the `bmm` nor the `wfirst` rows of the batch-100 table beat (in the kernel breakdown, `wfirst`
-# trades einsum's layout copies for a costlier gradient of the batch-broadcast probabilities; `bmm_gemm`
-# is newer than the GPU rows, `make gpu-bench-routes` measures it), and the content
+# mask and sums the rows, did measure faster: see the fused-kernel rows below). Of the shared-probability
+# routes, `bmm_gemm` is the default: in the batch-100 table it beats `einsum` (measured on the same machine
+# with the same code), `bmm` and `wfirst` (in the kernel breakdown, `wfirst` trades einsum's layout copies
+# for a costlier gradient of the batch-broadcast probabilities, and `bmm_gemm` spends less time on layout
+# copies than einsum). The content
 # attention stays `folded`, which the `sdpa` row does not beat either. The whole-step CUDA graph stays
 # ResNet18's alone: the attention models keep the GPU busy for a whole step already (their kernel time is
 # within a few percent of the step, in the breakdown below). Some `(step graph)` rows ran older code than

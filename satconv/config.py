@@ -209,10 +209,10 @@ class TrainConfig:
     # fast path of the folded dense attention (content, q.k + q.r, ViT): folded GEMMs with stored
     # probabilities, or fused scaled_dot_product_attention kernels (same function, other dropout draws)
     attention_route: Literal["folded", "sdpa"] = "folded"
-    # fast path of probabilities shared by the batch (quadratic, learned position-only): one GEMM and a
-    # layout copy, a batched GEMM straight into W_out's layout, or W_out's head slices first, or bmm's
-    # forward with the probabilities' gradient as one GEMM over the batch (same function)
-    shared_route: Literal["einsum", "bmm", "wfirst", "bmm_gemm"] = "einsum"
+    # fast path of probabilities shared by the batch (quadratic, learned position-only): a batched GEMM
+    # straight into W_out's layout with the probabilities' gradient as one GEMM over the batch, or one GEMM
+    # and a layout copy, or bmm with autograd's gradient, or W_out's head slices first (same function)
+    shared_route: Literal["bmm_gemm", "einsum", "bmm", "wfirst"] = "bmm_gemm"
     # capture the whole training step (forward, loss, backward, SGD step) in one CUDA graph and replay it
     # (CUDA only; not with a compile_mode that adds CUDA graphs of its own)
     step_graph: bool = False

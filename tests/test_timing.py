@@ -322,7 +322,7 @@ def test_kernel_launchers_name_the_outermost_aten_operator():
 def test_kernel_launchers_find_the_bias_copy_of_addmm_into_padded_rows_on_gpu():
     """The case that cost the content models a copy per layer: addmm into an output whose rows are padded
     (not contiguous) cannot add the bias in cuBLASLt's epilogue and copies it into the output first; the
-    profile attributes that copy kernel to aten::addmm.  Into a contiguous output there is no copy."""
+    profile attributes the copy kernels to aten::addmm.  Into a contiguous output there is no copy."""
     from satconv.kernels import kernel_launchers
     x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
@@ -338,7 +338,8 @@ def test_kernel_launchers_find_the_bias_copy_of_addmm_into_padded_rows_on_gpu():
             torch.cuda.synchronize()
         torch.testing.assert_close(out.float(), (x.float() @ w.float() + bias.float()), rtol=2e-2, atol=2e-1)
         copies[stride] = {k: v for k, v in kernel_launchers(prof.events()).items() if "copy" in k}
-    assert copies[128] and all(ops == {"aten::addmm": 1} for ops in copies[128].values())
+    # (ATen may copy more than once there, the bias in and a result buffer back: the H200 showed 2 launches)
+    assert copies[128] and all(set(ops) == {"aten::addmm"} for ops in copies[128].values())
     assert not copies[96]
 
 

@@ -72,7 +72,7 @@ class _RouteSetting:
 #: routes of the folded dense attention (:func:`satconv.attention.folded.folded_forward`), default first
 DENSE_ROUTES = ("folded", "sdpa")
 #: routes of probabilities shared by the batch (:meth:`AttentionBase.combine`), default first
-SHARED_ROUTES = ("einsum", "bmm", "wfirst", "bmm_gemm")
+SHARED_ROUTES = ("bmm_gemm", "einsum", "bmm", "wfirst")
 _DENSE = _RouteSetting("dense attention", DENSE_ROUTES)
 _SHARED = _RouteSetting("shared-probability", SHARED_ROUTES)
 
@@ -100,7 +100,7 @@ def dense_attention_route(route: str):
 
 
 def shared_route() -> str:
-    """How probabilities shared by the batch meet the values: ``"einsum"`` (default), ``"bmm"`` or ``"wfirst"``.
+    """How probabilities shared by the batch meet the values: ``"bmm_gemm"`` (default), ``"einsum"``, ``"bmm"`` or ``"wfirst"``.
 
     ``"einsum"`` is one GEMM of the ``(heads * N, N)`` probabilities with the ``(N, B * D)`` values,
     whose ``(heads, N, B, D)`` result is then copied into the ``(B, N, heads * D)`` layout that
@@ -113,7 +113,8 @@ def shared_route() -> str:
     ``(B, N, D_out)`` result.  ``"bmm_gemm"`` runs ``"bmm"``'s forward pass and backward products for the
     values, but takes the probabilities' gradient as one GEMM over batch and features
     (:class:`SharedProbabilityProduct`): one layout copy per layer, in the backward pass, where
-    ``"einsum"`` has two.  Same function; set with :func:`shared_attention_route`.
+    ``"einsum"`` has two (the fastest on an H200, ``book/bench/h200.jsonl``).  Same function; set with
+    :func:`shared_attention_route`.
     """
     return _SHARED.current()
 
