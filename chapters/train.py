@@ -48,9 +48,11 @@ import json
 import platform
 import shutil
 import subprocess
+import warnings
 
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import Markdown, display
 
 import satconv
 from satconv.config import REPO_ROOT, resolve_path
@@ -68,6 +70,8 @@ if data == "synthetic":
 elif data:
     sets += ["data.source=imagefolder", f"data.root={resolve_path(data).resolve()}"]
 cfg = resolve_config(resolve_path(config), sets, profile or None)
+# inductor's notice that it split a softmax reduction is about its own kernel choice, not this run
+warnings.filterwarnings("ignore", message="Online softmax is disabled")
 print(f"experiment {cfg.name}: {cfg.description.strip() or '(no description)'}")
 print(f"model {cfg.model.arch} / {cfg.model.attention.kind}, {count_parameters(build_model(cfg)):,} parameters")
 print(f"data {cfg.data.source}; {cfg.train.epochs} epochs of batch {cfg.train.batch_size}, "
@@ -134,5 +138,12 @@ fig.tight_layout()
 # %%
 # NBVAL_IGNORE_OUTPUT
 # (accuracies depend on the machine's floating-point arithmetic.)
-summary = {"config": cfg.name, "data": cfg.data.source, "epochs": len(metrics), **result.results}
-print(json.dumps(summary, indent=1, default=str))
+run_info = json.loads((run_dir / "run.json").read_text())
+rows = ["| weights | epoch | validation accuracy | test accuracy |", "|---|---|---|---|"]
+for name, label in (("final", "final"), ("best", "best on validation")):
+    r = result.results.get(name)
+    if r:
+        rows.append(f"| {label} | {r['epoch']} | {r['val_acc']:.2%} | {r['test_acc']:.2%} |")
+display(Markdown(
+    f"**{cfg.name}**, seed {cfg.train.seed}, {len(metrics)} of {cfg.train.epochs} epochs, on "
+    f"{run_info['data']['description']} ({run_info['device']}).\n\n" + "\n".join(rows)))

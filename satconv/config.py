@@ -199,6 +199,10 @@ class TrainConfig:
     warmup_ratio: float = probability(default=0.05)  # fraction of all steps spent in linear warm-up
     milestones: tuple[int, ...] = (80, 150, 250)  # multistep: epochs at which lr is multiplied by gamma
     gamma: float = positive(default=0.1)
+    # when the rate changes: "step" sets lr_at(step) before every batch; "epoch" holds lr_at(first step of
+    # the epoch) for the whole epoch, as epfml/attention-cnn's train.py, which calls scheduler.step(global_step)
+    # once per epoch (so its cosine warm-up gives 0 for all of epoch 0)
+    lr_step: Literal["step", "epoch"] = "step"
     label_smoothing: float = probability(default=0.0)
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA (ignored on CPU)

@@ -127,8 +127,12 @@ def lr_at(step: int, steps_per_epoch: int, t: TrainConfig) -> float:
     warm-up (``warmup = int(warmup_ratio * total)``), then ``lr * (1 + cos(pi * progress)) / 2`` with
     ``progress = (step - warmup) / (total - warmup)``, per step.  ``multistep``: the same warm-up,
     then ``lr * gamma ** (milestones passed)`` where a milestone ``m`` is passed from epoch ``m`` on
-    (0-based epochs, as ``MultiStepLR`` stepped after each epoch).
+    (0-based epochs, as ``MultiStepLR`` stepped after each epoch).  With ``t.lr_step == "epoch"`` every
+    step of an epoch gets the rate of that epoch's first step, as the original's once-per-epoch
+    ``scheduler.step(global_step)``: piecewise constant, and 0 for the whole first epoch under warm-up.
     """
+    if t.lr_step == "epoch":
+        step -= step % steps_per_epoch
     total = t.epochs * steps_per_epoch
     warmup = int(t.warmup_ratio * total)
     if step < warmup:

@@ -4,6 +4,7 @@ import math
 import os
 import re
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_metrics_file_content(reference):
 
 
 def test_cosine_schedule_follows_the_paper():
-    t = load("configs/paper_quadratic.yaml").train  # 300 epochs; CIFAR's 500 steps of 100 per epoch
+    t = replace(load("configs/paper_quadratic.yaml").train, lr_step="step")  # 300 epochs of 500 steps
     steps, total = 500, 300 * 500
     lrs = [T.lr_at(s, steps, t) for s in range(total)]
     warm = int(0.05 * total)
@@ -116,6 +117,38 @@ def test_cosine_schedule_follows_the_paper():
     by_epoch = {e: T.lr_at(e * 10, 10, m) for e in (0, 79, 80, 149, 150, 249, 250, 299)}
     assert by_epoch == pytest.approx({0: 0.1, 79: 0.1, 80: 0.01, 149: 0.01, 150: 1e-3, 249: 1e-3, 250: 1e-4,
                                       299: 1e-4})
+
+
+@pytest.mark.parametrize("config", ["paper_quadratic", "paper_learned", "paper_resnet18"])
+def test_epoch_lr_steps_match_the_original_scheduler_calls(config):
+    # the original train.py: LambdaLR over max_steps, scheduler.step(global_step) once per epoch,
+    # after the epoch's optimizer steps; its lambda re-derived here (transformers' cosine with warm-up)
+    t = load(f"configs/{config}.yaml").train
+    assert t.lr_step == "epoch"
+    steps, epochs = 7, 40
+    t = replace(t, epochs=epochs, milestones=(10, 25, 33))
+    total, warm = epochs * steps, int(t.warmup_ratio * epochs * steps)
+
+    def factor(s):
+        if s < warm:
+            return s / max(1, warm)
+        if t.schedule == "multistep":  # MultiStepLR counts scheduler.step calls: the epoch
+            return t.gamma ** sum(s // steps >= m for m in t.milestones)
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    expected = []
+    for epoch in range(epochs):
+        expected += [opt.param_groups[0]["lr"]] * steps
+        opt.step()
+        with pytest.warns(UserWarning):  # the epoch argument is deprecated, as the original used it
+            sched.step((epoch + 1) * steps)
+    got = [T.lr_at(s, steps, t) for s in range(total)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    if t.schedule == "cosine":
+        assert got[:steps] == [0.0] * steps  # the whole first epoch at 0
+    assert len(set(got[steps:2 * steps])) == 1
 
 
 def test_tiny_run_lowers_the_loss(reference):
