@@ -17,6 +17,7 @@ value and what is allowed.  :func:`override` applies ``--set a.b=value`` overrid
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -42,18 +43,22 @@ def _check(pred, allowed: str):
 
 
 def positive(**kw):
-    return field(metadata=_check(lambda v: v > 0, "must be > 0"), **kw)
+    """A dataclass field whose value must be finite and > 0 (``kw``: as for :func:`dataclasses.field`)."""
+    return field(metadata=_check(lambda v: math.isfinite(v) and v > 0, "must be > 0"), **kw)
 
 
 def non_negative(**kw):
-    return field(metadata=_check(lambda v: v >= 0, "must be >= 0"), **kw)
+    """A dataclass field whose value must be finite and >= 0."""
+    return field(metadata=_check(lambda v: math.isfinite(v) and v >= 0, "must be >= 0"), **kw)
 
 
 def probability(**kw):
+    """A dataclass field whose value must lie in [0, 1)."""
     return field(metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"), **kw)
 
 
 def odd_positive(**kw):
+    """A dataclass field whose value must be a positive odd integer."""
     return field(metadata=_check(lambda v: v > 0 and v % 2 == 1, "must be a positive odd integer"), **kw)
 
 
@@ -294,13 +299,17 @@ def _convert(tp, value, source: str, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+        number = None
+        # PyYAML reads "1e-4" (no dot) as a string; float() of a huge integer overflows
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except (ValueError, OverflowError):
+                number = math.inf if isinstance(value, int) else None
+        if number is not None:
+            if not math.isfinite(number):  # .inf, .nan, "inf", 1e999: no field of the schema takes them
+                raise ConfigError(source, key, value, "expected a finite number (not inf or nan)")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -349,6 +358,9 @@ def _validate(obj, data: dict, source: str, prefix: str) -> None:
         if obj.arch == "encoder" and obj.image_size % obj.downsample:
             raise ConfigError(source, p + "downsample", obj.downsample,
                               f"must divide image_size ({obj.image_size})")
+        if obj.arch == "vit" and obj.image_size % obj.vit.patch_size:
+            raise ConfigError(source, p + "vit.patch_size", obj.vit.patch_size,
+                              f"must divide image_size ({obj.image_size})")
         head_dim = obj.attention.head_dim
         if head_dim is not None and obj.attention.kind in ("san_pairwise", "san_patchwise", "fcvit"):
             raise ConfigError(source, p + "attention.head_dim", head_dim,
@@ -381,6 +393,8 @@ def _validate(obj, data: dict, source: str, prefix: str) -> None:
         if any(b <= a for a, b in zip(obj.milestones, obj.milestones[1:])) or any(m <= 0 for m in obj.milestones):
             raise ConfigError(source, p + "milestones", list(obj.milestones),
                               "must be positive and strictly increasing")
+    if isinstance(obj, DataConfig) and any(v <= 0 for v in obj.std):
+        raise ConfigError(source, p + "std", list(obj.std), "must be > 0 in every channel (images are divided by it)")
     if isinstance(obj, DataConfig) and obj.source == "imagefolder" and obj.root is None:
         pass  # SATCONV_DATA_ROOT may still provide it; satconv.data raises if neither does
 
@@ -429,8 +443,18 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), profile:
         raise FileNotFoundError(f"config file not found: {path} (also looked in {REPO_ROOT})")
     source = str(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, "<file>", None, f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "<file>", raw[exc.start:exc.end],
+                          f"not UTF-8 text (undecodable byte at offset {exc.start}); a config is a YAML text "
+                          f"file") from None
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer past Python's digit limit
         raise ConfigError(source, "<yaml>", None, f"not valid YAML: {exc}") from None
     if data is None:
         data = {}
@@ -452,10 +476,14 @@ def _apply_overrides(data: dict, overrides) -> dict:
         if "=" not in item:
             raise ConfigError("--set", item, item, "expected KEY=VALUE with a dotted key, e.g. train.epochs=2")
         key, raw = item.split("=", 1)
+        try:  # an argument that is not UTF-8 reaches Python as lone surrogates (os.fsdecode)
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError("--set", key, raw, "not UTF-8 text; keys and values must be text") from None
         parts = key.strip().split(".")
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
             value = raw
         node = data
         for part in parts[:-1]:

@@ -805,6 +805,70 @@ def append_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
         raise
 
 
+def _image_side_rule(cfg: ExperimentConfig) -> tuple[int, int, str]:
+    """``(step, minimum, why)``: the image sides ``cfg``'s network takes are the multiples of ``step``
+    that are at least ``minimum``; ``why`` names the setting behind the rule ("" when any side goes)."""
+    m = cfg.model
+    if m.arch == "encoder":
+        return m.downsample, m.downsample, f"model.downsample is {m.downsample}"
+    if m.arch == "vit":
+        return m.vit.patch_size, m.vit.patch_size, f"model.vit.patch_size is {m.vit.patch_size}"
+    if m.arch == "sasa":  # a 2x2 average pool before every stage but the first (three stages by default)
+        stages = len(m.stage_depths or m.stage_widths or (2, 2, 2))
+        return 1, 2 ** (stages - 1), f"{stages} stages, each after the first pooled 2x2"
+    return 1, 1, ""
+
+
+def _check_sides(parser: argparse.ArgumentParser, path: str, cfg: ExperimentConfig, sides) -> None:
+    """Refuse (exit 2) an image side ``cfg``'s network cannot take, before anything is benchmarked."""
+    step, minimum, why = _image_side_rule(cfg)
+    for side in sides:
+        if side % step or side < minimum:
+            allowed = f"multiples of {step}" if step > 1 else f"sides >= {minimum}"
+            parser.error(f"--sides {side}: {path} cannot take images of side {side} ({why}); allowed: {allowed}")
+        try:
+            with_image_side(cfg, side)
+        except cfgmod.ConfigError as exc:
+            parser.error(f"--sides {side}: {path} cannot take images of side {side}: {exc.key}: got {exc.value!r}; "
+                         f"{exc.allowed}")
+
+
+def _out_problem(out: str) -> str | None:
+    """Why rows cannot be appended to ``out`` (``None``: they can); tried before any benchmark runs.
+
+    :func:`append_jsonl` creates the missing folders and replaces the file through a temporary file
+    beside it, so the nearest existing folder must take a new file.
+    """
+    path = Path(out).expanduser()
+    if path.is_dir():
+        return f"{path} is a directory; --out takes a .jsonl file"
+    if path.exists() and not os.access(path, os.R_OK):
+        return f"{path} cannot be read (rows are appended to what it holds)"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".satconv-bench-", suffix=".probe")
+    except OSError as exc:
+        return f"cannot create a file in {folder} ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _image_folder_problem(data: str) -> str | None:
+    """Why ``data`` is not an image-folder root (``None``: it has ``train/`` and ``test/`` folders)."""
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        return "no such directory" if not root.exists() else "not a directory"
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            return f"no {split}/ folder in it"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bench`` command's argument parser."""
     p = argparse.ArgumentParser(
@@ -964,6 +1028,20 @@ def bench_main(argv: list[str] | None = None) -> int:
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.repeats < 3:
         parser.error(f"--repeats must be >= 3, got {args.repeats}")
+    if args.epoch and args.epochs < 2:
+        parser.error(f"--epochs {args.epochs}: --epoch trains at least 2 epochs (the first absorbs warm-up and "
+                     f"compilation; the last is timed)")
+    if args.data is not None:
+        if not args.epoch:
+            parser.error("--data applies only with --epoch (whole-epoch timing on an image folder)")
+        problem = _image_folder_problem(args.data)
+        if problem:
+            parser.error(f"--data {args.data}: {problem}; expected an image-folder root laid out as "
+                         f"DIR/train/<class>/*.jpg|png and DIR/test/<class>/*.jpg|png")
+    if args.out is not None:
+        problem = _out_problem(args.out)
+        if problem:
+            parser.error(f"--out {args.out}: cannot write the rows there: {problem}")
     try:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as exc:
@@ -979,6 +1057,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         conflict = step_graph_conflict(configs[-1], args.compile)
         if conflict:
             parser.error(f"{path}: {conflict}")
+        if args.sides:
+            _check_sides(parser, path, configs[-1], args.sides)
     kw = dict(device=device, precision=args.precision, compile=args.compile, warmup=args.warmup,
               repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak,
               train_only=args.train_only)
