@@ -85,8 +85,8 @@ def _train(args, parser) -> int:
     device = _device(parser, args.device)
     try:
         result = train(cfg, out_dir=args.out, device=device, progress=not args.no_progress)
-    except KeyboardInterrupt as exc:
-        print(f"satconv: {exc or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # train's own names its checkpoint; a bare one came before training began
+        print(f"satconv: {str(exc) or _interrupted_at_start_up(cfg, args.out)}", file=sys.stderr)
         return 130
     except (NonFiniteLoss, OutOfMemory, DataError) as exc:
         if args.verbose:
@@ -102,6 +102,26 @@ def _train(args, parser) -> int:
         nums = "  ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float))
         print(f"{which} (epoch {r['epoch']}): {nums}")
     return 0
+
+
+def _interrupted_at_start_up(cfg=None, out: str | None = None) -> str:
+    """What a Ctrl-C before training began (loading the config or data, building the model) left behind.
+
+    Args:
+        cfg: the resolved config, or ``None`` when the interrupt came before it was read.
+        out: the ``--out`` argument.
+    """
+    if cfg is None:
+        return "interrupted during start-up; nothing was written"
+    try:
+        from .train import run_dir_for
+        last = run_dir_for(cfg, out) / "last.pt"
+        resumable = last.is_file()
+    except Exception:  # noqa: BLE001 -- only the wording depends on it
+        resumable = False
+    if resumable:
+        return f"interrupted during start-up; {last} is as the previous attempt left it: run again to resume"
+    return "interrupted during start-up; nothing to resume"
 
 
 def _eval(args, parser) -> int:
@@ -126,15 +146,22 @@ def _eval(args, parser) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (argument errors exit 2 via argparse)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _bench(argv[1:])
-    parser, subs = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.error("a command is required: train, eval or bench")
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(message)s")
-    return (_train if args.command == "train" else _eval)(args, subs[args.command])
+    try:
+        if argv and argv[0] == "bench":
+            return _bench(argv[1:])
+        parser, subs = _parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.error("a command is required: train, eval or bench")
+        logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                            format="%(message)s")
+        return (_train if args.command == "train" else _eval)(args, subs[args.command])
+    except KeyboardInterrupt as exc:  # Ctrl-C outside a training run: importing torch, reading the config, bench
+        command = argv[0] if argv else None
+        what = {"train": _interrupted_at_start_up(),
+                "bench": "interrupted; the rows printed so far are complete"}
+        print(f"satconv: {str(exc) or what.get(command, 'interrupted')}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
 
 
 if __name__ == "__main__":

@@ -238,3 +238,73 @@ def test_bench_out_in_a_read_only_folder(tmp_path, capsys, no_benchmark):
 def test_bench_out_probe_leaves_nothing(tmp_path):
     assert timing._out_problem(str(tmp_path / "new" / "rows.jsonl")) is None
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C before training begins
+# ---------------------------------------------------------------------------------------------
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt  # what Python's default SIGINT handler raises
+
+
+def test_ctrl_c_while_loading_data(monkeypatch, tmp_path, capsys):
+    from satconv import train as T
+    from tests.test_cli import TINY
+    monkeypatch.setattr(T, "load_data", _ctrl_c)
+    code, err = exit_code(["train", "--config", QUADRATIC, "--out", str(tmp_path / "run"), "--no-progress", *TINY],
+                          capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == "satconv: interrupted during start-up; nothing to resume"
+
+
+def test_ctrl_c_while_building_the_model(monkeypatch, tmp_path, capsys):
+    import satconv.models
+    from tests.test_cli import TINY
+    monkeypatch.setattr(satconv.models, "build_model", _ctrl_c)
+    code, err = exit_code(["train", "--config", QUADRATIC, "--out", str(tmp_path / "run"), "--no-progress", *TINY],
+                          capsys)
+    assert code == 130 and err.strip() == "satconv: interrupted during start-up; nothing to resume"
+
+
+def test_ctrl_c_at_start_up_of_a_resumable_run(monkeypatch, tmp_path, capsys):
+    from satconv import train as T
+    from tests.test_cli import TINY
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"an earlier attempt's checkpoint")
+    monkeypatch.setattr(T, "load_data", _ctrl_c)
+    code, err = exit_code(["train", "--config", QUADRATIC, "--out", str(run), "--no-progress", *TINY], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert f"interrupted during start-up; {run / 'last.pt'} is as the previous attempt left it" in err
+    assert "run again to resume" in err
+
+
+def test_ctrl_c_while_reading_the_config(monkeypatch, capsys):
+    from satconv import train as T
+    monkeypatch.setattr(T, "resolve_config", _ctrl_c)
+    code, err = exit_code(["train", "--config", QUADRATIC], capsys)
+    assert code == 130 and err.strip() == "satconv: interrupted during start-up; nothing was written"
+
+
+def test_ctrl_c_during_bench(monkeypatch, capsys):
+    monkeypatch.setattr(timing, "bench_batch", _ctrl_c)
+    code, err = exit_code(["bench", "--config", QUADRATIC, "--device", "cpu"], capsys)
+    assert code == 130 and err.strip() == "satconv: interrupted; the rows printed so far are complete"
+
+
+def test_real_sigint_while_loading_data(tmp_path):
+    """A real SIGINT (Python's default handler) while the data loads: exit 130, one line, no traceback."""
+    from tests.test_cli import TINY
+    script = ("import os, signal, sys, time\n"
+              "import satconv.train as T\n"
+              "def load_data(cfg):\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n"
+              "T.load_data = load_data\n"
+              "from satconv.__main__ import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    argv = ["train", "--config", QUADRATIC, "--out", str(tmp_path / "run"), "--no-progress", *TINY]
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "satconv: interrupted during start-up; nothing to resume"
