@@ -5,8 +5,9 @@
     python -m satconv eval --run runs/paper_quadratic [--split test|val] [--weights best|last]
     python -m satconv bench ...        (satconv.timing)
 
-Exit codes: 0 success, 1 the run failed (NaN loss, out of memory, unreadable data), 2 bad arguments or
-config (with a usage message), 130 interrupted (a checkpoint was written; run again to resume).
+Exit codes: 0 success, 1 the run failed (NaN loss, out of memory, unreadable data or checkpoint, disk full),
+2 bad arguments or config (with a usage message) or a run directory another process is writing, 130 (SIGINT)
+or 143 (SIGTERM) interrupted (a checkpoint was written; run again to resume).
 ``SATCONV_DATA_ROOT`` overrides ``data.root``.
 """
 from __future__ import annotations
@@ -76,6 +77,7 @@ def _bench(argv: list[str]) -> int:
 def _train(args, parser) -> int:
     from .config import ConfigError
     from .data import DataError
+    from .rundir import RunDirBusy, RunDirError
     from .train import NonFiniteLoss, OutOfMemory, resolve_config, train
 
     try:
@@ -87,8 +89,11 @@ def _train(args, parser) -> int:
         result = train(cfg, out_dir=args.out, device=device, progress=not args.no_progress)
     except KeyboardInterrupt as exc:  # train's own names its checkpoint; a bare one came before training began
         print(f"satconv: {str(exc) or _interrupted_at_start_up(cfg, args.out)}", file=sys.stderr)
-        return 130
-    except (NonFiniteLoss, OutOfMemory, DataError) as exc:
+        return 128 + getattr(exc, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
+    except RunDirBusy as exc:
+        print(f"satconv: error: {exc}", file=sys.stderr)
+        return 2
+    except (NonFiniteLoss, OutOfMemory, DataError, RunDirError) as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"satconv: error: {exc}", file=sys.stderr)
@@ -126,6 +131,7 @@ def _interrupted_at_start_up(cfg=None, out: str | None = None) -> str:
 
 def _eval(args, parser) -> int:
     from .data import DataError
+    from .rundir import RunDirError
     from .train import evaluate
 
     run = Path(args.run)
@@ -136,7 +142,7 @@ def _eval(args, parser) -> int:
         result = evaluate(run, args.split, args.weights, device)
     except FileNotFoundError as exc:
         parser.error(str(exc))
-    except DataError as exc:
+    except (DataError, RunDirError) as exc:
         print(f"satconv: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result))

@@ -12,17 +12,20 @@ A run directory (``runs/<name>/`` by default) holds::
     run.json           provenance (versions, device, git commit, data) and the final results
     metrics.jsonl      one line per epoch (see METRIC_KEYS; test_* every train.test_every epochs)
     last.pt            the full training state, written atomically (every checkpoint_every epochs,
-                       at the end, and on Ctrl-C)
+                       at the end, and on Ctrl-C or SIGTERM)
+    last.prev.pt       the checkpoint before it (resumed from when last.pt is unreadable)
+    .lock              the lock of the process writing the directory (satconv.rundir.RunLock)
     best.pt            the weights with the best validation accuracy
     snapshots/epoch_XXXX.pt   per-epoch attention parameters and centre-query attention
     atlas.pt           attention probabilities of every layer for fixed test images (float16)
 
 Starting a run in a directory holding ``last.pt`` resumes it exactly: model, optimizer, step,
-every random state and the metrics so far are restored (bug B7).
+every random state and the metrics so far are restored (bug B7).  One process at a time writes a run
+directory; files are replaced whole; ``run.json``'s status ends ``completed``, ``interrupted`` or ``failed``
+(:mod:`satconv.rundir`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import hashlib
@@ -32,10 +35,8 @@ import math
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,10 +49,14 @@ import yaml
 from torch import nn
 
 from . import __version__
-from .config import REPO_ROOT, ExperimentConfig, TrainConfig, apply_profile, from_dict, load, override, to_dict
+from .config import (REPO_ROOT, ConfigError, ExperimentConfig, TrainConfig, apply_profile, from_dict, load, override,
+                     to_dict)
 from .atlas import ATLAS_MAX_BYTES, attention_snapshot, build_atlas, load_atlas
 from .attention.base import attention_routes
 from .data import DataError, DeviceLoader, load_data, normalize
+from .rundir import (BadRunDir, Checkpoints, CorruptFile, DiskFull, Interrupted, RunDirBusy, RunDirError, RunLock,
+                     StopSignals, append_text, load_checkpoint, prepare_run_dir, read_json, remove_temp_files,
+                     run_status, save_torch, signal_name, write_text)
 
 log = logging.getLogger(__name__)
 
@@ -173,24 +178,6 @@ def _set_rng_state(s: dict) -> None:
     name, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(file)`` to a temporary file, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save(obj, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -531,7 +518,9 @@ class _Run:
         self.metrics: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict | None = None
-        self.interrupted = False
+        self.stop = StopSignals()
+        self.checkpoints = Checkpoints(run_dir)
+        self.saved: tuple[int, int] | None = None  # (epoch, step) of the newest good checkpoint on disk
         self.phase = "train"
         self.snapshot_image = None
         if len(self.data.test):
@@ -546,17 +535,37 @@ class _Run:
                 "best_model": self.best_state if self.best and self.best["epoch"] != self.epoch else None}
 
     def save_checkpoint(self) -> None:
-        _save(self._checkpoint(), self.dir / "last.pt")
+        """Write ``last.pt`` whole, keeping the one before as ``last.prev.pt``."""
+        self.checkpoints.save(self._checkpoint())
+        self.saved = (self.epoch, self.step)
+
+    def _kept(self) -> str:
+        if self.saved is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {self.checkpoints.newest} (epoch {self.saved[0]}, step {self.saved[1]}) is kept"
+
+    @property
+    def interrupted(self) -> bool:
+        """A SIGINT or SIGTERM asked the run to stop."""
+        return self.stop.signum is not None
+
+    def _interrupt(self, epoch: int) -> None:
+        """Checkpoint where the run stands and raise :class:`Interrupted` naming the signal."""
+        self.save_checkpoint()
+        raise Interrupted(self.stop.signum, f"stopped by {signal_name(self.stop.signum)}; checkpoint saved in "
+                                            f"{self.checkpoints.newest} (epoch {epoch + 1}, step {self.step}); "
+                                            f"run again to resume")
 
     def _save_best(self, state: dict) -> None:
-        _save({"model": state, **self.best, "config": to_dict(self.cfg)}, self.dir / "best.pt")
+        save_torch({"model": state, **self.best, "config": to_dict(self.cfg)}, self.dir / "best.pt")
 
     def resume(self) -> bool:
-        """Restore ``last.pt`` if present; rewrite metrics.jsonl and best.pt to match it."""
-        path = self.dir / "last.pt"
-        if not path.is_file():
+        """Restore ``last.pt`` (``last.prev.pt`` when it is unreadable) if present; rewrite metrics.jsonl and
+        best.pt to match it."""
+        found = self.checkpoints.load(keys=("format", "config", "model", "optimizer", "epoch", "step", "rng"))
+        if found is None:
             return False
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck, path = found
         old, new = _flat(ck["config"]), _flat(to_dict(self.cfg))
         diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                 if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
@@ -568,11 +577,12 @@ class _Run:
         self.epoch, self.step, self.step_in_epoch = ck["epoch"], ck["step"], ck["step_in_epoch"]
         self.sums, self.aug_state, self.metrics, self.best = ck["sums"], ck["aug_state"], ck["metrics"], ck["best"]
         _set_rng_state(ck["rng"])
+        self.saved = (self.epoch, self.step)
         if self.best is not None:
             self.best_state = ck["best_model"] if ck["best_model"] is not None else ck["model"]
             self._save_best(self.best_state)
-        _write_text(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
-        log.info("resumed %s at epoch %d, step %d", self.dir, self.epoch, self.step)
+        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+        log.info("resumed %s from %s at epoch %d, step %d", self.dir, path.name, self.epoch, self.step)
         return True
 
     # -- training ------------------------------------------------------------------------------
@@ -597,12 +607,10 @@ class _Run:
 
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
         if bool(bad):
-            last = self.dir / "last.pt"
-            kept = (f"the last good checkpoint {last} (epoch {torch.load(last, weights_only=True)['epoch']}) is kept"
-                    if last.is_file() else "no checkpoint was written yet")
+            advice = ("a lower train.lr, a longer warm-up (train.warmup_ratio) or train.precision=fp32" if self.bf16
+                      else "a lower train.lr or a longer warm-up (train.warmup_ratio)")
             raise NonFiniteLoss(f"the training loss became NaN or Inf in epoch {epoch + 1} (by step {self.step}, "
-                                f"lr {self.sums['lr']:.4g}); the run stopped and {kept}. Try a lower train.lr, "
-                                f"a longer warm-up (train.warmup_ratio) or train.precision=fp32")
+                                f"lr {self.sums['lr']:.4g}); the run stopped and {self._kept()}. Try {advice}")
 
     def _epoch(self, epoch: int, bar, stop_after_steps, save_on_stop) -> bool:
         """Train one epoch from ``self.step_in_epoch``; returns False when stopped early."""
@@ -648,11 +656,10 @@ class _Run:
                 self.step_in_epoch, self.aug_state = b + 1, g.get_state()
                 self.sums.update(loss=loss_sum.item(), correct=int(correct.item()), seen=seen,
                                  time=self.sums["time"] + time.perf_counter() - start)
-                if self.interrupted or save_on_stop:
-                    self.save_checkpoint()
                 if self.interrupted:
-                    raise KeyboardInterrupt(f"interrupted; checkpoint saved in {self.dir / 'last.pt'} "
-                                            f"(epoch {epoch + 1}, step {self.step}); run again to resume")
+                    self._interrupt(epoch)
+                if save_on_stop:
+                    self.save_checkpoint()
                 return False
         if self.cuda:
             torch.cuda.synchronize()
@@ -683,10 +690,7 @@ class _Run:
             self._save_best(self.best_state)
         if t.snapshot_attention:
             self._snapshot(epoch + 1)
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.dir / "metrics.jsonl", json.dumps(row) + "\n")
         self.epoch, self.step_in_epoch, self.aug_state = epoch + 1, 0, None
         self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "lr": s["lr"]}
         if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
@@ -700,48 +704,45 @@ class _Run:
         snap = attention_snapshot(self.model, self.snapshot_image)
         if snap["params"] or snap["centre_probs"]:
             (self.dir / "snapshots").mkdir(exist_ok=True)
-            _save({"epoch": epoch, **snap}, self.dir / "snapshots" / f"epoch_{epoch:04d}.pt")
-
-    @contextlib.contextmanager
-    def _catch_sigint(self):
-        """First Ctrl-C: finish the step, checkpoint, raise KeyboardInterrupt.  Second: stop at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+            save_torch({"epoch": epoch, **snap}, self.dir / "snapshots" / f"epoch_{epoch:04d}.pt")
 
     def fit(self, stop_after_steps: int | None = None, save_on_stop: bool = True) -> RunResult:
+        """Train (resuming from the run directory's checkpoint) to the end or to ``stop_after_steps``.
+
+        Call while holding the directory's :class:`~satconv.rundir.RunLock`.  SIGINT and SIGTERM stop at the
+        next step boundary with a checkpoint (:class:`~satconv.rundir.Interrupted`); ``run.json`` ends
+        ``completed``, ``stopped``, ``interrupted`` or ``failed`` (with the error).
+        """
         t = self.cfg.train
-        self.dir.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.dir)
+        try:
+            previous = (read_json(self.dir / "run.json") or {}).get("status")
+        except CorruptFile:
+            previous = "unreadable"  # _write_run_json warns and writes it anew
+        if previous == "running":  # and this process holds the lock: the attempt that wrote it was killed
+            previous = "died"
+            log.info("%s: the previous attempt died while running", self.dir)
         resumed = self.resume()
         if not resumed:  # a fresh start: drop what an attempt that never checkpointed left behind
             for stale in ("metrics.jsonl", "best.pt", "atlas.pt", "run.json"):
                 (self.dir / stale).unlink(missing_ok=True)
             for stale in (self.dir / "snapshots").glob("epoch_*.pt"):
                 stale.unlink()
-        _write_text(self.dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        self._write_run_json(resumed, status="running")
         bar = None
-        if self.epoch < t.epochs and _progress_enabled(self.progress):
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         try:
-            if not resumed and t.snapshot_attention:
-                self.phase = "eval"
-                self._snapshot(0)
-                self.phase = "train"
-            with self._catch_sigint(), attention_routes(t.attention_route, t.shared_route):
+            with self.stop, attention_routes(t.attention_route, t.shared_route):
+                write_text(self.dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+                self._write_run_json(resumed, status="running", previous=previous)
+                if self.epoch < t.epochs and _progress_enabled(self.progress):
+                    from tqdm.auto import tqdm
+                    bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+                if not resumed and t.snapshot_attention:
+                    self.phase = "eval"
+                    self._snapshot(0)
+                    self.phase = "train"
                 for epoch in range(self.epoch, t.epochs):
+                    if self.interrupted:  # the signal came during the last epoch's evaluation or checkpoint
+                        self._interrupt(epoch)
                     if bar is not None:
                         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
                     epoch_start = time.perf_counter()
@@ -755,19 +756,40 @@ class _Run:
                         self._write_run_json(True, status="stopped")
                         return RunResult(self.dir, self.cfg, list(self.metrics), {}, False)
                 results = self._finish()
-        except KeyboardInterrupt:
-            self._write_run_json(True, status="interrupted")
+                if self.interrupted:  # it came during the last evaluation: the run is complete, nothing to resume
+                    log.warning("%s came after the last training step; the run completed",
+                                signal_name(self.stop.signum))
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", None)
+            self._record_end("interrupted", signal=signal_name(signum) if signum is not None else "SIGINT")
             raise
         except OOM_ERRORS as exc:
             size = ("train.batch_size", t.batch_size) if self.phase == "train" else \
                 ("train.eval_batch_size", t.eval_batch_size)
-            raise OutOfMemory(f"{self.device.type.upper()} out of memory ({_device_name(self.device)}) at "
-                              f"{size[0]}={size[1]}; try a smaller one, e.g. --set {size[0]}={max(1, size[1] // 2)}"
-                              f"{' (the learning rate is not rescaled)' if self.phase == 'train' else ''}") from exc
+            error = OutOfMemory(f"{self.device.type.upper()} out of memory ({_device_name(self.device)}) at "
+                                f"{size[0]}={size[1]}; try a smaller one, e.g. --set {size[0]}={max(1, size[1] // 2)}"
+                                f"{' (the learning rate is not rescaled)' if self.phase == 'train' else ''}")
+            self._record_end("failed", error=str(error))
+            raise error from exc
+        except DiskFull as exc:
+            error = DiskFull(f"{exc}; the run stopped and {self._kept()}. Free some space and run again to resume",
+                             exc.path)
+            self._record_end("failed", error=str(error))
+            raise error from exc
+        except Exception as exc:
+            self._record_end("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             if bar is not None:
                 bar.close()
         return RunResult(self.dir, self.cfg, list(self.metrics), results, True)
+
+    def _record_end(self, status: str, **extra) -> None:
+        """Write the final status into run.json; a failure to do so (a full disk) is logged, not raised."""
+        try:
+            self._write_run_json(True, status=status, **extra)
+        except (RunDirError, OSError) as exc:
+            log.warning("could not record status %r in %s: %s", status, self.dir / "run.json", exc)
 
     def _finish(self) -> dict:
         """Final and best-on-validation numbers, the atlas, run.json."""
@@ -788,7 +810,7 @@ class _Run:
             atlas = build_atlas(self.model, self.data, self.cfg.data.mean, self.cfg.data.std, t.atlas_images,
                                 t.atlas_queries, self.device)
             if atlas is not None:
-                _save(atlas, atlas_path)
+                save_torch(atlas, atlas_path)
                 size = atlas_path.stat().st_size
                 if size > ATLAS_MAX_BYTES:
                     log.warning("atlas.pt is %.1f MB (> %.0f MB): lower train.atlas_images or train.atlas_queries",
@@ -797,25 +819,35 @@ class _Run:
         self._write_run_json(True, status="completed", results=results)
         return results
 
-    def _write_run_json(self, resumed: bool, status: str, results: dict | None = None) -> None:
+    def _write_run_json(self, resumed: bool, status: str, results: dict | None = None, previous: str | None = None,
+                        **extra) -> None:
+        """run.json with ``status``; ``previous``: the status an attempt being resumed ended with (``died``
+        for a killed one); ``extra``: ``error`` or ``signal`` of the end."""
         path = self.dir / "run.json"
-        info = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            info = read_json(path) or {}
+        except CorruptFile as exc:
+            log.warning("%s; it is written anew", exc)
+            info = {}
         if not info:
             info = {"satconv": __version__, "torch": torch.__version__, "python": platform.python_version(),
                     "device": _device_name(self.device), "git_commit": _git_commit(),
                     "satconv_source": source_digest(), "seed": self.cfg.train.seed,
                     "data": self.data.info(), "start_time": _now(), "resumes": []}
         elif resumed and status == "running":
-            info["resumes"].append({"time": _now(), "epoch": self.epoch, "step": self.step,
-                                    "device": _device_name(self.device), "torch": torch.__version__,
-                                    "satconv_source": source_digest()})
+            info.setdefault("resumes", []).append({"time": _now(), "epoch": self.epoch, "step": self.step,
+                                                   "previous_status": previous, "device": _device_name(self.device),
+                                                   "torch": torch.__version__, "satconv_source": source_digest()})
         info["status"] = status
+        for key in ("end_time", "error", "signal"):  # of an earlier attempt's end
+            info.pop(key, None)
+        info.update(extra)
         if status != "running":
             info["end_time"] = _now()
         if results is not None:
             info["results"] = results
             info["atlas"] = (self.dir / "atlas.pt").is_file()
-        _write_text(path, json.dumps(info, indent=2) + "\n")
+        write_text(path, json.dumps(info, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -830,7 +862,7 @@ def train(cfg: ExperimentConfig | str | Path, out_dir: str | Path | None = None,
     Args:
         cfg: an :class:`ExperimentConfig` or the path of a YAML config.
         out_dir: run directory; ``None``: ``train.out_dir`` or ``runs/<name>``.  A directory holding
-            ``last.pt`` is resumed.
+            ``last.pt`` is resumed (from ``last.prev.pt``, with a warning, when ``last.pt`` is unreadable).
         overrides: ``"a.b=value"`` strings.
         profile: a named overlay such as ``"quick"``.
         device: ``"cpu"``, ``"cuda"``, ...; ``None``: CUDA when available.
@@ -843,20 +875,42 @@ def train(cfg: ExperimentConfig | str | Path, out_dir: str | Path | None = None,
         :class:`RunResult`.
 
     Raises:
-        NonFiniteLoss, OutOfMemory, DataError, ConfigError, ValueError; KeyboardInterrupt after
-        checkpointing on Ctrl-C.
+        BadRunDir (a ValueError): the run directory is a file or cannot be created (before any data is
+            loaded).
+        RunDirBusy: another live process is writing the run directory (nothing was touched).
+        CorruptFile: the directory's checkpoints exist but none is readable.
+        DiskFull: a write found no space; the last good checkpoint is kept.
+        NonFiniteLoss, OutOfMemory, DataError, ConfigError, ValueError.
+        Interrupted (a KeyboardInterrupt) after checkpointing on SIGINT or SIGTERM; its ``signum`` says which.
     """
     cfg = resolve_config(cfg, overrides, profile)
     device = torch.device(device) if device is not None else default_device()
-    run = _Run(cfg, run_dir_for(cfg, out_dir), device, progress, model_factory)
-    return run.fit(stop_after_steps, save_on_stop)
+    run_dir = prepare_run_dir(run_dir_for(cfg, out_dir))
+    with RunLock(run_dir):
+        run = _Run(cfg, run_dir, device, progress, model_factory)
+        return run.fit(stop_after_steps, save_on_stop)
 
 
-def _run_config(run_dir: Path) -> ExperimentConfig:
-    path = run_dir / "config.yaml"
+def read_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The config a run directory's ``config.yaml`` holds.
+
+    Raises:
+        FileNotFoundError: no config.yaml (not a run directory).
+        CorruptFile: config.yaml is not valid YAML or not a valid config.
+    """
+    path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    return from_dict(yaml.safe_load(path.read_text()), str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CorruptFile(path, f"not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise CorruptFile(path, "empty" if data is None else f"a YAML {type(data).__name__}, not a config mapping")
+    try:
+        return from_dict(data, str(path))
+    except ConfigError as exc:
+        raise CorruptFile(path, f"not a valid config ({exc})") from None
 
 
 def load_model(run_dir: str | Path, weights: str = "best", device: str | torch.device = "cpu",
@@ -866,17 +920,21 @@ def load_model(run_dir: str | Path, weights: str = "best", device: str | torch.d
     Returns:
         ``(model, info)``; ``info`` has ``weights`` (which file was used) and ``epoch``.  ``best``
         falls back to ``last`` when the run has no validation split.
+
+    Raises:
+        FileNotFoundError: no config.yaml or no such checkpoint.
+        CorruptFile: config.yaml or the checkpoint is unreadable (the message names the file).
     """
     run_dir = Path(run_dir)
     if weights not in ("best", "last"):
         raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
-    cfg = _run_config(run_dir)
+    cfg = read_run_config(run_dir)
     path = run_dir / f"{weights}.pt"
     if weights == "best" and not path.is_file():
         path, weights = run_dir / "last.pt", "last"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint ({path.name})")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = load_checkpoint(path, keys=("model", "epoch"))
     if model_factory is None:
         from .models import build_model as model_factory
     model = model_factory(cfg.model)
@@ -889,22 +947,38 @@ def evaluate(run_dir: str | Path, split: str = "test", weights: str = "best", de
     """Loss and accuracy of a run's weights on ``split`` (``"val"`` or ``"test"``).
 
     Returns:
-        ``{"split", "weights", "epoch", "images", "loss", "acc"}``.
+        ``{"split", "weights", "epoch", "images", "loss", "acc", "run_status"}``; ``run_status`` as
+        :func:`satconv.rundir.run_status` (``died``: run.json says running but no process holds the run;
+        ``unreadable``: run.json is damaged, with a warning).
+
+    Raises:
+        FileNotFoundError, CorruptFile (as :func:`load_model`), DataError.
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     run_dir = Path(run_dir)
-    cfg = resolve_config(_run_config(run_dir))
+    cfg = resolve_config(read_run_config(run_dir))
+    try:
+        status = run_status(run_dir)
+    except CorruptFile as exc:  # provenance only: the weights and the config are what evaluation needs
+        log.warning("%s", exc)
+        status = "unreadable"
+    if status == "died":
+        log.warning("%s: the run died while training (run.json says running, but no process holds the run); "
+                    "evaluating the weights it saved", run_dir)
+    elif status == "running":
+        log.warning("%s: the run is still training; evaluating the weights it has saved so far", run_dir)
     device = torch.device(device) if device is not None else default_device()
     model, info = load_model(run_dir, weights, device, model_factory)
     data = load_data(cfg)
     part = getattr(data, split)
     loader = DeviceLoader(part.to(device), cfg.train.eval_batch_size, device, cfg.data.mean, cfg.data.std)
     loss, acc = evaluate_model(model, loader, cfg.train.precision == "bf16" and device.type == "cuda")
-    return {"split": split, **info, "images": len(part), "loss": loss, "acc": acc}
+    return {"split": split, **info, "images": len(part), "loss": loss, "acc": acc, "run_status": status}
 
 
 __all__ = ["train", "evaluate", "evaluate_model", "read_metrics", "load_model", "load_atlas", "build_atlas",
            "attention_snapshot", "lr_at", "resolve_config", "run_dir_for", "param_groups", "RunResult",
            "NonFiniteLoss", "OutOfMemory", "DataError", "METRIC_KEYS", "INDUCTOR_OPTIONS", "compile_options",
-           "compile_model", "compiled", "inductor_setting"]
+           "compile_model", "compiled", "inductor_setting", "read_run_config", "BadRunDir", "RunDirBusy",
+           "RunDirError", "CorruptFile", "DiskFull", "Interrupted"]

@@ -1,9 +1,13 @@
 """satconv.train: exact resume, the metrics file, the schedule, faults, the run directory's artefacts."""
+import errno
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import signal
+import threading
 from dataclasses import replace
 
 import pytest
@@ -11,6 +15,7 @@ import torch
 
 from satconv import train as T
 from satconv.config import load, override
+from satconv.rundir import RunLock
 from tests.helpers import TinyNet, tiny_config
 
 #: timing keys differ between any two runs; everything else must match bit for bit on CPU
@@ -192,10 +197,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                     out = out * float("nan")
             return out
 
-    with pytest.raises(T.NonFiniteLoss, match=r"NaN or Inf in epoch 2 .*last good checkpoint .*last\.pt \(epoch 1\)"):
+    with pytest.raises(T.NonFiniteLoss, match=r"NaN or Inf in epoch 2 .*last good checkpoint .*last\.pt "
+                                              r"\(epoch 1, step 8\)") as caught:
         run(tmp_path, factory=NaNNet)
+    assert "fp32" not in str(caught.value)  # the run is fp32 already (bf16 is CUDA only)
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"].startswith("NonFiniteLoss: the training loss became NaN")
 
 
 @pytest.mark.parametrize("phase, key, smaller", [("train", "train.batch_size=16", "train.batch_size=8"),
@@ -230,6 +239,137 @@ def test_no_weight_decay_on_centres_and_spreads():
     groups = T.param_groups(model, 1e-4)
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert no_decay == {id(model.attn.attention_centers), id(model.attn.attention_spreads)}
+
+
+def test_sigterm_checkpoints_then_resumes_exactly(reference, tmp_path):
+    """SIGTERM (job schedulers, ``timeout``, container stops) is Ctrl-C: the step finishes, a checkpoint is
+    written, :class:`Interrupted` names the signal, and the handlers are restored afterwards."""
+    class TerminatedNet(TinyNet):
+        calls = 0
+
+        def forward(self, x, return_attention=False):
+            if self.training:
+                TerminatedNet.calls += 1
+                if TerminatedNet.calls == 13:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return super().forward(x, return_attention)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(T.Interrupted, match="stopped by SIGTERM; checkpoint saved in .*last.pt") as caught:
+        run(tmp_path, factory=TerminatedNet)
+    assert caught.value.signum == signal.SIGTERM and isinstance(caught.value, KeyboardInterrupt)
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 13
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["signal"] == "SIGTERM"
+    run(tmp_path)
+    assert_same_run(reference.run_dir, tmp_path)
+
+
+def test_training_in_another_thread_installs_no_handlers(reference, tmp_path):
+    """A notebook may train off the main thread; signal handlers can only be set in the main one."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(run(tmp_path)))
+    thread.start()
+    thread.join()
+    assert results and results[0].completed
+    assert_same_run(reference.run_dir, tmp_path)
+
+
+def test_unreadable_newest_checkpoint_resumes_from_the_previous_one(reference, tmp_path, caplog):
+    run(tmp_path, stop_after_steps=19, save_on_stop=False)  # checkpoints of epochs 1 and 2
+    last = tmp_path / "last.pt"
+    assert torch.load(tmp_path / "last.prev.pt", weights_only=True)["epoch"] == 1
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    with caplog.at_level(logging.WARNING):
+        result = run(tmp_path)
+    assert f"{last} is unreadable: truncated" in caplog.text
+    assert "resuming from the previous checkpoint last.prev.pt" in caplog.text
+    assert "weights_only" not in caplog.text
+    assert result.completed and result.results == reference.results
+    assert_same_run(reference.run_dir, tmp_path)
+
+
+def test_no_readable_checkpoint_is_said_and_nothing_is_started(tmp_path, capsys):
+    run(tmp_path, stop_after_steps=3)
+    (tmp_path / "last.pt").write_bytes(b"\x00garbage" * 100)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(T.CorruptFile, match=r"last\.pt is unreadable: truncated or not a PyTorch checkpoint.*"
+                                            r"no readable checkpoint is left") as caught:
+        run(tmp_path)
+    assert "weights_only" not in str(caught.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_disk_full_keeps_the_last_good_checkpoint_and_says_so(reference, tmp_path, monkeypatch):
+    real_fsync, seen = os.fsync, []
+
+    def fsync(fd):  # the second checkpoint (epoch 2) finds the disk full
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(f"/.last.pt.tmp-{os.getpid()}"):
+            seen.append(fd)
+            if len(seen) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(T.DiskFull, match=re.escape(f"No space left on device in {tmp_path} (writing last.pt); the run "
+                                                   f"stopped and the last good checkpoint {tmp_path / 'last.pt'} "
+                                                   f"(epoch 1, step 8) is kept. Free some space")):
+        run(tmp_path)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert not list(tmp_path.glob(".*.tmp-*"))
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"].startswith("No space left on device")
+    run(tmp_path)
+    assert_same_run(reference.run_dir, tmp_path)
+
+
+def test_out_that_is_a_file_is_refused_before_data_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "load_data", lambda cfg: pytest.fail("data loaded for an unusable run directory"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(T.BadRunDir, match="is a file"):
+        run(tmp_path / "f")
+    with pytest.raises(ValueError, match=f"cannot create the run directory {tmp_path / 'f' / 'run'}"):
+        run(tmp_path / "f" / "run")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_eval_names_the_unreadable_file(reference, tmp_path, capsys):
+    from satconv.__main__ import main
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    (run_dir / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:-50])
+    with pytest.raises(T.CorruptFile, match=f"{run_dir / 'best.pt'} is unreadable: truncated"):
+        T.evaluate(run_dir, weights="best", device="cpu", model_factory=TinyNet)
+    assert T.evaluate(run_dir, weights="last", device="cpu", model_factory=TinyNet)["epoch"] == 3
+    for text, reason in [("train: {lr: [1\n", "not valid YAML"), ("", "empty"), ("- 1\n", "a YAML list"),
+                         ("train: {lr: -1}\n", "not a valid config .*train.lr: got -1")]:
+        (run_dir / "config.yaml").write_text(text)
+        with pytest.raises(T.CorruptFile, match=f"config.yaml is unreadable: {reason}"):
+            T.evaluate(run_dir, device="cpu", model_factory=TinyNet)
+    assert main(["eval", "--run", str(run_dir), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "config.yaml is unreadable: not a valid config" in err and "Traceback" not in err
+
+
+def test_eval_of_a_run_that_died_says_so(reference, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "status": "running"}))  # as a killed run leaves it
+    with caplog.at_level(logging.WARNING):
+        res = T.evaluate(run_dir, "test", "last", "cpu", model_factory=TinyNet)
+    assert res["run_status"] == "died" and "the run died while training" in caplog.text
+    assert T.evaluate(reference.run_dir, "test", "last", "cpu", model_factory=TinyNet)["run_status"] == "completed"
+
+
+def test_a_run_directory_in_use_is_refused_before_any_file_is_touched(reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "load_data", lambda cfg: pytest.fail("data loaded for a busy run directory"))
+    with RunLock(tmp_path):
+        with pytest.raises(T.RunDirBusy, match=f"{tmp_path} is in use by another process \\(pid {os.getpid()}"):
+            run(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
 
 
 def test_resume_refuses_another_config(reference, tmp_path):
