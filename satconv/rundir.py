@@ -451,10 +451,6 @@ class Checkpoints:
         self.previous = self.dir / f"{stem}.prev.pt"
         self._newest_good = False
 
-    def exist(self) -> bool:
-        """Whether either file exists."""
-        return self.newest.is_file() or self.previous.is_file()
-
     def save(self, obj) -> None:
         """Write ``obj`` as the newest checkpoint, keeping the current newest as the previous one.
 

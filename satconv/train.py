@@ -722,7 +722,10 @@ class _Run:
         if previous == "running":  # and this process holds the lock: the attempt that wrote it was killed
             previous = "died"
             log.info("%s: the previous attempt died while running", self.dir)
-        resumed = self.resume()
+        try:
+            resumed = self.resume()
+        except DiskFull as exc:  # rewriting best.pt or metrics.jsonl
+            raise self._disk_full(exc) from exc
         if not resumed:  # a fresh start: drop what an attempt that never checkpointed left behind
             for stale in ("metrics.jsonl", "best.pt", "atlas.pt", "run.json"):
                 (self.dir / stale).unlink(missing_ok=True)
@@ -772,8 +775,7 @@ class _Run:
             self._record_end("failed", error=str(error))
             raise error from exc
         except DiskFull as exc:
-            error = DiskFull(f"{exc}; the run stopped and {self._kept()}. Free some space and run again to resume",
-                             exc.path)
+            error = self._disk_full(exc)
             self._record_end("failed", error=str(error))
             raise error from exc
         except Exception as exc:
@@ -783,6 +785,10 @@ class _Run:
             if bar is not None:
                 bar.close()
         return RunResult(self.dir, self.cfg, list(self.metrics), results, True)
+
+    def _disk_full(self, exc: DiskFull) -> DiskFull:
+        """``exc`` with what the run kept and how to go on."""
+        return DiskFull(f"{exc}; the run stopped and {self._kept()}. Free some space and run again to resume", exc.path)
 
     def _record_end(self, status: str, **extra) -> None:
         """Write the final status into run.json; a failure to do so (a full disk) is logged, not raised."""

@@ -52,6 +52,7 @@ def cli(argv, capsys):
 
 
 def epochs_written(out: Path) -> list[int]:
+    """The epochs of the complete lines of ``out/metrics.jsonl``."""
     path = out / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -74,10 +75,12 @@ def wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int) -> bool:
 
 
 def numbers(run_dir: Path) -> list[dict]:
+    """A run's metrics without the wall-clock fields."""
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in T.read_metrics(run_dir)]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
+    """Run ``b`` completed with the metrics and final weights of run ``a``, bit for bit, and no temp files."""
     assert numbers(a) == numbers(b)
     assert [r["epoch"] for r in numbers(b)] == list(range(1, EPOCHS + 1))
     wa, wb = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (a, b))
@@ -98,6 +101,7 @@ def cli_reference(tmp_path_factory):
 # Whole files
 # ---------------------------------------------------------------------------------------------
 def fail_fsync_with(monkeypatch, error):
+    """Every fsync raises ``error`` (a full disk shows at the latest there)."""
     def fsync(fd):
         raise error
     monkeypatch.setattr(R.os, "fsync", fsync)
@@ -247,7 +251,7 @@ def test_load_checkpoint_wants_the_named_keys(tmp_path):
 
 def test_checkpoints_rotate_and_fall_back_to_the_previous_one(tmp_path, caplog):
     ck = R.Checkpoints(tmp_path)
-    assert ck.load() is None and not ck.exist()
+    assert ck.load() is None
     for epoch in (1, 2, 3):
         ck.save({"epoch": epoch})
     assert R.load_checkpoint(ck.newest)["epoch"] == 3 and R.load_checkpoint(ck.previous)["epoch"] == 2

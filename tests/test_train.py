@@ -24,14 +24,17 @@ STEPS_PER_EPOCH = 8  # tiny_config: 128 training images, batch 16
 
 
 def numbers(metrics):
+    """A run's metrics without the wall-clock fields."""
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in metrics]
 
 
 def weights(run_dir):
+    """The final weights of a run (last.pt)."""
     return torch.load(run_dir / "last.pt", weights_only=True)["model"]
 
 
 def run(out, *overrides, factory=TinyNet, progress=False, **kw):
+    """Train the tiny config on the CPU in ``out``."""
     return T.train(tiny_config(*overrides), out_dir=out, device="cpu", progress=progress, model_factory=factory, **kw)
 
 
@@ -43,6 +46,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_run(a, b):
+    """Runs ``a`` and ``b`` have the same metrics (timing aside) and final weights, bit for bit."""
     assert numbers(T.read_metrics(a)) == numbers(T.read_metrics(b))
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
