@@ -161,10 +161,12 @@ def atomic_write(path: str | Path, data: bytes, before_replace: Callable[[], Non
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # TEMP_PATTERN
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
@@ -173,6 +175,13 @@ def atomic_write(path: str | Path, data: bytes, before_replace: Callable[[], Non
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             raise _disk_full(exc, path) from exc
         raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (unbuffered: an error shows once, where it happens)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def torch_bytes(obj) -> bytes:
@@ -200,20 +209,22 @@ def append_text(path: str | Path, text: str) -> None:
         DiskFull: no space or quota.
     """
     path = Path(path)
-    with open(path, "ab") as f:
-        size = f.tell()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        size = os.fstat(fd).st_size
         try:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
+            _write_all(fd, text.encode())
+            os.fsync(fd)
         except BaseException as exc:
             try:
-                f.truncate(size)
+                os.ftruncate(fd, size)
             except OSError:
                 pass  # the original error is the one to report; a resume rewrites metrics.jsonl anyway
             if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
                 raise _disk_full(exc, path) from exc
             raise
+    finally:
+        os.close(fd)
 
 
 def remove_temp_files(run_dir: str | Path) -> list[Path]:

@@ -134,6 +134,13 @@ def test_append_text_appends_a_whole_line_or_nothing(tmp_path, monkeypatch):
     assert path.read_text() == "1\n2\n"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_a_real_enospc_is_disk_full():
+    """/dev/full fails every write with ENOSPC, as a full file system does."""
+    with pytest.raises(R.DiskFull, match="No space left on device in /dev \\(writing full\\)"):
+        R.append_text("/dev/full", "a line\n")
+
+
 def test_remove_temp_files_removes_only_temp_files(tmp_path):
     (tmp_path / "snapshots").mkdir()
     temps = [tmp_path / ".last.pt.tmp-4242", tmp_path / "snapshots" / ".epoch_0001.pt.tmp-7"]
