@@ -50,6 +50,7 @@ from satconv import config, timing
 from satconv.attention import ATTENTION, relative_offsets
 from satconv.config import REPO_ROOT
 from satconv.models import build_model, count_parameters
+from satconv.report import below, shown
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -191,13 +192,13 @@ d1, d2 = delta.unbind(-1)
 r_delta = torch.stack([d1, d2, d1 ** 2, d2 ** 2, d1 * d2], dim=-1)  # (N, N, 5)
 with torch.no_grad():
     expanded = torch.softmax(torch.einsum("hc,nmc->hnm", anisotropic.target_vectors(), r_delta), dim=-1)
-glue("aniso_expanded_diff", (expanded - probs[0]).abs().max().item(), display=False)
+glue("aniso_expanded_diff", below((expanded - probs[0]).abs().max().item(), 1e-5), display=False)  # rounding
 show({"quadratic, anisotropic, set by hand": probs[0, :, CENTRE]})
 
 # %% [markdown]
-# The expanded form $t_h^\top r_\delta$ gives the same probabilities as the closed form, to
-# {glue:text}`aniso_expanded_diff:.1e` (float32). The [Re] wrote one coefficient of $t_h$ as
-# $c + \mu_2$ instead of $c \mu_2$; the check above would catch that.
+# The expanded form $t_h^\top r_\delta$ gives the same probabilities as the closed form: their largest
+# difference is {glue:text}`aniso_expanded_diff`, float32 rounding. The [Re] wrote one coefficient of
+# $t_h$ as $c + \mu_2$ instead of $c \mu_2$; the check above would catch that.
 #
 # ## Learned relative attention
 #
@@ -270,15 +271,15 @@ perm = torch.randperm(N)
 with torch.no_grad():
     out = content(x).reshape(1, N, D)
     out_perm = content(x.reshape(1, N, D)[:, perm].reshape(1, SIDE, SIDE, D)).reshape(1, N, D)
-glue("content_perm_diff", (out_perm - out[:, perm]).abs().max().item(), display=False)
-glue("content_out_scale", out.abs().max().item(), display=False)
+glue("content_perm_diff", below((out_perm - out[:, perm]).abs().max().item(), 1e-5), display=False)  # rounding
+glue("content_out_scale", shown(out.abs().max().item(), ".2f"), display=False)
 show({"content only": probs[0, :, CENTRE]})
 
 # %% [markdown]
-# Shuffling the pixels shuffles the output: the two agree to {glue:text}`content_perm_diff:.1e`, for
-# outputs of size up to {glue:text}`content_out_scale:.2f`. At initialisation, on random input, the
-# attention of the centre query is spread over the whole image, with no preference for its
-# neighbourhood.
+# Shuffling the pixels shuffles the output, up to float32 rounding: the largest difference between the
+# two is {glue:text}`content_perm_diff`, for outputs of size up to {glue:text}`content_out_scale`. At
+# initialisation, on random input, the attention of the centre query is spread over the whole image, with
+# no preference for its neighbourhood.
 #
 # ## Hierarchical attention: the [Re]'s weight sharing
 #

@@ -43,6 +43,7 @@ from torch import nn
 
 from satconv import theory
 from satconv.attention import QuadraticAttention
+from satconv.report import below, shown
 from satconv.viz import explorer, fig_to_png
 
 torch.manual_seed(0)
@@ -247,8 +248,8 @@ with torch.no_grad():
     out_conv = conv(x).permute(0, 2, 3, 1)  # (B, H, W, C_out)
 
 demo_error = (out_attn - out_conv).abs().max().item()
-glue("demo_error", demo_error, display=False)
-glue("demo_scale", out_conv.abs().max().item(), display=False)
+glue("demo_error", shown(demo_error, ".1e"), display=False)  # the leak at alpha = 20, far above rounding
+glue("demo_scale", shown(out_conv.abs().max().item(), ".2f"), display=False)
 glue("demo_heads", attn.num_heads, display=False)
 print(f"{attn.num_heads} heads, alpha = {attn.alpha[0].item():g}, centres (row, col) = key - query:")
 print(attn.attention_centers.detach().numpy().astype(int).tolist())
@@ -257,8 +258,8 @@ print(f"proj.weight {tuple(attn.proj.weight.shape)} = (C_out, heads * C_in)")
 # %% [markdown]
 # The {glue:text}`demo_heads` heads sit on the nine shifts of the $3 \times 3$ window, and the output
 # projection has one $C_{in}$-column block per head: the kernel slices, stacked. The largest
-# difference from the convolution is {glue:text}`demo_error:.1e`, for outputs of size up to
-# {glue:text}`demo_scale:.2f`.
+# difference from the convolution is {glue:text}`demo_error`, for outputs of size up to
+# {glue:text}`demo_scale`.
 #
 # The concatenation-versus-sum identity {eq}`eq-concat-sum` can be checked on its own. The loop
 # below recomputes the layer head by head, from the probabilities the layer returns and the kernel
@@ -275,12 +276,13 @@ for h, (dr, dc) in enumerate(theory.kernel_shifts(K).int().tolist()):
     slice_h = weight[:, :, dr + 1, dc + 1].T  # (C_in, C_out): W_Delta for Delta = (dr, dc)
     by_head = by_head + probs[0, h] @ tokens @ slice_h  # (B, Np, C_out)
 concat_vs_sum = (by_head - out_full.reshape(2, -1, C_OUT)).abs().max().item()
-glue("concat_vs_sum", concat_vs_sum, display=False)
+glue("concat_vs_sum", below(concat_vs_sum, 1e-13), display=False)  # rounding: its digits differ by CPU
 print(f"rows of probs sum to 1: {torch.allclose(probs.sum(-1), torch.ones_like(probs[..., 0]), atol=1e-12)}")
 
 # %% [markdown]
-# Sum and concatenation agree to {glue:text}`concat_vs_sum:.1e`, float64 rounding. The figure shows
-# the first output channel of both layers and their difference.
+# Sum and concatenation agree: their largest difference is {glue:text}`concat_vs_sum`, float64 rounding.
+# (Errors at the level of rounding are stated as bounds in this book: their digits depend on the CPU that
+# runs the page.) The figure shows the first output channel of both layers and their difference.
 
 # %% mystnb={"figure": {"caption": "First output channel of a random 3 x 3 convolution (left) and of the attention layer built from it with alpha = 20 (middle), on the first input image; right: their absolute difference, on a log scale.", "name": "fig-theory-demo"}}
 fig, axes = plt.subplots(1, 3, figsize=(9, 2.9), layout="constrained")
@@ -324,19 +326,21 @@ def at(alpha, name="float64"):
     return float(rel[name][np.searchsorted(ALPHAS, alpha)])
 
 
-for a in (1, 5, 10, 20):
-    glue(f"err64_a{a}", at(a), display=False)
-    glue(f"err32_a{a}", at(a, "float32"), display=False)
-    glue(f"est_a{a}", 4 * math.exp(-a), display=False)
-glue("err64_floor", float(rel["float64"][ALPHAS >= 40].max()), display=False)
-glue("err32_a21", at(21, "float32"), display=False)
-glue("err32_tail", float(rel["float32"][ALPHAS >= 22].max()), display=False)
-# alpha at which the target's probability 1 / (1 + 4 e^-alpha) rounds to exactly 1: 4 e^-alpha < eps / 2
+# up to alpha = 20 in float64 the leak dominates: the leading digits are the same on every machine
+glue("err64_a1", shown(at(1), ".2f"), display=False)
+for a in (5, 10, 20):
+    glue(f"err64_a{a}", shown(at(a), ".1e"), display=False)
+    glue(f"est_a{a}", shown(4 * math.exp(-a), ".1e"), display=False)
+# past the rounding points below only rounding is left: bounds, and the unit roundoff they compare with
+glue("err64_floor", below(rel["float64"][ALPHAS >= 40].max(), 1e-14), display=False)
+glue("err32_tail", below(rel["float32"][ALPHAS >= 20].max(), 1e-5), display=False)
 for name, dtype in [("32", torch.float32), ("64", torch.float64)]:
-    glue(f"round_alpha{name}", math.log(4 / (torch.finfo(dtype).eps / 2)), display=False)
+    glue(f"unit_roundoff{name}", shown(torch.finfo(dtype).eps / 2, ".1e"), display=False)
+    # alpha at which the target's probability 1 / (1 + 4 e^-alpha) rounds to exactly 1: 4 e^-alpha < eps / 2
+    glue(f"round_alpha{name}", shown(math.log(4 / (torch.finfo(dtype).eps / 2)), ".1f"), display=False)
 # alpha at which e^-alpha itself underflows in float32: below the smallest normal, and below 2^-149
-glue("underflow_normal", -math.log(torch.finfo(torch.float32).tiny), display=False)
-glue("underflow_subnormal", 149 * math.log(2), display=False)
+glue("underflow_normal", shown(-math.log(torch.finfo(torch.float32).tiny), ".1f"), display=False)
+glue("underflow_subnormal", shown(149 * math.log(2), ".1f"), display=False)
 
 # %% mystnb={"figure": {"caption": "Largest error of the construction relative to the output scale, against alpha, in float64 and float32, with the leak estimate 4 exp(-alpha) and the proven bound. Horizontal lines: the unit roundoff of each format. Errors that are exactly zero are drawn on the bottom axis.", "name": "fig-theory-alpha"}}
 fig, ax = plt.subplots(figsize=(7, 4))
@@ -357,24 +361,25 @@ plt.show()
 
 # %% [markdown]
 # The measured error follows the estimate $4 e^{-\alpha}$ over fifteen orders of magnitude
-# ({numref}`fig-theory-alpha`): relative errors of {glue:text}`err64_a5:.1e` at $\alpha = 5$
-# (estimate {glue:text}`est_a5:.1e`), {glue:text}`err64_a10:.1e` at $\alpha = 10$ (estimate
-# {glue:text}`est_a10:.1e`) and {glue:text}`err64_a20:.1e` at $\alpha = 20$ (estimate
-# {glue:text}`est_a20:.1e`) in float64. At $\alpha = 1$ the heads are still broad and the layer is a
-# blur rather than the convolution (relative error {glue:text}`err64_a1:.2f`).
+# ({numref}`fig-theory-alpha`): relative errors of {glue:text}`err64_a5` at $\alpha = 5$
+# (estimate {glue:text}`est_a5`), {glue:text}`err64_a10` at $\alpha = 10$ (estimate
+# {glue:text}`est_a10`) and {glue:text}`err64_a20` at $\alpha = 20$ (estimate
+# {glue:text}`est_a20`) in float64. At $\alpha = 1$ the heads are still broad and the layer is a
+# blur rather than the convolution (relative error {glue:text}`err64_a1`).
 #
 # Floating point stops the decay. The probability of the target pixel,
 # $1 / (1 + 4 e^{-\alpha} + \dots)$, rounds to exactly 1 once $4 e^{-\alpha}$ falls below half the
-# machine epsilon: from $\alpha \approx$ {glue:text}`round_alpha32:.1f` in float32 and
-# $\alpha \approx$ {glue:text}`round_alpha64:.1f` in float64. Past those points what is left is the
-# arithmetic's own rounding. In float64 it levels off at {glue:text}`err64_floor:.1e`
-# (the largest relative error for $\alpha \ge 40$). In float32 the error is
-# {glue:text}`err32_a20:.1e` at $\alpha = 20$, {glue:text}`err32_a21:.1e` at $\alpha = 21$ and at most
-# {glue:text}`err32_tail:.1e` from $\alpha = 22$ on. (A zero means that, with one-hot probabilities,
-# both layers added the same products in the same order and rounded them identically.) The leak $e^{-\alpha}$ itself only
+# machine epsilon: from $\alpha \approx$ {glue:text}`round_alpha32` in float32 and
+# $\alpha \approx$ {glue:text}`round_alpha64` in float64. Past those points what is left is the
+# arithmetic's own rounding, whose last digits depend on the CPU. In float64 the relative error stays
+# {glue:text}`err64_floor` for every $\alpha \ge 40$, against a unit roundoff of
+# {glue:text}`unit_roundoff64`; in float32 it stays {glue:text}`err32_tail` for every $\alpha \ge 20$,
+# against a unit roundoff of {glue:text}`unit_roundoff32`. (Errors that are exactly zero sit on the
+# figure's bottom axis: with one-hot probabilities, both layers added the same products in the same order
+# and rounded them identically.) The leak $e^{-\alpha}$ itself only
 # underflows much later, below the smallest normal float32 for $\alpha >$
-# {glue:text}`underflow_normal:.1f` and to exactly zero for $\alpha >$
-# {glue:text}`underflow_subnormal:.1f`; the softmax becomes one-hot long before that, because it
+# {glue:text}`underflow_normal` and to exactly zero for $\alpha >$
+# {glue:text}`underflow_subnormal`; the softmax becomes one-hot long before that, because it
 # adds the leak to 1. A finite $\alpha$ therefore gives an exact convolution *in floating point*,
 # which is how the theorem's limit is reached in practice.
 
@@ -397,15 +402,16 @@ with torch.no_grad():
 err_maps = {name: (out - out_conv).abs().amax(dim=(0, 3)) for name, out in maps.items()}  # (H, W)
 
 unpadded = theory.construction_error(conv, x, [ALPHA_BORDER], padded=False)
-glue("border_err", unpadded["border_max_abs"][0], display=False)
-glue("border_rel", unpadded["border_relative"][0], display=False)
-glue("interior_err", unpadded["interior_max_abs"][0], display=False)
+glue("border_err", shown(unpadded["border_max_abs"][0], ".2f"), display=False)
+glue("border_rel", shown(unpadded["border_relative"][0], ".0%"), display=False)
+# the leak 4 e^-30 of the interior, with a rounding error about 1e-3 times its size
+glue("interior_err", shown(unpadded["interior_max_abs"][0], ".0e", rtol=1e-2), display=False)
 
 # where does the head centred on (-1, -1) look from the corner query (0, 0)?
 with torch.no_grad():
     _, corner_probs = attn_border(x_nhwc, return_attention=True)  # (1, heads, N, N)
 head_up_left = theory.kernel_shifts(K).tolist().index([-1.0, -1.0])
-glue("corner_self", corner_probs[0, head_up_left, 0, 0].item(), display=False)
+glue("corner_self", shown(corner_probs[0, head_up_left, 0, 0].item(), ".3f"), display=False)
 
 # %% mystnb={"figure": {"caption": "Per-pixel error of the construction (alpha = 30, float64, worst over the batch and the output channels) against the zero-padded convolution. Left: input zero-padded and output cropped. Right: no padding; the error sits on the one-pixel border.", "name": "fig-theory-border"}}
 fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.3))
@@ -419,11 +425,11 @@ fig.colorbar(im, ax=axes, fraction=0.03, label="|MHSA - Conv|")
 plt.show()
 
 # %% [markdown]
-# Without padding the border pixels are off by up to {glue:text}`border_err:.2f`
-# ({glue:text}`border_rel:.0%` of the output scale), while the interior matches to within
-# {glue:text}`interior_err:.0e` ({numref}`fig-theory-border`). The reason is visible in the
+# Without padding the border pixels are off by up to {glue:text}`border_err`
+# ({glue:text}`border_rel` of the output scale), while the interior matches to within
+# {glue:text}`interior_err` ({numref}`fig-theory-border`). The reason is visible in the
 # probabilities: from the top-left corner pixel, the head centred on the shift $(-1, -1)$ has no
-# pixel to attend to, and puts a probability of {glue:text}`corner_self:.3f` on the corner pixel
+# pixel to attend to, and puts a probability of {glue:text}`corner_self` on the corner pixel
 # itself, the nearest one to its target. The zero of the convolution is replaced by a copy of an image
 # pixel. The paper notes that attention keeps the image size, like a convolution with "SAME" padding
 # {cite:p}`cordonnier2020`; the experiment shows what that implicit padding is made of, and that
@@ -460,11 +466,11 @@ FIT_ALPHAS = [0.3, 0.5, 1, 2, 3, 5, 10, 20, 40]
 soft = {n: [theory.best_fit_error(conv, x_fit, n, a, centers=hard[n]["centers"])["residual"]
             for a in FIT_ALPHAS] for n in (4, 8, 9)}
 
-glue("fit8_hard", hard[8]["residual"], display=False)
-glue("fit8_bound", bound[8], display=False)
-glue("fit4_hard", hard[4]["residual"], display=False)
-glue("fit9_hard", hard[9]["residual"], display=False)
-glue("fit8_min_soft", min(soft[8]), display=False)
+glue("fit8_hard", shown(hard[8]["residual"], ".2f"), display=False)
+glue("fit8_bound", shown(bound[8], ".2f"), display=False)
+glue("fit4_hard", shown(hard[4]["residual"], ".2f"), display=False)
+glue("fit9_hard", below(hard[9]["residual"], 1e-12), display=False)  # least-squares rounding
+glue("fit8_min_soft", shown(min(soft[8]), ".2f"), display=False)
 
 # %% mystnb={"figure": {"caption": "Best least-squares fit of the 3 x 3 convolution by n quadratic heads (relative residual). Left: hard attention (alpha infinite) against the number of heads, with the Eckart-Young lower bound for any input-independent attention. Right: against alpha, for 4, 8 and 9 heads with the centres found on the left; dashed: the lower bounds.", "name": "fig-theory-heads"}}
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -485,11 +491,11 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# With all nine heads the fit is exact (residual {glue:text}`fit9_hard:.0e`). Dropping a single head
-# leaves {glue:text}`fit8_hard:.2f` of the convolution unexplained with hard attention, above the
-# lower bound {glue:text}`fit8_bound:.2f`; four heads leave {glue:text}`fit4_hard:.2f`. Making the
+# With all nine heads the fit is exact up to rounding (residual {glue:text}`fit9_hard`). Dropping a
+# single head leaves {glue:text}`fit8_hard` of the convolution unexplained with hard attention, above the
+# lower bound {glue:text}`fit8_bound`; four heads leave {glue:text}`fit4_hard`. Making the
 # heads softer does not rescue them: with eight heads, the best residual over the values of $\alpha$
-# tried is {glue:text}`fit8_min_soft:.2f`. A broader Gaussian mixes the missing shift into a head,
+# tried is {glue:text}`fit8_min_soft`. A broader Gaussian mixes the missing shift into a head,
 # but with the weights of the neighbouring shifts, not with its own filter. The $K^2$ heads of the
 # theorem are needed, not just sufficient, for a generic kernel.
 
@@ -528,9 +534,9 @@ split = WIDTH // (K * K)
 info = theory.per_head_rank_deficiency(conv_wide, split)
 glue("slice_rank", max(info["slice_ranks"]), display=False)
 glue("split_dh", split, display=False)
-glue("split_measured", measured[split - 1], display=False)
-glue("split_predicted", predicted[split - 1], display=False)
-glue("concat_measured", measured[-1], display=False)
+glue("split_measured", shown(measured[split - 1], ".0%"), display=False)
+glue("split_predicted", shown(predicted[split - 1], ".0%"), display=False)
+glue("concat_measured", below(measured[-1], 1e-13), display=False)  # rounding
 print(f"ranks of the nine kernel slices: {info['slice_ranks']}")
 
 # %% mystnb={"figure": {"caption": "Relative error of the construction (alpha = 40, float64) when every head has only D_h value dimensions, for a 3 x 3 convolution from 18 to 18 channels and nine heads: measured on random images, and predicted from the discarded singular values of the kernel slices.", "name": "fig-theory-rank"}}
@@ -551,9 +557,9 @@ plt.show()
 
 # %% [markdown]
 # The kernel slices have rank {glue:text}`slice_rank`. With split heads of dimension
-# {glue:text}`split_dh` the layer misses {glue:text}`split_measured:.0%` of the convolution
-# (predicted {glue:text}`split_predicted:.0%`); the error only vanishes once $D_h$ reaches the rank
-# of the slices, and with concatenated heads it is {glue:text}`concat_measured:.0e`
+# {glue:text}`split_dh` the layer misses {glue:text}`split_measured` of the convolution
+# (predicted {glue:text}`split_predicted`); the error only vanishes once $D_h$ reaches the rank
+# of the slices, and with concatenated heads it is {glue:text}`concat_measured`
 # ({numref}`fig-theory-rank`). This is the $\min(D_h, D_{out})$ of Theorem 1.
 
 # %% [markdown]
@@ -593,14 +599,14 @@ explorer(views, [("alpha", [f"{a:g}" for a in EXPLORE_ALPHAS]), ("centre", [str(
 #
 # - **Construction (claim 1).** Nine quadratic heads on the $3 \times 3$ shifts reproduce a
 #   $3 \times 3$ convolution with a relative error of about $4 e^{-\alpha}$
-#   ({glue:text}`err64_a10:.1e` at $\alpha = 10$, {glue:text}`err64_a20:.1e` at $\alpha = 20$ in
+#   ({glue:text}`err64_a10` at $\alpha = 10$, {glue:text}`err64_a20` at $\alpha = 20$ in
 #   float64), and exactly up to rounding once the softmax rounds to one-hot.
 # - **Border (claim 2).** Without zero padding the border pixels differ by
-#   {glue:text}`border_rel:.0%` of the output scale; the interior does not.
+#   {glue:text}`border_rel` of the output scale; the interior does not.
 # - **Heads (claim 3).** With fewer than $K^2$ heads no choice of centres, $\alpha$ or weights fits
-#   a generic kernel: eight heads leave {glue:text}`fit8_hard:.2f` of it.
+#   a generic kernel: eight heads leave {glue:text}`fit8_hard` of it.
 # - **Rank (claim 4).** Split heads of dimension $D_{out} / N_h$ lose
-#   {glue:text}`split_measured:.0%` of the convolution; concatenated heads lose nothing.
+#   {glue:text}`split_measured` of the convolution; concatenated heads lose nothing.
 #
 # The {doc}`mechanisms` chapter puts the quadratic encoding next to the other attention mechanisms
 # of the paper and the [Re].
