@@ -358,6 +358,7 @@ def test_find_run_prefers_committed_gpu_runs_and_reuses_a_finished_stand_in(tmp_
     gpu, quick = tmp_path / "book", tmp_path / "quick"
     (gpu / "paper_learned").mkdir(parents=True)
     (gpu / "paper_learned" / "atlas.pt").write_bytes(b"")
+    (gpu / "paper_learned" / "config.yaml").write_text("name: paper_learned\n")
     assert viz.find_run("paper_learned", gpu, quick) == (gpu / "paper_learned", "gpu")
     assert viz.find_run("paper_quadratic", gpu, quick, train_quick=False) == (None, None)
     done = quick / "paper_quadratic"  # a completed stand-in of the same config is reused, not retrained
@@ -368,6 +369,48 @@ def test_find_run_prefers_committed_gpu_runs_and_reuses_a_finished_stand_in(tmp_
     assert sorted(p.name for p in done.iterdir()) == ["config.yaml", "run.json"]
     table = viz.runs_table({"q": (done, "quick"), "l": (gpu / "paper_learned", "gpu")})
     assert table.count("\n") == 3 and "CPU stand-in" in table and "GPU run" in table
+
+
+def _fake_run(run_dir, name, seed, epochs_run, planned, status="completed"):
+    import json
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"name: {name}\ntrain: {{epochs: {planned}, seed: {seed}}}\n")
+    (run_dir / "run.json").write_text(json.dumps({"status": status, "seed": seed, "device": "NVIDIA H100",
+                                                  "data": {"description": "CIFAR-10 (JPEG q75 copy)"}}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epochs_run + 1)))
+    (run_dir / "atlas.pt").write_bytes(b"")
+    return run_dir
+
+
+def test_gpu_runs_match_by_config_name_and_put_the_full_lowest_seed_run_first(tmp_path):
+    short = _fake_run(tmp_path / "paper_quadratic", "paper_quadratic", 42, 30, 30)
+    s43 = _fake_run(tmp_path / "paper_quadratic_e300_s43", "paper_quadratic", 43, 300, 300)
+    s42 = _fake_run(tmp_path / "paper_quadratic_e300_s42", "paper_quadratic", 42, 300, 300)
+    broken = _fake_run(tmp_path / "zzz", "paper_quadratic", 41, 300, 300, status="interrupted")
+    _fake_run(tmp_path / "paper_quadratic_16heads", "paper_quadratic_16heads", 42, 100, 100)
+    assert viz.gpu_runs("paper_quadratic", tmp_path) == [s42, s43, short, broken]
+    assert viz.find_run("paper_quadratic", tmp_path, tmp_path / "q", train_quick=False) == (s42, "gpu")
+    assert viz.gpu_runs("paper_learned", tmp_path) == []
+
+
+def test_retitle_run_page_names_config_seed_and_schedule(tmp_path):
+    import json
+
+    run = _fake_run(tmp_path / "r", "paper_quadratic", 43, 30, 30)
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": ["# Training a model\n", "\n", "Text."]},
+                    {"cell_type": "code", "metadata": {}, "source": "x = 1", "outputs": [], "execution_count": 1}],
+          "metadata": {"papermill": {"parameters": {"seed": 1}}}, "nbformat": 4, "nbformat_minor": 5}
+    page = tmp_path / "r.ipynb"
+    page.write_text(json.dumps(nb))
+    # 30 epochs run of a config whose file says 300
+    assert viz.retitle_run_page(page, run) == "# Run: paper_quadratic, seed 43, 30 epochs (config: 300)"
+    out = json.loads(page.read_text())
+    assert "".join(out["cells"][0]["source"]) == "# Run: paper_quadratic, seed 43, 30 epochs (config: 300)\n\nText."
+    assert out["cells"][1] == nb["cells"][1] and out["metadata"] == nb["metadata"]
+    page.write_text(json.dumps({**nb, "cells": nb["cells"][1:]}))
+    with pytest.raises(ValueError, match="heading"):
+        viz.retitle_run_page(page, run)
 
 
 def test_run_label_reads_data_schedule_seed_and_device_from_the_run(tmp_path):

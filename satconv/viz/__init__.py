@@ -33,8 +33,9 @@ from .gaussian import (degenerate_heads, gaussian_mass_contours, mass_region, ma
                        plot_center_trajectories, plot_gaussian_heads, quadratic_center_maps, quadratic_parameters)
 from .irrelevance import model_query_irrelevance, plot_query_irrelevance, query_irrelevance, run_query_irrelevance
 from .maps import attention_grid, learned_position_maps, position_attention, query_attention, query_averaged_attention
-from .runs import (GPU_RUNS_DIR, QUICK_OVERRIDES, QUICK_RUNS_DIR, atlas_maps, atlas_query, find_run, load_atlas,
-                   load_snapshots, quick_config, run_info, run_label, runs_table)
+from .runs import (GPU_RUNS_DIR, QUICK_OVERRIDES, QUICK_RUNS_DIR, atlas_maps, atlas_query, find_run, gpu_runs,
+                   load_atlas, load_snapshots, quick_config, retitle_run_page, run_info, run_label, run_title,
+                   runs_table)
 
 __all__ = [
     "EXPLORER_DPI", "fig_to_png", "query_index",
@@ -43,7 +44,8 @@ __all__ = [
     "plot_gaussian_heads", "plot_center_evolution", "plot_center_trajectories", "degenerate_heads",
     "query_irrelevance", "model_query_irrelevance", "run_query_irrelevance", "plot_query_irrelevance",
     "explorer", "atlas_views", "snapshot_views",
-    "GPU_RUNS_DIR", "QUICK_RUNS_DIR", "QUICK_OVERRIDES", "quick_config", "find_run", "run_info", "run_label",
+    "GPU_RUNS_DIR", "QUICK_RUNS_DIR", "QUICK_OVERRIDES", "quick_config", "find_run", "gpu_runs", "run_info", "run_label",
+    "run_title", "retitle_run_page",
     "runs_table", "load_atlas",
     "atlas_maps", "atlas_query", "load_snapshots",
 ]

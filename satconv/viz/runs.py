@@ -33,10 +33,34 @@ def quick_config(name: str):
     return override(load(REPO_ROOT / "configs" / f"{name}.yaml", profile="quick"), list(QUICK_OVERRIDES))
 
 
+def gpu_runs(name: str, runs_dir=None) -> list[Path]:
+    """Committed GPU run directories of config ``name`` under ``runs_dir`` (``book/runs``), best first.
+
+    A run directory belongs to ``name`` when its ``config.yaml`` says ``name: <name>``, whatever the
+    folder is called (``book/runs/paper_quadratic/``, ``book/runs/paper_quadratic_e300_s42/``, ...).
+
+    Returns:
+        The directories ordered completed first, then by epochs run (most first), then by seed
+        (lowest first): the full-schedule seed-42 run of a campaign is the one figures show.
+    """
+    found = []
+    for cfg_file in sorted(Path(runs_dir or GPU_RUNS_DIR).glob("*/config.yaml")):
+        try:
+            raw = yaml.safe_load(cfg_file.read_text()) or {}
+        except (OSError, ValueError):
+            continue
+        if raw.get("name") == name:
+            info = run_info(cfg_file.parent, "gpu")
+            found.append((info["status"] != "completed", -(info["epochs_run"] or 0), info["seed"] or 0,
+                          cfg_file.parent))
+    return [run_dir for *_, run_dir in sorted(found, key=lambda t: t[:3] + (str(t[3]),))]
+
+
 def find_run(name: str, runs_dir=None, quick_dir=None, train_quick: bool = True):
     """The run directory to visualise for config ``name``: committed GPU results first.
 
-    Looks for ``book/runs/<name>/`` holding an ``atlas.pt`` or ``snapshots/`` (written by
+    Looks among :func:`gpu_runs` (``book/runs/*/`` of that config, completed and longest first,
+    then lowest seed) for one holding an ``atlas.pt`` or ``snapshots/`` (written by
     :func:`satconv.train.train` on the GPU machine).  Otherwise trains the CPU stand-in
     (:func:`quick_config`, 5-30 s on 2 cores) into ``_build/visualise_runs/<name>/``,
     or reuses it when a completed run of the same config is already there.
@@ -49,9 +73,9 @@ def find_run(name: str, runs_dir=None, quick_dir=None, train_quick: bool = True)
     Returns:
         ``(run_dir, kind)`` with ``kind`` ``"gpu"`` or ``"quick"``.
     """
-    gpu = Path(runs_dir or GPU_RUNS_DIR) / name
-    if (gpu / "atlas.pt").is_file() or (gpu / "snapshots").is_dir():
-        return gpu, "gpu"
+    for gpu in gpu_runs(name, runs_dir):
+        if (gpu / "atlas.pt").is_file() or (gpu / "snapshots").is_dir():
+            return gpu, "gpu"
     if not train_quick:
         return None, None
     cfg = quick_config(name)
@@ -120,6 +144,41 @@ def run_label(run_dir, kind: str) -> str:
         return (f"GPU run: {info['data'] or '?'}, {_epochs_text(info)}, seed {info['seed']}, "
                 f"{info['device'] or '?'}")
     return f"CPU stand-in, not a result: 'quick' profile, {info['data'] or '?'}, {_epochs_text(info)}"
+
+
+def run_title(run_dir) -> str:
+    """The title of a run's page: ``"paper_quadratic, seed 42, 30 epochs (config: 300)"``, read by :func:`run_info`."""
+    info = run_info(run_dir, "gpu")
+    return f"{info['name']}, seed {info['seed']}, {_epochs_text(info)}"
+
+
+def retitle_run_page(notebook, run_dir) -> str:
+    """Give an executed run page (``book/runs/<stem>.ipynb``) the title of its run, in place.
+
+    The training chapter's first Markdown cell starts with a generic ``# ...`` heading; papermill
+    keeps it.  This replaces that first line with ``# Run: <run_title(run_dir)>`` and leaves every
+    other cell, output and the notebook's metadata as they are (written atomically).
+
+    Returns:
+        The new heading.
+
+    Raises:
+        ValueError: the notebook has no Markdown cell starting with a ``# `` heading.
+    """
+    from ..rundir import write_text
+
+    path = Path(notebook)
+    nb = json.loads(path.read_text())
+    heading = f"# Run: {run_title(run_dir)}"
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            lines = "".join(cell["source"]).split("\n")
+            if not lines[0].startswith("# "):
+                break
+            cell["source"] = "\n".join([heading] + lines[1:]).splitlines(keepends=True)
+            write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            return heading
+    raise ValueError(f"{path}: its first Markdown cell does not start with a '# ' heading")
 
 
 def runs_table(runs: dict) -> str:
