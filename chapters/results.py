@@ -32,6 +32,7 @@
 # > training mode; numbers selected on the test set are, if anything, optimistic next to ours.
 
 # %% tags=["hide-input"]
+import datetime
 import json
 import os
 import shutil
@@ -225,7 +226,18 @@ def summarise(run_dir: Path) -> dict:
             "ref": REFERENCE["configs"].get(name, {})}
 
 
+def wall_minutes(info: dict):
+    """Minutes from a run's start to its end (``run.json``), pauses between resumptions included; None if unfinished."""
+    try:
+        start, end = (datetime.datetime.fromisoformat(info[k]) for k in ("start_time", "end_time"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (end - start).total_seconds() / 60
+
+
 runs = [summarise(d) for d in dirs]
+for r in runs:
+    r["wall_min"] = wall_minutes(r["info"])
 
 
 # %% [markdown]
@@ -272,33 +284,73 @@ display(html_table(
      "* unconfirmed against the paper PDF. Their protocols differ from ours (see the tables above)."]))
 
 # %% [markdown]
-# Runs of the same config, data set and schedule that differ only in the seed are summarised
-# below by their mean and standard deviation, when there are any.
+# ### Table 1, reproduced
+#
+# Runs of one config, data set and schedule that differ only in the seed form one row: the mean
+# and the sample standard deviation over seeds of the test accuracy, for the final weights and for
+# the best-on-validation weights. The gap to ResNet18 is taken seed by seed against ResNet18 runs
+# on the same data set (same seeds, each config on its own full schedule), and set next to the
+# paper's gap between the same two rows of its Table 1. A row of one seed has no spread, and a gap
+# read from fewer than {glue:text}`min_seeds_table:d` seeds is marked as such.
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "full-width"]
 # NBVAL_IGNORE_OUTPUT
 # (means and spreads of trained accuracies)
+glue("min_seeds_table", MIN_SEEDS, display=False)
+RESNET = ("paper_resnet18", "re_resnet18")
 groups = defaultdict(list)
 for r in runs:
     groups[(r["name"], r["data"], r["epochs_planned"], r["shrunk"])].append(r)
 
 
-def spread(values) -> str:
+def mean_sd(values) -> str:
+    """``"mean ± sd"`` in percent over the given accuracies (sd only from 2 values on); blank when none."""
     values = [100 * v for v in values if v is not None]
-    if len(values) < 2:
+    if not values:
         return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-seeded = [(key, rs) for key, rs in groups.items() if len({r["seed"] for r in rs}) > 1]
-if seeded:
-    display(html_table(
-        ["config", "data set", "epochs", "seeds", "device", "test acc, best on val (%)", "test acc, final (%)"],
-        [[name, data, epochs, ", ".join(str(r["seed"]) for r in rs), ", ".join(sorted({r["device"] for r in rs})),
-          spread(r["test_best"] for r in rs), spread(r["test_final"] for r in rs)]
-         for (name, data, epochs, _), rs in seeded]))
-else:
-    print("every config here has a single seed: no spread to show")
+def full_schedule(rs) -> bool:
+    return all(r["epochs_full"] is None or r["epochs_run"] >= r["epochs_full"] for r in rs)
+
+
+def resnet_gap(name, data, rs, key="test_final") -> str:
+    """Mean ± sd over shared seeds of (this config - ResNet18), full-schedule runs on the same data."""
+    if name in RESNET:
+        return "(reference)"
+    base = {r["seed"]: r[key] for (n, d, _, shrunk), group in groups.items() if n in RESNET and d == data
+            and not shrunk and full_schedule(group) for r in group if r[key] is not None}
+    diffs = [100 * (r[key] - base[r["seed"]]) for r in rs if r[key] is not None and r["seed"] in base]
+    if not diffs:
+        return "no ResNet18 run with these seeds"
+    text = f"{statistics.mean(diffs):+.2f}" + (f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
+    return text + f" ({len(diffs)} seed{'s' if len(diffs) > 1 else ''}{'' if len(diffs) >= MIN_SEEDS else ', too few'})"
+
+
+def paper_gap(r) -> str:
+    key = r["ref"].get("paper")
+    if key is None or key == "resnet18":
+        return ""
+    gap = paper[key]["accuracy"]["value"] - paper["resnet18"]["accuracy"]["value"]
+    mark = "" if paper[key]["accuracy"]["confirmed"] and paper["resnet18"]["accuracy"]["confirmed"] else "*"
+    return f"{gap:+.1f}{mark}"
+
+
+display(html_table(
+    ["config", "data set", "epochs", "seeds", "test acc, final (%)", "test acc, best on val (%)",
+     "gap to ResNet18, final (points)", "paper (%)", "paper's gap (points)", "device"],
+    [[name + ("" if full_schedule(rs) else " (short schedule)"), data, epochs,
+      ", ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
+      mean_sd(r["test_final"] for r in rs), mean_sd(r["test_best"] for r in rs), resnet_gap(name, data, rs),
+      ref_acc(rs[0], "paper"), paper_gap(rs[0]), ", ".join(sorted({r["device"] for r in rs}))]
+     for (name, data, epochs, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] not in RESNET, kv[0][0]))],
+    ["mean ± sample standard deviation over seeds; gap: paired by seed against full-schedule ResNet18 runs on "
+     "the same data set. * a Table 1 value not yet checked against the paper PDF.",
+     "The paper's numbers are on the original CIFAR-10; rows on the JPEG copy are compared with ResNet18 on the "
+     "JPEG copy only."]))
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
@@ -356,6 +408,35 @@ if smoke:
 plt.show()
 
 # %% [markdown]
+# ### Figure 2: test accuracy per epoch, seeds as bands
+#
+# The paper's Fig. 2 draws the test accuracy of ResNet18 and of its self-attention models over
+# training. Here each config on its full schedule is one line, the mean over its seeds of the test
+# accuracy where it was evaluated, inside a band from the lowest to the highest seed.
+
+# %% mystnb={"figure": {"caption": "Test accuracy per epoch of every config run on its full schedule: mean over seeds (line) and the range of the seeds (band), on the data set named in the legend.", "name": "fig-results-fig2"}} tags=["hide-input"]
+full_groups = [(key, rs) for key, rs in groups.items() if full_schedule(rs) and not key[3] and not rs[0]["synthetic"]]
+if full_groups:
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    for i, ((name, data, _, _), rs) in enumerate(sorted(full_groups, key=lambda kv: kv[0][0] not in RESNET)):
+        per_epoch = defaultdict(list)
+        for r in rs:
+            for m in r["metrics"]:
+                if m.get("test_acc") is not None:
+                    per_epoch[m["epoch"]].append(100 * m["test_acc"])
+        epochs = [e for e in sorted(per_epoch) if len(per_epoch[e]) == len(rs)]
+        color = palette[i % len(palette)]
+        ax.plot(epochs, [statistics.mean(per_epoch[e]) for e in epochs], "-", color=color,
+                label=f"{name} ({len(rs)} seed{'s' if len(rs) > 1 else ''}, {data})")
+        ax.fill_between(epochs, [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs],
+                        color=color, alpha=0.25, lw=0)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy over training (Fig. 2)")
+    ax.legend(fontsize=7, loc="lower right")
+    plt.show()
+else:
+    print("no config has finished its full schedule yet: Fig. 2 waits for the 300-epoch runs")
+
+# %% [markdown]
 # ## Where each run came from
 #
 # The versions, dates and commit each run recorded in its `run.json`, and the sizes of its data
@@ -367,13 +448,22 @@ plt.show()
 # NBVAL_IGNORE_OUTPUT
 # (dates, commits, versions and machine names of the runs)
 display(html_table(
-    ["config", "status", "started", "ended", "satconv", "torch", "python", "git commit", "source digest",
-     "device", "images train / val / test"],
-    [[r["name"], r["status"], r["info"].get("start_time", ""), r["info"].get("end_time", ""),
+    ["config", "seed", "status", "started", "ended", "wall time (min)", "satconv", "torch", "python", "git commit",
+     "source digest", "device", "images train / val / test"],
+    [[r["name"], r["seed"], r["status"], r["info"].get("start_time", ""), r["info"].get("end_time", ""),
+      "" if r["wall_min"] is None else f"{r['wall_min']:.1f}",
       r["info"].get("satconv", ""), r["info"].get("torch", ""), r["info"].get("python", ""),
       (r["info"].get("git_commit") or "")[:12] + ("+dirty" if (r["info"].get("git_commit") or "").endswith("+dirty")
                                                   else ""),
       r["info"].get("satconv_source", "not recorded"), r["device"], " / ".join(str(r["sizes"].get(k, "")) for k in ("train", "val", "test"))] for r in runs]))
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+# (wall times of the committed runs, pasted into the GPU results page)
+timed = [r for r in runs if r["wall_min"] is not None and not r["synthetic"]]
+glue("run_wall_times", "; ".join(
+    f"{r['name']} (seed {r['seed']}, {r['epochs_run']} epochs on {r['data']}): {r['wall_min']:.1f} min on {r['device']}"
+    for r in timed) or "none yet", display=False)
 
 # %% [markdown]
 # ## What these runs can say about the paper's claims
