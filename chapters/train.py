@@ -49,6 +49,7 @@ import platform
 import shutil
 import subprocess
 import warnings
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import torch
@@ -57,7 +58,7 @@ from IPython.display import Markdown, display
 import satconv
 from satconv.config import REPO_ROOT, resolve_path
 from satconv.models import build_model, count_parameters
-from satconv.train import read_metrics, resolve_config, train
+from satconv.train import lr_at, read_metrics, resolve_config, train
 
 on_gpu = torch.cuda.is_available() and device != "cpu"
 if profile == "auto":
@@ -128,6 +129,42 @@ for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_lr, "learning rat
 ax_loss.legend()
 ax_acc.legend()
 fig.tight_layout()
+
+# %% [markdown]
+# ## The schedule, and two differences from the original code
+#
+# **When the learning rate changes.** The original `train.py` (epfml/attention-cnn) calls
+# `scheduler.step(global_step)` once per epoch, not once per batch. Its rate is therefore constant
+# within an epoch, and since its warm-up starts from 0, the whole first epoch trains at rate 0.
+# With `train.lr_step: epoch`, which the paper's configs set, `satconv` does the same; with `step`
+# it sets the rate before every batch. The figure draws this run's rate under both settings, over
+# its first epochs and over the whole run. On a long schedule the two curves lie on top of each
+# other; on a schedule of a few epochs the per-epoch rate jumps from 0 to nearly the full rate
+# after one epoch, a warm-up in name only.
+#
+# **Training images.** `satconv` holds a validation split out of the training set and selects
+# weights on it, never on the test set; the original trained on the whole training set and kept
+# the checkpoint with the best *test* accuracy. The line under the figure gives this run's split
+# sizes. `data.val_size=0` trains on the whole training set, as the paper did.
+
+# %%
+steps_per_epoch = metrics[0]["step"] // metrics[0]["epoch"]
+total = cfg.train.epochs * steps_per_epoch
+fig, axes = plt.subplots(1, 2, figsize=(11, 3), layout="constrained")
+for ax, last in zip(axes, (min(total, 20 * steps_per_epoch), total)):
+    steps = range(0, last, max(1, last // 2000))
+    for setting, style in (("step", "-"), ("epoch", "--")):
+        t = replace(cfg.train, lr_step=setting)
+        ax.plot([s / steps_per_epoch for s in steps], [lr_at(s, steps_per_epoch, t) for s in steps], style,
+                label=f"lr_step: {setting}" + (" (this run)" if setting == cfg.train.lr_step else ""))
+    ax.set(xlabel="epoch", ylabel="learning rate")
+axes[0].set_title("first epochs")
+axes[1].set_title("whole run")
+axes[1].legend()
+plt.show()
+sizes = json.loads((run_dir / "run.json").read_text())["data"].get("sizes", {})
+print(f"{steps_per_epoch} steps of {cfg.train.batch_size} per epoch; images: "
+      + ", ".join(f"{split} {n:,}" for split, n in sizes.items()))
 
 # %% [markdown]
 # ## Final numbers
