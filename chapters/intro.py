@@ -23,6 +23,13 @@
 # or, for the long training runs, by notebooks executed on a GPU machine and committed with their
 # outputs.
 #
+# **Where the reproduction stands.** The paper's Table 1 against the runs committed so far, read
+# from them by the {doc}`results` chapter, where every run is listed with its schedule, seeds and
+# GPU:
+#
+# ```{glue} chapters/results::headline_table
+# ```
+#
 # ## What the paper claims
 #
 # Transformers {cite:p}`vaswani2017` replaced recurrence by attention in language models; in
@@ -41,7 +48,11 @@
 #    $$
 #    A^{(h)}_{q,k} = -\alpha^{(h)} \left( \lVert \delta - \Delta^{(h)} \rVert^2
 #                    - \lVert \Delta^{(h)} \rVert^2 \right),
-#    \qquad
+#    $$
+#
+#    and as the precision grows the softmax over keys becomes an indicator of the one key at the shift:
+#
+#    $$
 #    \operatorname{softmax}_k A^{(h)}_{q,k} \xrightarrow{\;\alpha^{(h)} \to \infty\;}
 #    \mathbb{1}\left[ \delta = \Delta^{(h)} \right].
 #    $$

@@ -156,10 +156,12 @@ show({"quadratic, isotropic, at initialisation": probs[0, :, CENTRE]})
 #
 # ```{math}
 # :label: eq-mech-anisotropic
+# \begin{gathered}
 # A^{(h)}_{q,k} = -\tfrac12 \bigl(\delta - \Delta^{(h)}\bigr)^\top \Sigma_h^{-1} \bigl(\delta - \Delta^{(h)}\bigr)
 # = t_h^\top r_\delta + \text{const},
-# \qquad
+# \\
 # r_\delta = \bigl(\delta_1, \delta_2, \delta_1^2, \delta_2^2, \delta_1 \delta_2\bigr),
+# \end{gathered}
 # ```
 #
 # a 5-dimensional relative encoding (term (d) of {eq}`eq-rel`) and a target vector $t_h$ per head.
@@ -208,14 +210,17 @@ show({"quadratic, anisotropic, set by hand": probs[0, :, CENTRE]})
 # > quadratic heads {cite:p}`cordonnier2020` (paraphrased).
 #
 # With row and column embedding tables $e^{row}$, $e^{col}$ indexed by the offset
-# $\delta = (\delta_1, \delta_2)$, the three variants of the reference code are
+# $\delta = (\delta_1, \delta_2)$, the three variants of the reference code, position only
+# ($w \cdot r$), query-position ($q \cdot r$) and content plus query-position
+# ($q \cdot k + q \cdot r$), are
 #
 # ```{math}
 # :label: eq-mech-learned
 # \begin{aligned}
-# \text{position only } (w \cdot r):\quad & A^{(h)}_{q,k} = w^{(h)\top}_{row}\, e^{row}_{\delta_1} + w^{(h)\top}_{col}\, e^{col}_{\delta_2}, \\
-# \text{query-position } (q \cdot r):\quad & A^{(h)}_{q,k} = \bigl(q^{(h)\top}_{q,[:D_k/2]}\, e^{row}_{\delta_1} + q^{(h)\top}_{q,[D_k/2:]}\, e^{col}_{\delta_2}\bigr) / \sqrt{D_k}, \\
-# \text{content + query-position } (q \cdot k + q \cdot r):\quad & A^{(h)}_{q,k} = \bigl(q^{(h)\top}_q k^{(h)}_k + q \cdot r\bigr) / \sqrt{D_k} .
+# w \cdot r:\quad & A^{(h)}_{q,k} = w^{(h)\top}_{row}\, e^{row}_{\delta_1} + w^{(h)\top}_{col}\, e^{col}_{\delta_2}, \\
+# q \cdot r:\quad & A^{(h)}_{q,k} = \bigl(q^{(h)\top}_{q,[:D_k/2]}\, e^{row}_{\delta_1} \\
+# & \qquad\quad + q^{(h)\top}_{q,[D_k/2:]}\, e^{col}_{\delta_2}\bigr) / \sqrt{D_k}, \\
+# q \cdot k + q \cdot r:\quad & A^{(h)}_{q,k} = \bigl(q^{(h)\top}_q k^{(h)}_k + q \cdot r\bigr) / \sqrt{D_k} .
 # \end{aligned}
 # ```
 #
@@ -248,9 +253,11 @@ show({f"learned, {variant}": p[0, :, CENTRE] for variant, p in learned.items()})
 #
 # ```{math}
 # :label: eq-mech-content
+# \begin{gathered}
 # A^{(h)}_{q,k} = \frac{\bigl(X_q W^{(h)}_{qry}\bigr) \bigl(X_k W^{(h)}_{key}\bigr)^\top}{\sqrt{D_h}},
-# \qquad
+# \\
 # \mathrm{MHSA}(\Pi X) = \Pi\, \mathrm{MHSA}(X) \text{ for every permutation } \Pi \text{ of the pixels.}
+# \end{gathered}
 # ```
 #
 # This is term (a) of {eq}`eq-rel` alone. Such a layer does not know where a pixel is: permuting
@@ -293,9 +300,11 @@ show({"content only": probs[0, :, CENTRE]})
 #
 # ```{math}
 # :label: eq-mech-hierarchical
+# \begin{gathered}
 # X^{(\ell + 1)} = \mathrm{Block}_\theta\bigl(X^{(\ell)}\bigr),
-# \qquad
+# \\
 # A^{(\ell, h)} = X^{(\ell)} W^{(h)}_{qry} W^{(h)\top}_{key} X^{(0)\top} \quad (\ell \ge 1),
+# \end{gathered}
 # ```
 #
 # so queries evolve with depth while keys stay those of the input. The encoder passes the first
@@ -408,9 +417,11 @@ show({name: p[0, :, CENTRE] for name, p in san.items()}, crop=3)
 #
 # ```{math}
 # :label: eq-mech-vit
+# \begin{gathered}
 # z_0 = \bigl[x_{class};\, x_p^1 E;\, \dots;\, x_p^{N} E\bigr] + E_{pos},
-# \qquad
+# \\
 # z_\ell = z_{\ell-1} + \mathrm{MHSA}\bigl(\mathrm{LN}(z_{\ell-1})\bigr) + \dots
+# \end{gathered}
 # ```
 #
 # The attention is content-only, {eq}`eq-mech-content`, over $N + 1$ tokens; position enters once, in

@@ -68,8 +68,10 @@ torch.set_num_threads(2)
 #
 # ```{math}
 # :label: eq-mhsa
-# \mathrm{MHSA}(X) = \operatorname*{concat}_{h \in [N_h]} \bigl[\mathrm{SA}_h(X)\bigr] W_{out} + b_{out},
-# \qquad W_{out} \in \mathbb{R}^{N_h D_h \times D_{out}},\; b_{out} \in \mathbb{R}^{D_{out}} .
+# \begin{aligned}
+# \mathrm{MHSA}(X) &= \operatorname*{concat}_{h \in [N_h]} \bigl[\mathrm{SA}_h(X)\bigr] W_{out} + b_{out},\\
+# W_{out} &\in \mathbb{R}^{N_h D_h \times D_{out}},\quad b_{out} \in \mathbb{R}^{D_{out}} .
+# \end{aligned}
 # ```
 #
 # Cutting $W_{out}$ into $N_h$ blocks of $D_h$ rows,
@@ -119,11 +121,13 @@ torch.set_num_threads(2)
 #
 # ```{math}
 # :label: eq-rel
-# A^{rel}_{q,k} =
-# \underbrace{X_q^\top W_{qry}^\top W_{key} X_k}_{\text{(a) content--content}}
-# + \underbrace{X_q^\top W_{qry}^\top \widehat{W}_{key}\, r_\delta}_{\text{(b) content--position}}
-# + \underbrace{u^\top W_{key} X_k}_{\text{(c) global content bias}}
+# \begin{aligned}
+# A^{rel}_{q,k} = {}
+# & \underbrace{X_q^\top W_{qry}^\top W_{key} X_k}_{\text{(a) content--content}}
+# + \underbrace{X_q^\top W_{qry}^\top \widehat{W}_{key}\, r_\delta}_{\text{(b) content--position}} \\
+# & + \underbrace{u^\top W_{key} X_k}_{\text{(c) global content bias}}
 # + \underbrace{v^\top \widehat{W}_{key}\, r_\delta}_{\text{(d) global position bias}} ,
+# \end{aligned}
 # ```
 #
 # with $u, v \in \mathbb{R}^{D_k}$ learned per head and $\widehat{W}_{key}$ a key matrix for
