@@ -231,6 +231,13 @@ class TrainConfig:
     atlas_images: int = non_negative(default=8)  # test images in the final attention atlas
     atlas_queries: int = non_negative(default=5)  # query pixels per image in the atlas
     out_dir: Optional[str] = None  # null: runs/<name>
+    # a run directory whose final weights (last.pt, model state only) initialise the model; the optimizer and
+    # the schedule start afresh (epfml/attention-cnn --load_checkpoint_file). Relative paths: as resolve_path
+    init_from: Optional[str] = field(default=None, metadata=_check(lambda v: v.strip() != "",
+                                                                   "must be a run directory path or null"))
+    # remove the degenerate Gaussian heads (Sigma^-1 with condition number > 1000 or largest eigenvalue < 1e-5)
+    # of the initial model, after init_from is loaded (epfml/attention-cnn --prune_degenerated_heads; satconv.prune)
+    prune_degenerate_heads: bool = False
 
 
 #: ``train.compile_mode`` values in which ``torch.compile`` captures CUDA graphs itself
@@ -393,6 +400,11 @@ def _validate(obj, data: dict, source: str, prefix: str) -> None:
         if any(b <= a for a, b in zip(obj.milestones, obj.milestones[1:])) or any(m <= 0 for m in obj.milestones):
             raise ConfigError(source, p + "milestones", list(obj.milestones),
                               "must be positive and strictly increasing")
+    if isinstance(obj, ExperimentConfig) and obj.train.prune_degenerate_heads \
+            and obj.model.attention.kind != "quadratic":
+        raise ConfigError(source, p + "train.prune_degenerate_heads", True,
+                          f"needs quadratic attention (model.attention.kind is {obj.model.attention.kind!r}): "
+                          f"only Gaussian heads can be degenerate")
     if isinstance(obj, DataConfig) and any(v <= 0 for v in obj.std):
         raise ConfigError(source, p + "std", list(obj.std), "must be > 0 in every channel (images are divided by it)")
     if isinstance(obj, DataConfig) and obj.source == "imagefolder" and obj.root is None:

@@ -19,6 +19,11 @@ A run directory (``runs/<name>/`` by default) holds::
     snapshots/epoch_XXXX.pt   per-epoch attention parameters and centre-query attention
     atlas.pt           attention probabilities of every layer for fixed test images (float16)
 
+``train.init_from`` starts a run from another run's final weights (its ``last.pt``; the optimizer and the
+schedule start afresh) and ``train.prune_degenerate_heads`` then removes the degenerate Gaussian heads
+(:mod:`satconv.prune`, the paper's pruned anisotropic run); ``run.json`` and the checkpoints record both under
+``init``, and a run resumes with the head counts its own checkpoint holds.
+
 Starting a run in a directory holding ``last.pt`` resumes it exactly: model, optimizer, step,
 every random state and the metrics so far are restored (bug B7).  One process at a time writes a run
 directory; files are replaced whole; ``run.json``'s status ends ``completed``, ``interrupted`` or ``failed``
@@ -50,7 +55,7 @@ from torch import nn
 
 from . import __version__
 from .config import (REPO_ROOT, ConfigError, ExperimentConfig, TrainConfig, apply_profile, from_dict, load, override,
-                     to_dict)
+                     resolve_path, to_dict)
 from .atlas import ATLAS_MAX_BYTES, attention_snapshot, build_atlas, load_atlas
 from .attention.base import attention_routes
 from .data import DataError, DeviceLoader, load_data, normalize
@@ -67,6 +72,12 @@ RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_ev
                     "train.compile", "train.compile_mode", "train.channels_last", "train.step_graph", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
                     "train.eval_batch_size", "data.root", "data.cache_dir", "data.device_resident"}
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+#: keys a resumable checkpoint (last.pt) must have
+RESUME_KEYS = ("format", "config", "model", "optimizer", "epoch", "step", "rng")
+#: model keys (below ``model.``) in which a ``train.init_from`` run may differ from the run it initialises:
+#: dropout rates and initialisation spreads do not change the weights' meaning
+INIT_FREE_MODEL_KEYS = {"dropout", "attention.dropout", "attention.quadratic.init_center_std",
+                        "attention.quadratic.init_spread_std"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -185,6 +196,59 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def config_diff(old: dict, cfg: ExperimentConfig, free=RESUME_FREE_KEYS) -> list[str]:
+    """``"key: old -> new"`` for every dotted key outside ``free`` in which the plain config ``old``
+    (as :func:`~satconv.config.to_dict` writes it) and ``cfg`` differ."""
+    old, new = _flat(old), _flat(to_dict(cfg))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in free and old.get(k) != new.get(k)]
+
+
+def read_init_weights(cfg: ExperimentConfig) -> tuple[dict, dict]:
+    """The final weights of the run directory ``train.init_from`` names (epfml/attention-cnn ``restore_checkpoint``).
+
+    The path resolves like other config paths (:func:`~satconv.config.resolve_path`: the current directory,
+    else the repository root).  Its ``last.pt`` is read by :class:`~satconv.rundir.Checkpoints` (an unreadable
+    one falls back to ``last.prev.pt`` with a warning); the run must have finished all its epochs, and its
+    model section must equal ``cfg.model`` except for :data:`INIT_FREE_MODEL_KEYS`.
+
+    Returns:
+        ``(state, record)``: the model state dict, and ``{"from": absolute path, "weights": file name,
+        "epoch": epochs trained}`` for ``run.json``.
+
+    Raises:
+        ConfigError: no such directory, no checkpoint in it, an unfinished run, or another model.
+        CorruptFile: its checkpoints exist but none is readable.
+    """
+    raw = cfg.train.init_from
+    where = resolve_path(raw).resolve()
+
+    def refuse(why: str):
+        return ConfigError(cfg.name, "train.init_from", raw, why)
+
+    if not where.is_dir():
+        raise refuse(f"no run directory at {where}; train that run first, or point train.init_from at where its "
+                     f"run directory is (--set train.init_from=DIR)")
+    found = Checkpoints(where).load(keys=("config", "model", "epoch"))
+    if found is None:
+        raise refuse(f"{where} holds no last.pt (not a run directory, or a run that never saved a checkpoint)")
+    ck, path = found
+    try:
+        total = int(ck["config"]["train"]["epochs"])
+        old_model = dict(ck["config"]["model"])
+    except (KeyError, TypeError, ValueError):
+        raise CorruptFile(path, "its config has no train.epochs or model section") from None
+    if ck["epoch"] < total:
+        raise refuse(f"{path} holds epoch {ck['epoch']} of {total}: that run has not finished; finish it (run its "
+                     f"config again to resume) before starting from its final weights")
+    old, new = _flat(old_model), _flat(to_dict(cfg.model))
+    diff = [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in INIT_FREE_MODEL_KEYS and old.get(k) != new.get(k)]
+    if diff:
+        raise refuse(f"the model of {path} differs from this config's ({'; '.join(diff)}); its weights do not fit")
+    return ck["model"], {"from": str(where), "weights": path.name, "epoch": int(ck["epoch"])}
 
 
 def source_digest(package_dir: str | Path | None = None) -> str:
@@ -486,6 +550,15 @@ class _Run:
         self.cfg, self.dir, self.device, self.progress = cfg, run_dir, device, progress
         t = cfg.train
         _seed_all(t.seed)
+        self.checkpoints = Checkpoints(run_dir)
+        # train.init_from / prune_degenerate_heads: the model's shape may differ from the config's, so the run's
+        # own checkpoint is read now (resume() uses it), and otherwise init_from's weights (errors before the data)
+        self.init_record: dict | None = None
+        self._found = init_state = None
+        if t.init_from is not None or t.prune_degenerate_heads:
+            self._found = self.checkpoints.load(keys=RESUME_KEYS)
+            if self._found is None and t.init_from is not None:
+                init_state, self.init_record = read_init_weights(cfg)
         data = load_data(cfg)
         if data.image_size != (cfg.model.image_size, cfg.model.image_size):
             raise ValueError(f"model.image_size={cfg.model.image_size} but the data's images are "
@@ -495,6 +568,12 @@ class _Run:
             from .models import build_model as model_factory
         self.model_factory = model_factory
         self.model = model_factory(cfg.model).to(device)
+        if self._found is not None and not config_diff(self._found[0]["config"], cfg):
+            from .prune import fit_heads_to_state  # resuming: the heads the run's checkpoint holds
+            fit_heads_to_state(self.model, self._found[0]["model"])
+            self.init_record = self._found[0].get("init")
+        elif self._found is None and (init_state is not None or t.prune_degenerate_heads):
+            self.init_record = self._initialise(init_state, self.init_record or {})
         self.cuda = device.type == "cuda"
         self.bf16 = t.precision == "bf16" and self.cuda
         self.channels_last = t.channels_last and self.cuda
@@ -519,7 +598,6 @@ class _Run:
         self.best: dict | None = None
         self.best_state: dict | None = None
         self.stop = StopSignals()
-        self.checkpoints = Checkpoints(run_dir)
         self.saved: tuple[int, int] | None = None  # (epoch, step) of the newest good checkpoint on disk
         self.phase = "train"
         self.snapshot_image = None
@@ -532,7 +610,8 @@ class _Run:
                 "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step_in_epoch, "sums": dict(self.sums), "aug_state": self.aug_state,
                 "rng": _rng_state(), "metrics": self.metrics, "best": self.best,
-                "best_model": self.best_state if self.best and self.best["epoch"] != self.epoch else None}
+                "best_model": self.best_state if self.best and self.best["epoch"] != self.epoch else None,
+                "init": self.init_record}
 
     def save_checkpoint(self) -> None:
         """Write ``last.pt`` whole, keeping the one before as ``last.prev.pt``."""
@@ -556,19 +635,70 @@ class _Run:
                                             f"{self.checkpoints.newest} (epoch {epoch + 1}, step {self.step}); "
                                             f"run again to resume")
 
+    def _initialise(self, state: dict | None, record: dict) -> dict:
+        """A fresh start's model: ``train.init_from``'s weights (``state``), then its degenerate heads pruned
+        when ``train.prune_degenerate_heads`` asks (:func:`satconv.prune.prune_degenerate_heads`).
+
+        Returns:
+            The record kept in ``run.json`` and the checkpoints under ``init``: ``record`` (where the weights
+            came from), ``heads`` (per quadratic layer, before pruning), ``loaded`` (val/test loss and accuracy
+            of the loaded weights); with pruning ``pruned_heads`` (per layer, old numbering), ``degenerate``
+            (condition number and largest eigenvalue of each pruned head's ``Sigma^-1``), ``heads_after``
+            and ``after_pruning`` (the numbers right after pruning, before any training).
+
+        Raises:
+            ConfigError: the weights do not fit the model.
+            ValueError: every head of a layer is degenerate.
+        """
+        from .prune import fit_heads_to_state, head_conditioning, head_counts, prune_degenerate_heads, quadratic_layers
+        t = self.cfg.train
+        if state is not None:
+            try:
+                fit_heads_to_state(self.model, state)  # an init run that pruned heads itself
+                self.model.load_state_dict(state)
+            except (RuntimeError, ValueError) as exc:
+                raise ConfigError(self.cfg.name, "train.init_from", t.init_from,
+                                  f"the weights of {record['from']} do not fit this model "
+                                  f"({' '.join(str(exc).split())[:400]})") from None
+        record = {**record, "heads": head_counts(self.model)}
+        bf16 = t.precision == "bf16" and self.device.type == "cuda"
+        loaders = {split: DeviceLoader(getattr(self.data, split), t.eval_batch_size, self.device, self.cfg.data.mean,
+                                       self.cfg.data.std) for split in ("val", "test") if len(getattr(self.data, split))}
+
+        def scores() -> dict:
+            out = {}
+            for split, loader in loaders.items():
+                out[f"{split}_loss"], out[f"{split}_acc"] = evaluate_model(self.model, loader, bf16)
+            return out
+
+        if state is not None:
+            record["loaded"] = scores()
+        if t.prune_degenerate_heads:
+            stats = {name: head_conditioning(m) for name, m in quadratic_layers(self.model).items()}
+            pruned = prune_degenerate_heads(self.model)
+            finite = lambda v: float(v) if math.isfinite(float(v)) else "inf"  # noqa: E731 -- JSON has no inf
+            record["pruned_heads"] = pruned
+            record["degenerate"] = {name: {str(h): {"cond": finite(stats[name][0][h]),
+                                                    "largest_eig": float(stats[name][1][h])} for h in heads}
+                                    for name, heads in pruned.items() if heads}
+            record["heads_after"] = head_counts(self.model)
+            if state is not None:
+                record["after_pruning"] = scores() if any(pruned.values()) else dict(record["loaded"])
+            log.info("pruned degenerate heads: %s", {k: v for k, v in pruned.items() if v} or "none")
+        return record
+
     def _save_best(self, state: dict) -> None:
         save_torch({"model": state, **self.best, "config": to_dict(self.cfg)}, self.dir / "best.pt")
 
     def resume(self) -> bool:
         """Restore ``last.pt`` (``last.prev.pt`` when it is unreadable) if present; rewrite metrics.jsonl and
         best.pt to match it."""
-        found = self.checkpoints.load(keys=("format", "config", "model", "optimizer", "epoch", "step", "rng"))
+        found = self._found if self._found is not None else self.checkpoints.load(keys=RESUME_KEYS)
+        self._found = None
         if found is None:
             return False
         ck, path = found
-        old, new = _flat(ck["config"]), _flat(to_dict(self.cfg))
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+        diff = config_diff(ck["config"], self.cfg)
         if diff:
             raise ValueError(f"{self.dir} holds a checkpoint of a different config ({'; '.join(diff)}); "
                              f"resume with the same config, or choose another output directory (--out)")
@@ -845,6 +975,8 @@ class _Run:
                                                    "previous_status": previous, "device": _device_name(self.device),
                                                    "torch": torch.__version__, "satconv_source": source_digest()})
         info["status"] = status
+        if self.init_record is not None:
+            info["init"] = self.init_record
         for key in ("end_time", "error", "signal"):  # of an earlier attempt's end
             info.pop(key, None)
         info.update(extra)
@@ -944,6 +1076,8 @@ def load_model(run_dir: str | Path, weights: str = "best", device: str | torch.d
     if model_factory is None:
         from .models import build_model as model_factory
     model = model_factory(cfg.model)
+    from .prune import fit_heads_to_state
+    fit_heads_to_state(model, ck["model"])  # a run that pruned heads (train.prune_degenerate_heads)
     model.load_state_dict(ck["model"])
     return model.to(device).eval(), {"weights": weights, "epoch": ck["epoch"]}
 
