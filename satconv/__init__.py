@@ -2,6 +2,7 @@
 
 Modules: :mod:`satconv.attention` (mechanisms), :mod:`satconv.models`, :mod:`satconv.theory`
 (conv -> attention), :mod:`satconv.config`, :mod:`satconv.data`, :mod:`satconv.train`,
-:mod:`satconv.viz`, :mod:`satconv.timing`, :mod:`satconv.dropout` (the models' dropout).
+:mod:`satconv.viz`, :mod:`satconv.timing`, :mod:`satconv.dropout` (the models' dropout),
+:mod:`satconv.report` (the chapters' glued numbers, as text that reads the same on every CPU).
 """
 __version__ = "0.1.0"
