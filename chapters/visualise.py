@@ -70,6 +70,7 @@ torch.set_num_threads(2)
 CONFIGS = {"quadratic": "paper_quadratic", "learned": "paper_learned",
            "learned + content": "paper_learned_content"}
 OPTIONAL = {"quadratic, anisotropic": "paper_quadratic_anisotropic",
+            "quadratic, anisotropic, pruned": "paper_quadratic_anisotropic_pruned",
             "quadratic, 16 heads": "paper_quadratic_16heads"}  # shown only when committed
 runs = {label: viz.find_run(name) for label, name in CONFIGS.items()}
 runs |= {label: run for label, name in OPTIONAL.items() if (run := viz.find_run(name, train_quick=False))[0]}
@@ -181,19 +182,21 @@ fig = viz.plot_center_trajectories(quadratic, layer=layer, suptitle=f"quadratic:
 # %% [markdown]
 # **Anisotropic heads** (claim 13). The generalised quadratic encoding gives each head a full
 # covariance; the paper finds elongated Gaussians, and heads whose covariance degenerates
-# (condition number above 1000 or largest eigenvalue below $10^{-5}$), which it prunes. This
-# appears when the anisotropic GPU run is committed.
+# (condition number above 1000 or largest eigenvalue below $10^{-5}$), which it prunes and then
+# trains for 100 more epochs (`paper_quadratic_anisotropic_pruned`, from the anisotropic run's final
+# weights). The heads before pruning, and the heads left after it at the end of the continuation,
+# appear when those GPU runs are committed.
 
 # %%
-if "quadratic, anisotropic" in snapshots:
-    last = snapshots["quadratic, anisotropic"][-1]
-    fig = viz.plot_gaussian_heads(last, side=atlases["quadratic, anisotropic"]["grid"][0][1],
-                                  suptitle=f"quadratic, anisotropic, epoch {last['epoch']}\n"
-                                           + source["quadratic, anisotropic"])
-    degenerate = viz.degenerate_heads(last["centers"], last["spreads"])
-    print("degenerate heads per layer:", degenerate.sum(1).tolist())
-else:
-    print("no anisotropic run is committed yet")
+for label in ("quadratic, anisotropic", "quadratic, anisotropic, pruned"):
+    if label in snapshots:
+        last = snapshots[label][-1]
+        fig = viz.plot_gaussian_heads(last, side=atlases[label]["grid"][0][1],
+                                      suptitle=f"{label}, epoch {last['epoch']}\n" + source[label])
+        degenerate = viz.degenerate_heads(last["centers"], last["spreads"])
+        print(f"{label}: degenerate heads per layer:", degenerate.sum(1).tolist())
+    else:
+        print(f"no '{label}' run is committed yet")
 
 # %% [markdown]
 # ## Learned relative encoding without content: Fig. 5

@@ -146,15 +146,16 @@ def run_state(out: Path, spec: Spec) -> str:
     return "stale" if status == "completed" else "new"
 
 
-def finish_run(notebook: Path, run_dir: Path) -> str:
-    """Remove a finished run's checkpoints (every top-level ``*.pt`` but ``atlas.pt``), drop its notebook's
-    jupytext metadata and retitle the page (:func:`satconv.viz.retitle_run_page`); returns the heading.
-    A notebook that needs neither is left untouched."""
+def finish_run(notebook: Path, run_dir: Path, keep_checkpoints: bool = False) -> str:
+    """Remove a finished run's checkpoints (every top-level ``*.pt`` but ``atlas.pt``; kept with
+    ``keep_checkpoints``, e.g. for a later run's ``train.init_from``; :func:`pack` leaves them out anyway),
+    drop its notebook's jupytext metadata and retitle the page (:func:`satconv.viz.retitle_run_page`);
+    returns the heading.  A notebook that needs neither is left untouched."""
     from .rundir import write_text
     from .viz import retitle_run_page, run_title
 
     for path in Path(run_dir).glob("*.pt"):
-        if path.name != KEPT_PT:
+        if path.name != KEPT_PT and not keep_checkpoints:
             path.unlink()
     nb = json.loads(Path(notebook).read_text())
     if nb.get("metadata", {}).pop("jupytext", None) is not None:
@@ -218,7 +219,7 @@ def _say(text: str) -> None:
 
 
 def run_campaign(specs: list[Spec], out: Path, data: str, common: str = "", profile: str = "",
-                 grace: float = 60.0, dry_run: bool = False) -> int:
+                 grace: float = 60.0, dry_run: bool = False, keep_checkpoints: bool = False) -> int:
     """Run the specs in order (module docstring); returns the exit code.  A SIGINT or SIGTERM raised as
     :class:`~satconv.rundir.Interrupted` (:func:`main`'s handlers) stops the current run and returns 128+signum."""
     from .rundir import CorruptFile, Interrupted, RunDirBusy, RunLock, run_status
@@ -267,7 +268,7 @@ def run_campaign(specs: list[Spec], out: Path, data: str, common: str = "", prof
                     _say(f"{tag}: FAILED after {wall:.1f} min, exit {rc}, run.json status {status}; see {log}{nxt}")
                     continue
             try:  # also for a run completed earlier, in case its runner was stopped before this
-                title = finish_run(nb, run_dir)
+                title = finish_run(nb, run_dir, keep_checkpoints)
             except Exception as exc:  # noqa: BLE001 (the next spec still runs)
                 failed.append(spec.name)
                 _say(f"{tag}: completed, but tidying it up failed ({type(exc).__name__}: {exc}){nxt}")
@@ -401,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="", help="'quick': CPU smoke runs only (default: as configured)")
     r.add_argument("--grace", type=float, default=60.0, help="seconds a stopped run gets to checkpoint")
     r.add_argument("--dry-run", action="store_true", help="check the specs and print the commands")
+    r.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's last.pt (for a later spec's train.init_from=<out>/<name>)")
     s = sub.add_parser("status", help="one line per run directory")
     k = sub.add_parser("pack", help="archive the completed runs without checkpoints")
     k.add_argument("--max-mib", type=float, default=60.0)
@@ -423,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             specs = validate(a.specs, data, a.overrides, a.profile)
             old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
-                return run_campaign(specs, a.out.resolve(), data, a.overrides, a.profile, a.grace, a.dry_run)
+                return run_campaign(specs, a.out.resolve(), data, a.overrides, a.profile, a.grace, a.dry_run,
+                                    a.keep_checkpoints)
             finally:
                 for sig, handler in old.items():
                     signal.signal(sig, handler)

@@ -237,6 +237,18 @@ def test_run_tidies_a_completed_run_and_refuses_a_stale_one(tmp_path, monkeypatc
     assert heading.startswith("# Run: paper_resnet18, seed 1, 3 epochs of 10") and rest == "\ntext"
 
 
+def test_keep_checkpoints_leaves_last_pt_for_a_later_init_from(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(campaign, "papermill_command", lambda *a, **k: pytest.fail("must not start papermill"))
+    out = tmp_path / "runs"
+    done = fake_run(out, "paper_resnet18_e10_s1")
+    assert main(["run", "--data", "synthetic", "--out", str(out), "--keep-checkpoints", "paper_resnet18:1:10"]) == 0
+    assert sorted(p.name for p in done.glob("*.pt")) == sorted(["atlas.pt", "best.pt", "last.pt", "last.prev.pt"])
+    assert "# Run: paper_resnet18" in "".join(json.loads((out / "paper_resnet18_e10_s1.ipynb").read_text())
+                                               ["cells"][0]["source"])
+    assert main(["run", "--data", "synthetic", "--out", str(out), "paper_resnet18:1:10"]) == 0  # now tidied
+    assert sorted(p.name for p in done.glob("*.pt")) == ["atlas.pt"]
+
+
 # --- pack and install ---------------------------------------------------------------------------
 def _members(archive):
     with tarfile.open(archive) as tar:
