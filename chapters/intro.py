@@ -27,7 +27,8 @@
 # from them by the {doc}`results` chapter, where every run is listed with its schedule, seeds and
 # GPU:
 #
-# ```{glue} chapters/results::headline_table
+# ```{glue} headline_table
+# :doc: /chapters/results.py
 # ```
 #
 # ## What the paper claims

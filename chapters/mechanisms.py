@@ -511,9 +511,10 @@ show({"SASA, 7 x 7": probs[0, :, CENTRE]}, crop=5)
 # ```{math}
 # :label: eq-mech-fcvit
 # \begin{aligned}
-# s_{h,i} &= \operatorname{standardise}\bigl(\langle x_{h,i}, g_h \rangle / \sqrt{d_h}\bigr)\, w_h + b_h,
-# \qquad \mathrm{GC}(x)_{h,i} = s_{h,i}\, \mathrm{MLP}(g)_h, \\
-# x &\leftarrow x + \mathrm{GC}(x), \qquad x \leftarrow \mathrm{GELU}\bigl(\mathrm{fc}(\mathrm{DWConv}_{11 \times 11}(x))\bigr),
+# s_{h,i} &= \operatorname{standardise}\bigl(\langle x_{h,i}, g_h \rangle / \sqrt{d_h}\bigr)\, w_h + b_h, \\
+# \mathrm{GC}(x)_{h,i} &= s_{h,i}\, \mathrm{MLP}(g)_h, \\
+# x &\leftarrow x + \mathrm{GC}(x), \\
+# x &\leftarrow \mathrm{GELU}\bigl(\mathrm{fc}(\mathrm{DWConv}_{11 \times 11}(x))\bigr),
 # \end{aligned}
 # ```
 #

@@ -285,3 +285,44 @@ def test_math_renders(visit, docname):
     errors = v.page.locator("mjx-merror").all_inner_texts()
     assert not errors, f"{docname}: MathJax errors: {errors}"
     assert not v.external, f"{docname}: requests left 127.0.0.1: {v.external}"
+
+
+# Nothing is clipped or runs into the margin: a display equation fits the text column whole (a reader
+# should not have to scroll an equation: long ones are split over lines), and a table wider than the
+# column scrolls inside it (book/static/satconv.css). Cells tagged full-width may use the margin.
+_OVERFLOW = """() => {
+  const article = document.querySelector('main article') || document.querySelector('article');
+  const column = article.getBoundingClientRect();
+  const over = [];
+  for (const el of article.querySelectorAll('mjx-container[display="true"], table')) {
+    if (el.getBoundingClientRect().width === 0 || el.closest('.tag_full-width')) continue;
+    const what = `${el.tagName} ${el.textContent.slice(0, 50)}`;
+    if (el.tagName !== 'TABLE') {
+      const drawn = (el.querySelector('svg') || el).getBoundingClientRect();
+      if (drawn.width > Math.min(el.clientWidth, column.width) + 1)
+        over.push(`equation ${Math.round(drawn.width)} px wide in ${Math.round(el.clientWidth)} px: ${what}`);
+      continue;
+    }
+    let box = el;  // what the reader sees: the nearest element that scrolls sideways, or the table
+    for (let e = el; e && e !== article; e = e.parentElement) {
+      if (['auto', 'scroll'].includes(getComputedStyle(e).overflowX)) { box = e; break; }
+    }
+    const right = box.getBoundingClientRect().right;
+    if (right > column.right + 1) over.push(`table ${Math.round(right - column.right)} px past the column: ${what}`);
+  }
+  return over;
+}"""
+
+
+@pytest.mark.parametrize("docname", PAGES)
+def test_nothing_wider_than_the_text_column(visit, docname):
+    v = visit(docname)
+    if v.page.locator(".math").count():
+        v.wait_for_math()
+    over = {}
+    for width in (VIEWPORT["width"], 1280):  # 1280: a laptop, where the page's table of contents takes a column
+        v.page.set_viewport_size({"width": width, "height": VIEWPORT["height"]})
+        v.page.wait_for_timeout(200)
+        if found := v.page.evaluate(_OVERFLOW):
+            over[width] = found
+    assert not over, f"{docname}: clipped or past the text column (by viewport width): {over}"
