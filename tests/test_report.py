@@ -83,3 +83,11 @@ def test_shown_refuses_non_finite_values(value):
 def test_shown_refuses_bad_rtol(rtol):
     with pytest.raises(ValueError, match="rtol"):
         shown(1.0, ".2f", rtol=rtol)
+
+
+# ------------------------------------------------------------------ in the book
+def test_glued_text_is_pasted_as_it_is():
+    """glue() stores the text's repr as text/plain; the glue:text role without a format spec pastes the text."""
+    variables = pytest.importorskip("myst_nb.core.variables")
+    for text in (below(4.4e-16, 1e-13), shown(0.9234142935765134, ".0%"), shown(1.5049e-08, ".1e")):
+        assert variables.format_plain_text(repr(text), "s") == text
