@@ -97,7 +97,7 @@ unit: setup
 # differently from each other, as a fresh clone on another x86-64 or arm64 CPU does. Every pass checks every
 # chapter: the CPU-dependent outputs are not confined to the numerical chapters (visualise trains its CPU
 # stand-ins and prints their scores, train and timing compute on the CPU), a list of chapters would have to
-# be kept up to date by hand, and the two passes take about 3 and 9 minutes here (2 CPUs), so `make test`
+# be kept up to date by hand, and the two passes take about 4 and 7 minutes here (2 CPUs), so `make test`
 # stays well within CI's 90 minutes. Each pass first removes the visualise chapter's stand-in runs
 # (_build/visualise_runs, which it trains on first use and reuses after), so that it trains them under its
 # own kernels, as a fresh clone does. A capability this CPU lacks is skipped with a note: PyTorch obeys
