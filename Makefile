@@ -4,7 +4,7 @@
 #   make test      unit tests, strict nbval on chapters/*.ipynb (per CPU kernel set), the book, the browser test
 #   make sync      jupytext --sync chapters/*.py, then re-execute each paired .ipynb in place (CPU);
 #                  CHAPTERS="chapters/a.py" limits it to some chapters
-#   make gpu-runs CONFIGS="configs/a.yaml configs/b.yaml" GPU_DATA=/path/to/images GPU_OVERRIDES="train.epochs=30 ..."
+#   make gpu-runs RUNS="paper_resnet18:42:300 paper_quadratic:43:300" GPU_DATA=/path/to/images
 #                  papermill chapters/train.ipynb per config into book/runs/<stem>.ipynb and its artifacts into
 #                  book/runs/<stem>/ (checkpoints removed); on the GPU machine, with the python found on PATH
 #   make gpu-bench GPU_DATA=/path/to/images   the timing chapter's GPU figures into book/bench/
@@ -29,10 +29,12 @@ CHAPTERS ?= $(CHAPTERS_PY)
 CHAPTERS_NB := $(sort $(wildcard chapters/*.ipynb))
 STAMP := $(VENV)/.installed
 VENDOR := _static_vendor/widgets/embed-amd.js
-CONFIGS ?=
-# gpu-runs: the image-folder root of the data ("" = the config's own source) and dotted overrides
+# gpu-runs: config:seed:epochs[:key=value,...] per run, the image-folder root of the data ("" = the
+# config's own source), the overrides of every run, and where the runner keeps its runs (git-ignored)
+RUNS ?=
 GPU_DATA ?=
 GPU_OVERRIDES ?= train.precision=bf16 train.compile=true train.eval_batch_size=100
+GPU_RUNS_DIR ?= runs/gpu
 PACKAGE_SRC := $(shell find satconv -name '*.py' 2>/dev/null)
 EXEC_STAMP := _build/.satconv-sources.stamp
 NBVAL_SANITIZE := nbval_sanitize.cfg
@@ -155,22 +157,15 @@ sync: setup
 	  $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; \
 	done
 
-# On the GPU machine: one executed training notebook per config, rendered by the book as is.
-# Uses papermill and jupytext from PATH (the venv's when there is one); needs chapters/train.ipynb.
+# On the GPU machine: one executed training notebook per run (satconv.campaign: one run at a time, each
+# resumed if it was stopped, checkpoints removed, page titled by config, seed and schedule), then the
+# finished runs installed into book/runs/, rendered by the book as they are. Uses papermill from the
+# python on PATH (the venv's when there is one).
 gpu-runs:
-	@test -n "$(strip $(CONFIGS))" || { echo 'usage: make gpu-runs CONFIGS="configs/a.yaml configs/b.yaml"'; exit 2; }
-	@test -f chapters/train.ipynb || { echo "chapters/train.ipynb is missing: run make sync"; exit 2; }
-	mkdir -p book/runs
-	for cfg in $(CONFIGS); do \
-	  test -f "$$cfg" || { echo "no such config: $$cfg"; exit 2; }; \
-	  stem="$$(basename "$$cfg" .yaml)"; out="book/runs/$$stem.ipynb"; \
-	  echo "papermill chapters/train.ipynb $$out -p config $$cfg (data $(GPU_DATA), overrides: $(GPU_OVERRIDES))"; \
-	  papermill chapters/train.ipynb "$$out" -k python3 -p config "$$cfg" -r profile "" -r data "$(GPU_DATA)" \
-	    -r output_dir "book/runs/$$stem" -r overrides "$(GPU_OVERRIDES)"; \
-	  jupytext --update-metadata '{"jupytext": null}' "$$out"; \
-	  rm -f "book/runs/$$stem/last.pt" "book/runs/$$stem/best.pt"; \
-	done
-	@echo "now list each book/runs/<stem> in _toc.yml under 'GPU results' and commit the notebooks"
+	@test -n "$(strip $(RUNS))" || { echo 'usage: make gpu-runs RUNS="paper_resnet18:42:300 ..." GPU_DATA=DIR'; exit 2; }
+	$(PYTHON) -m satconv.campaign run --data "$(GPU_DATA)" --out $(GPU_RUNS_DIR) --overrides "$(GPU_OVERRIDES)" $(RUNS)
+	$(PYTHON) -m satconv.campaign pack --out $(GPU_RUNS_DIR) $(GPU_RUNS_DIR)/finished.tar.gz
+	$(PYTHON) -m satconv.campaign install --replace $(GPU_RUNS_DIR)/finished.tar.gz
 
 # On the GPU machine, before any figure: the unit tests there, where the CUDA-only ones run (bf16 and
 # compile tolerances, the sdpa route's fused kernel, the whole-step CUDA graph against eager steps, the
