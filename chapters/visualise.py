@@ -46,6 +46,7 @@ import torch
 from IPython.display import Markdown, display
 
 from satconv import viz
+from satconv.report import shown
 
 torch.manual_seed(0)
 np.random.seed(0)
@@ -128,9 +129,16 @@ for label in ("quadratic", "learned + content"):
 # %%
 peaks = {label: {protocol: float(viz.atlas_maps(atlases[label], protocol)[0].max(-1).mean())
                  for protocol in ("centre_mean", "query_mean")} for label in ("quadratic", "learned + content")}
+def figure(label: str, value: float) -> str:
+    """A GPU run's number, two decimals: read from its committed atlas, it changes between machines only by
+    the summation order of a float32 mean, far below the checked relative 1e-5. A CPU stand-in's is not
+    printed: it depends on the machine's arithmetic through its training, and its maps are not results."""
+    return shown(value, ".2f", rtol=1e-5) if kind[label] == "GPU run" else "n/a"
+
+
 for label, p in peaks.items():
-    print(f"{label:18s} fixed query, mean of images: {p['centre_mean']:.2f}   "
-          f"one image, mean of queries: {p['query_mean']:.2f}   ({kind[label]})")
+    print(f"{label:18s} fixed query, mean of images: {figure(label, p['centre_mean'])}   "
+          f"one image, mean of queries: {figure(label, p['query_mean'])}   ({kind[label]})")
 
 # %% [markdown]
 # The paper's Fig. 6 is the first protocol for every layer. Heads whose map stays a compact blob
@@ -235,13 +243,12 @@ fig = viz.learned_position_maps(learned["centre_probs"], side=atlases["learned"]
 # GPU runs and which CPU stand-ins.
 
 # %%
-scores = {f"{label} ({kind[label]})": viz.run_query_irrelevance(run_dir, atlases[label])
-          for label, (run_dir, _) in runs.items()}
-fig = viz.plot_query_irrelevance({k: s["raw"] for k, s in scores.items()},
-                                 aligned={k: s["aligned"] for k, s in scores.items()})
+scores = {label: viz.run_query_irrelevance(run_dir, atlases[label]) for label, (run_dir, _) in runs.items()}
+fig = viz.plot_query_irrelevance({f"{k} ({kind[k]})": s["raw"] for k, s in scores.items()},
+                                 aligned={f"{k} ({kind[k]})": s["aligned"] for k, s in scores.items()})
 for label, s in scores.items():
-    print(f"{label:38s} raw {s['raw'].mean():.2f}   query-centred {s['aligned'].mean():.2f}   "
-          f"(from the {s['source']}, {len(s['raw'])} layers)")
+    print(f"{label + ' (' + kind[label] + ')':38s} raw {figure(label, s['raw'].mean())}   "
+          f"query-centred {figure(label, s['aligned'].mean())}   (from the {s['source']}, {len(s['raw'])} layers)")
 
 # %% [markdown]
 # Position-only layers (quadratic, learned) give every query the same *shifted* map, up to the
