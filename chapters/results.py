@@ -465,7 +465,7 @@ else:
 # ## Where each run came from
 #
 # The versions, dates and commit each run recorded in its `run.json`, and the sizes of its data
-# splits. The source digest (`satconv.train.source_digest`, a hash of the package's Python files) names
+# splits. The source digest (`satconv.provenance.source_digest`, a hash of the package's Python files) names
 # the code a run executed even where the GPU machine's copy of the checkout carried a stale git history
 # (a commit marked `+dirty`); runs made before it was recorded say so.
 

@@ -35,7 +35,7 @@ import sys
 import torch
 
 import satconv
-from satconv.train import source_digest
+from satconv.provenance import source_digest
 
 print(f"python   {sys.version.split()[0]} ({platform.python_implementation()})")
 print(f"platform {platform.platform()}")

@@ -120,7 +120,7 @@ def compile_of(row):
 
 def mixed_order(row) -> bool:
     """Whether a compiled row ran inductor's mixed-order LayerNorm reduction (torch's default; satconv now
-    compiles with it off, `satconv.train.INDUCTOR_OPTIONS`)."""
+    compiles with it off, `satconv.steps.INDUCTOR_OPTIONS`)."""
     return bool((row.get("inductor") or {}).get("triton.mix_order_reduction"))
 
 
@@ -419,7 +419,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   and the backward pass separately; the loss, the optimiser step and the bookkeeping between them stay
 #   on the host, and a small network such as ResNet18, whose kernels of a step are over quickly, waits on
 #   it. `train.step_graph: true` captures forward, loss, backward and the fused SGD step in one graph
-#   (`satconv.train.CapturedStep`) after a few eager steps, and each later step copies the batch in and
+#   (`satconv.steps.CapturedStep`) after a few eager steps, and each later step copies the batch in and
 #   replays it. The learning rate of the schedule reaches the replays through a one-element tensor that
 #   the captured optimiser step reads; a batch of another shape (an epoch's last) runs eagerly. The
 #   ResNet18 config turns it on (`configs/paper_resnet18.yaml`); compare its two `paper_resnet18` rows in
@@ -433,7 +433,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   (a reduction along each row) and its weight gradient (a reduction down the columns) in one
 #   "mixed-order" kernel. On the H200 those kernels ran several times slower than the bytes they move
 #   would take, so satconv compiles with `triton.mix_order_reduction` off
-#   (`satconv.train.compile_options`, used by training and by the benchmark; setting
+#   (`satconv.steps.compile_options`, used by training and by the benchmark; setting
 #   `TORCHINDUCTOR_MIX_ORDER_REDUCTION` leaves the choice to inductor). The kernel breakdown below shows
 #   the same models with and without it.
 # - **The block's dense layer folded into $W_{out}$.** The encoder block applies its `dense` layer right
@@ -469,7 +469,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # - **Inductor's comprehensive padding off.** Inductor pads the row stride of long rows in the buffers it
 #   lays out; the padded folded-query buffer is not contiguous, so `addmm` copied the broadcast query bias
 #   into it instead of adding the bias in cuBLASLt's epilogue. satconv compiles with the padding off
-#   (`satconv.train.INDUCTOR_OPTIONS`); the rows with it on and off are compared below.
+#   (`satconv.steps.INDUCTOR_OPTIONS`); the rows with it on and off are compared below.
 #
 # Tried and dropped, because they measured no faster on the H200: applying $W_{out}$ before the shared
 # probabilities through `torch.matmul` (whose 2-D by 3-D product, when gradients are recorded, transposes and
@@ -930,7 +930,7 @@ else:
 # folded-query buffer, $(B N, N_h D)$, then has a padded stride: it is no longer contiguous, so `addmm`
 # cannot add the query bias in cuBLASLt's epilogue and first copies the broadcast bias into the whole
 # buffer, one slow strided copy per layer (found with the profiler: aten `direct_copy_kernel` calls under
-# `aten::addmm`). satconv compiles with the padding off (`satconv.train.INDUCTOR_OPTIONS`; setting
+# `aten::addmm`). satconv compiles with the padding off (`satconv.steps.INDUCTOR_OPTIONS`; setting
 # `TORCHINDUCTOR_COMPREHENSIVE_PADDING` leaves it to inductor). The rows below pair each model with the
 # padding on (inductor's default; rows whose `inductor` settings do not record it ran before satconv set
 # it) and off (`book/bench/h200_padding.jsonl`).

@@ -8,7 +8,7 @@
 Exit codes: 0 success, 1 the run failed (NaN loss, out of memory, unreadable data or checkpoint, disk full),
 2 bad arguments or config (with a usage message) or a run directory another process is writing, 130 (SIGINT)
 or 143 (SIGTERM) interrupted (a checkpoint was written; run again to resume).
-``SATCONV_DATA_ROOT`` overrides ``data.root``.
+``SATCONV_DATA_ROOT`` replaces the config file's ``data.root``; ``--set data.root=DIR`` wins over both.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 EPILOG = ("--set takes any dotted config key, e.g. --set train.epochs=2 --set data.source=imagefolder "
-          "--set data.root=DIR (SATCONV_DATA_ROOT overrides data.root). A directory holding last.pt is resumed.")
+          "--set data.root=DIR (command line over environment over file: --set data.root beats SATCONV_DATA_ROOT, which beats the file). A directory holding last.pt is resumed.")
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -78,7 +78,8 @@ def _train(args, parser) -> int:
     from .config import ConfigError
     from .data import DataError
     from .rundir import RunDirBusy, RunDirError
-    from .train import NonFiniteLoss, OutOfMemory, resolve_config, train
+    from .experiment import resolve_config
+    from .train import NonFiniteLoss, OutOfMemory, train
 
     try:
         cfg = resolve_config(args.config, args.overrides, args.profile)
@@ -119,7 +120,7 @@ def _interrupted_at_start_up(cfg=None, out: str | None = None) -> str:
     if cfg is None:
         return "interrupted during start-up; nothing was written"
     try:
-        from .train import run_dir_for
+        from .experiment import run_dir_for
         last = run_dir_for(cfg, out) / "last.pt"
         resumable = last.is_file()
     except Exception:  # noqa: BLE001 -- only the wording depends on it
@@ -132,7 +133,7 @@ def _interrupted_at_start_up(cfg=None, out: str | None = None) -> str:
 def _eval(args, parser) -> int:
     from .data import DataError
     from .rundir import RunDirError
-    from .train import evaluate
+    from .evaluation import evaluate
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():

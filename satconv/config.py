@@ -175,7 +175,7 @@ class DataConfig:
     """Where images come from and how they are split."""
 
     source: Literal["cifar10", "imagefolder", "synthetic"] = "cifar10"
-    root: Optional[str] = None  # data directory; SATCONV_DATA_ROOT overrides; null: ~/.cache/satconv
+    root: Optional[str] = None  # data directory (SATCONV_DATA_ROOT replaces the file's; --set wins); null: ~/.cache/satconv
     cache_dir: Optional[str] = None  # decoded uint8 tensor cache; null: <root>/.satconv-cache
     val_size: int = non_negative(default=5000)  # held out of train, stratified, seeded
     train_subset: Optional[int] = positive(default=None)  # use only this many training images
@@ -408,7 +408,7 @@ def _validate(obj, data: dict, source: str, prefix: str) -> None:
     if isinstance(obj, DataConfig) and any(v <= 0 for v in obj.std):
         raise ConfigError(source, p + "std", list(obj.std), "must be > 0 in every channel (images are divided by it)")
     if isinstance(obj, DataConfig) and obj.source == "imagefolder" and obj.root is None:
-        pass  # SATCONV_DATA_ROOT may still provide it; satconv.data raises if neither does
+        pass  # SATCONV_DATA_ROOT may still provide it (satconv.experiment); satconv.data raises if neither does
 
 
 def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
@@ -425,6 +425,15 @@ def to_dict(cfg) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
     return plain(dataclasses.asdict(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested plain config (as :func:`to_dict` returns it) as ``{"train.lr": 0.1, ...}``: dotted keys,
+    the nested dicts' leaves as values."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -576,5 +585,5 @@ def config_keys(cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, 
 
 __all__ = ["ConfigError", "ExperimentConfig", "ModelConfig", "TrainConfig", "DataConfig", "AugmentConfig",
            "AttentionConfig", "QuadraticOptions", "LearnedRelativeOptions", "LocalOptions", "FCViTOptions",
-           "ViTOptions", "load", "from_dict", "to_dict", "override", "apply_profile", "PROFILES", "config_keys",
+           "ViTOptions", "load", "from_dict", "to_dict", "flatten", "override", "apply_profile", "PROFILES", "config_keys",
            "resolve_path", "REPO_ROOT", "replace"]

@@ -99,9 +99,12 @@ class DataBundle:
 # Locations and the cache
 # ---------------------------------------------------------------------------------------------
 def resolve_root(data: DataConfig) -> Path:
-    """The data directory: ``$SATCONV_DATA_ROOT``, else ``data.root``, else ``~/.cache/satconv``."""
-    env = os.environ.get("SATCONV_DATA_ROOT")
-    root = env or data.root or DEFAULT_ROOT
+    """The data directory: ``data.root``, else ``~/.cache/satconv``.
+
+    ``$SATCONV_DATA_ROOT`` is applied to ``data.root`` by :func:`satconv.experiment.resolve_config`
+    (command line over environment over file), not here: a config's ``data.root`` is what it loads.
+    """
+    root = data.root or DEFAULT_ROOT
     return resolve_path(root).expanduser().resolve()
 
 

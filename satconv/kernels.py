@@ -29,6 +29,7 @@ import sys
 import torch
 
 from .config import ExperimentConfig
+from .provenance import source_digest
 
 #: (category, pattern) in priority order: the first pattern found in a kernel's lower-cased name wins.
 #: Inductor names fused kernels after every op they hold, so softmax and normalisation come first.
@@ -156,7 +157,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         ``category_rule`` (:data:`CATEGORY_RULE`), and the
         device, precision, compile mode and its ``inductor`` settings (``None`` uncompiled), batch, torch
         version, date and ``satconv_source``
-        (:func:`satconv.train.source_digest`).
+        (:func:`satconv.provenance.source_digest`).
 
     Raises:
         ValueError: ``warmup < 1``, ``steps < 1`` or ``batch < 1``.
@@ -221,7 +222,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "kernels": kernels[:top],
         "category_rule": CATEGORY_RULE,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "satconv_source": timing._source_digest(),
+        "satconv_source": source_digest(),
     }
 
 

@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from . import config as cfgmod
@@ -36,6 +34,9 @@ from .flops import _config_flops, flops_per_image, paper_convention_flops  # noq
 from .attention import fused
 from .attention.base import attention_routes
 from .config import ExperimentConfig, TrainConfig
+from .provenance import device_name, resolve_device, source_digest
+from .steps import (INDUCTOR_OPTIONS, CapturedStep, compile_model, compile_options, inductor_setting, make_optimizer,
+                    training_step)
 
 GIB = 2 ** 30
 
@@ -59,30 +60,6 @@ _MATMUL_PEAK_CACHE: dict[tuple, float] = {}
 # ---------------------------------------------------------------------------------------------
 # Devices, peaks, timing primitives
 # ---------------------------------------------------------------------------------------------
-def resolve_device(device=None) -> torch.device:
-    """``None`` -> ``cuda`` when available, else ``cpu``; strings become ``torch.device``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def device_name(device) -> str:
-    """GPU name (``torch.cuda.get_device_name``) or the CPU model (``/proc/cpuinfo``, else ``platform``)."""
-    device = resolve_device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def device_peak_tflops(name: str, precision: str) -> tuple[float | None, str]:
     """Datasheet dense peak for a device name and ``"bf16"``/``"fp32"``; ``(None, reason)`` if unknown."""
     for key, bf16, fp32, source in DEVICE_PEAKS:
@@ -174,19 +151,16 @@ def _autocast(device: torch.device, precision: str):
 
 def _train_setup(cfg: ExperimentConfig, device, precision: str, channels_last: bool, compile: bool):
     """Model on device, the paper's SGD (no decay on Gaussian centres/spreads), and a step function."""
-    from .attention import no_decay_param_groups
     from .models import build_model
     model = build_model(cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     t = cfg.train
-    opt = torch.optim.SGD(no_decay_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
-                          nesterov=t.nesterov, fused=device.type == "cuda")  # one kernel for all parameters
+    opt = make_optimizer(model, t, device)
     if compile:
         # each config builds new modules, and dynamo recompiles shared code (EncoderBlock.forward...) per
         # instance; past torch._dynamo.config.cache_size_limit it silently runs eager, so start afresh
         torch._dynamo.reset()
-        from .train import compile_model  # lazy: train pulls in the data and atlas modules
         run = compile_model(model, compile)
     else:
         run = model
@@ -226,23 +200,22 @@ def step_graph_conflict(cfg: ExperimentConfig, compile) -> str | None:
 
 
 def _make_train_step(run, opt, x, y, device, precision, train: TrainConfig):
-    """A training step on the fixed batch ``(x, y)``: forward, cross-entropy, backward, SGD step.
+    """A training step on the fixed batch ``(x, y)``: the training's own step body,
+    :func:`satconv.steps.training_step` (forward, cross-entropy with ``train.label_smoothing`` on float32
+    logits, backward, SGD step), so the benchmark times the step that training runs.
 
     ``train`` gives the attention routes (``attention_route``, ``shared_route``) and ``step_graph``: on
-    CUDA the whole step in one CUDA graph, :class:`satconv.train.CapturedStep`, whose eager warm-up
+    CUDA the whole step in one CUDA graph, :class:`satconv.steps.CapturedStep`, whose eager warm-up
     steps and capture run here, so every call of the returned step is a replay.
     """
     t = train
+    bf16 = precision == "bf16" and device.type == "cuda"
 
     def body(xb, yb):
-        with _autocast(device, precision), attention_routes(t.attention_route, t.shared_route):
-            loss = F.cross_entropy(run(xb), yb)
-        loss.backward()
-        opt.step()
-        return (loss.detach(),)
+        with attention_routes(t.attention_route, t.shared_route):
+            return training_step(run, opt, xb, yb, bf16=bf16, label_smoothing=t.label_smoothing)
 
     if t.step_graph and device.type == "cuda":
-        from .train import CapturedStep
         captured = CapturedStep(body, opt)
         for _ in range(captured.warmup + 1):
             captured(x, y)
@@ -285,7 +258,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         of the explicit formulation (``flops_per_image_train_executed``: what the fast paths run, fewer
         for folded attention); ``mfu`` against the
         datasheet ``peak_tflops`` (``peak_tflops_source``), ``mfu_measured`` against the GEMM rate.
-        ``satconv_source``: :func:`satconv.train.source_digest` of the code that ran.
+        ``satconv_source``: :func:`satconv.provenance.source_digest` of the code that ran.
         In fp32 PyTorch leaves TF32 off for matmuls but on for cuDNN convolutions
         (``tf32_matmul``/``tf32_cudnn``), so a conv network's fp32 MFU can exceed the plain-FP32
         peak (the H200's ResNet18 reached ``mfu_measured`` 1.01): compare fp32 conv MFU with care.
@@ -410,7 +383,7 @@ def bench_model(cfg: ExperimentConfig, batch: int = 100, device=None, precision:
         "measured_matmul_tflops": measured,
         "mfu_measured": None if measured is None else ach_train / measured,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "satconv_source": _source_digest(),
+        "satconv_source": source_digest(),
     }
 
 
@@ -443,7 +416,6 @@ def saved_activation_bytes(model: torch.nn.Module, image_size: int = 32, batch: 
     model.train()
     run = model
     if compile:
-        from .train import compile_model  # lazy: train pulls in the data and atlas modules
         run = compile_model(model)
 
     def total(b: int) -> int:
@@ -530,7 +502,7 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
         raise RuntimeError(f"{cfg.name}: the model calls neither fused kernel (no folded content attention)")
     common = {"config": cfg.name, "device": device_name(device), "precision": precision, "batch": batch,
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "satconv_source": _source_digest()}
+              "satconv_source": source_digest()}
     rows = []
     table = dict(fused.LAUNCH)
     try:
@@ -556,16 +528,10 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
 
 def inductor_settings(mode: str | bool | None = None) -> dict:
     """The values of :data:`INDUCTOR_SETTINGS` in this process (missing ones are left out), and those
-    satconv's compile sets over them (:func:`satconv.train.compile_options` of compile ``mode``)."""
-    from .train import INDUCTOR_OPTIONS, compile_options, inductor_setting
+    satconv's compile sets over them (:func:`satconv.steps.compile_options` of compile ``mode``)."""
     missing = object()
     found = {key: inductor_setting(key, missing) for key in (*INDUCTOR_SETTINGS, *INDUCTOR_OPTIONS)}
     return {**{k: v for k, v in found.items() if v is not missing}, **compile_options(mode)}
-
-
-def _source_digest() -> str:
-    from .train import source_digest  # lazy: train pulls in the data and atlas modules
-    return source_digest()
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -941,7 +907,7 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
         data set's label, e.g. "CIFAR-10 (JPEG q75 copy)"), ``data_root``, ``seed``, ``epochs``,
         ``images`` (training images per epoch), ``epoch_time_s`` (last epoch, validation included),
         ``model_only_img_s``, ``ratio`` (epoch time over the model-only time for as many images),
-        ``torch``, ``date`` and ``satconv_source`` (:func:`satconv.train.source_digest`).
+        ``torch``, ``date`` and ``satconv_source`` (:func:`satconv.provenance.source_digest`).
     """
     from .train import train
     if epochs < 2:
@@ -977,7 +943,7 @@ def epoch_timing(cfg: ExperimentConfig, device=None, precision: str | None = Non
             "epoch_time_s": last["epoch_time_s"], "model_only_img_s": model_only_img_s,
             "ratio": last["epoch_time_s"] / model_only_s, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "satconv_source": _source_digest()}
+            "satconv_source": source_digest()}
 
 
 def epochs_from_run(run_dir: str | Path) -> dict | None:

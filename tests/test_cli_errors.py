@@ -280,8 +280,8 @@ def test_ctrl_c_at_start_up_of_a_resumable_run(monkeypatch, tmp_path, capsys):
 
 
 def test_ctrl_c_while_reading_the_config(monkeypatch, capsys):
-    from satconv import train as T
-    monkeypatch.setattr(T, "resolve_config", _ctrl_c)
+    from satconv import experiment
+    monkeypatch.setattr(experiment, "resolve_config", _ctrl_c)
     code, err = exit_code(["train", "--config", QUADRATIC], capsys)
     assert code == 130 and err.strip() == "satconv: interrupted during start-up; nothing was written"
 

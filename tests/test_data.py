@@ -3,6 +3,7 @@ import colorsys
 import hashlib
 import os
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,9 +55,12 @@ def test_image_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
 
 
 def test_mixed_jpeg_png_and_env_root(tmp_path, monkeypatch):
+    from satconv.experiment import resolve_config
     make_image_folder(tmp_path / "mixed", fmt="mixed")
     monkeypatch.setenv("SATCONV_DATA_ROOT", str(tmp_path / "mixed"))
-    cfg = tiny_config("data.source=imagefolder", "data.root=/nonexistent", "data.val_size=3")
+    written = tiny_config("data.source=imagefolder", "data.root=/nonexistent", "data.val_size=3")
+    assert D.resolve_root(written.data) == Path("/nonexistent")  # satconv.data reads the config only
+    cfg = resolve_config(written)  # the environment replaces the file's root
     assert D.resolve_root(cfg.data) == (tmp_path / "mixed").resolve()
     bundle = D.load_data(cfg)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (15, 3, 9)

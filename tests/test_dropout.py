@@ -111,7 +111,7 @@ def test_compiled_model_trains_with_eagers_dropout_masks():
     to float32 rounding; a model whose masks were merged or redrawn would not."""
     from satconv import config as C
     from satconv.models import build_model
-    from satconv.train import compile_model
+    from satconv.steps import compile_model
 
     cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned_content.yaml",
                  ["model.num_layers=1", "model.dropout=0.3", "model.attention.dropout=0.3"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from satconv import train as T
+from satconv import steps as S
 from satconv.attention import SHARED_ROUTES, QuadraticAttention, explicit_paths, shared_attention_route
 from satconv.config import ConfigError, ExperimentConfig, load, override
 from satconv.models import build_model
@@ -164,7 +165,7 @@ def test_a_pruned_model_trains_a_step_without_decay_on_centres_and_spreads():
     make_degenerate(model.blocks[0].attn, 2)
     prune_degenerate_heads(model)
     model.train()
-    groups = T.param_groups(model, 1e-4)
+    groups = S.param_groups(model, 1e-4)
     no_decay = {id(p) for p in groups[1]["params"]}
     expected = {id(p) for m in quadratic_layers(model).values() for p in (m.attention_centers, m.attention_spreads)}
     assert no_decay == expected and groups[1]["weight_decay"] == 0.0

@@ -14,6 +14,10 @@ import pytest
 import torch
 
 from satconv import train as T
+from satconv import steps as S
+from satconv import rundir as R
+from satconv import provenance as P
+from satconv import atlas as A
 from satconv.config import load, override
 from satconv.rundir import RunLock
 from tests.helpers import TinyNet, tiny_config
@@ -61,7 +65,7 @@ def test_resume_after_stop_mid_epoch_is_exact(reference, tmp_path):
     assert_same_run(reference.run_dir, tmp_path)
     info = json.loads((tmp_path / "run.json").read_text())
     assert len(info["resumes"]) == 1
-    assert info["satconv_source"] == info["resumes"][0]["satconv_source"] == T.source_digest()
+    assert info["satconv_source"] == info["resumes"][0]["satconv_source"] == P.source_digest()
 
 
 def test_resume_after_kill_is_exact(reference, tmp_path):
@@ -178,7 +182,7 @@ def test_snapshots_and_atlas(reference):
 
     path = reference.run_dir / "atlas.pt"
     assert path.stat().st_size < T.ATLAS_MAX_BYTES
-    atlas = T.load_atlas(reference.run_dir)
+    atlas = A.load_atlas(reference.run_dir)
     probs = atlas["probs"][0]
     assert probs.dtype == torch.float16 and probs.shape == (3, 2, 2, 16)  # (images, heads, queries, N)
     assert atlas["probs_stacked"].shape == (3, 1, 2, 2, 16)
@@ -231,7 +235,7 @@ def test_evaluation_is_in_eval_mode_and_repeatable(reference):
     data = T.load_data(cfg)
     loader = T.DeviceLoader(data.val, 64, "cpu", cfg.data.mean, cfg.data.std)
     stats = model.bn.running_mean.clone(), model.bn.running_var.clone()
-    first, second = T.evaluate_model(model, loader), T.evaluate_model(model, loader)
+    first, second = S.evaluate_model(model, loader), S.evaluate_model(model, loader)
     assert first == second and model.training  # dropout off; mode restored
     assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
     res = T.evaluate(reference.run_dir, "test", "last", "cpu", model_factory=TinyNet)
@@ -240,7 +244,7 @@ def test_evaluation_is_in_eval_mode_and_repeatable(reference):
 
 def test_no_weight_decay_on_centres_and_spreads():
     model = TinyNet(tiny_config().model)
-    groups = T.param_groups(model, 1e-4)
+    groups = S.param_groups(model, 1e-4)
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert no_decay == {id(model.attn.attention_centers), id(model.attn.attention_spreads)}
 
@@ -332,7 +336,7 @@ def test_disk_full_keeps_the_last_good_checkpoint_and_says_so(reference, tmp_pat
 def test_out_that_is_a_file_is_refused_before_data_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_data", lambda cfg: pytest.fail("data loaded for an unusable run directory"))
     (tmp_path / "f").write_text("x")
-    with pytest.raises(T.BadRunDir, match="is a file"):
+    with pytest.raises(R.BadRunDir, match="is a file"):
         run(tmp_path / "f")
     with pytest.raises(ValueError, match=f"cannot create the run directory {tmp_path / 'f' / 'run'}"):
         run(tmp_path / "f" / "run")
@@ -371,7 +375,7 @@ def test_eval_of_a_run_that_died_says_so(reference, tmp_path, caplog):
 def test_a_run_directory_in_use_is_refused_before_any_file_is_touched(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_data", lambda cfg: pytest.fail("data loaded for a busy run directory"))
     with RunLock(tmp_path):
-        with pytest.raises(T.RunDirBusy, match=f"{tmp_path} is in use by another process \\(pid {os.getpid()}"):
+        with pytest.raises(R.RunDirBusy, match=f"{tmp_path} is in use by another process \\(pid {os.getpid()}"):
             run(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
 
@@ -388,7 +392,7 @@ def test_build_model_quick_profile(tmp_path):
                          "data.val_size=16", "model.image_size=8", "train.batch_size=16", "train.atlas_images=1"])
     result = T.train(cfg, out_dir=tmp_path, device="cpu", progress=False)
     assert result.completed and len(result.metrics) == 1
-    atlas = T.load_atlas(tmp_path)
+    atlas = A.load_atlas(tmp_path)
     assert atlas["probs_stacked"].shape == (1, 2, 4, 2, 16)  # images, layers, heads, queries, N = 4x4 tokens
 
 
@@ -428,7 +432,7 @@ def test_evaluation_records_no_autograd_graph():
     model.register_forward_hook(lambda mod, inp, out: seen.append((torch.is_grad_enabled(), out.requires_grad)))
     data = T.load_data(cfg)
     loader = T.DeviceLoader(data.val, 16, "cpu", cfg.data.mean, cfg.data.std)
-    T.evaluate_model(model, loader)
+    S.evaluate_model(model, loader)
     assert seen and not any(grad or req for grad, req in seen)
 
 
@@ -456,8 +460,8 @@ def test_compiled_model_keeps_static_shapes(mode, monkeypatch):
     evaluation batch gets its own graph instead of turning every later step shape-generic."""
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
-    T.compiled(torch.nn.Linear(2, 2), mode)
-    assert seen["dynamic"] is False and seen["options"] == T.compile_options(mode)
+    S.compiled(torch.nn.Linear(2, 2), mode)
+    assert seen["dynamic"] is False and seen["options"] == S.compile_options(mode)
     assert seen["options"].get("triton.cudagraphs", False) is (mode == "reduce-overhead")
 
 
@@ -470,13 +474,13 @@ def test_compile_options_are_the_modes_plus_satconvs_unless_the_environment_says
     monkeypatch.delenv("TORCHINDUCTOR_COMPREHENSIVE_PADDING", raising=False)
     mixed = {"triton.mix_order_reduction": False} if hasattr(ic.triton, "mix_order_reduction") else {}
     padding = {"comprehensive_padding": False} if hasattr(ic, "comprehensive_padding") else {}
-    assert T.compile_options("max-autotune")["max_autotune"] is True
-    assert T.compile_options("default") == T.compile_options(None) == {**mixed, **padding}
-    assert T.compile_options("reduce-overhead")["triton.cudagraphs"] is True
+    assert S.compile_options("max-autotune")["max_autotune"] is True
+    assert S.compile_options("default") == S.compile_options(None) == {**mixed, **padding}
+    assert S.compile_options("reduce-overhead")["triton.cudagraphs"] is True
     monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
-    assert T.compile_options("default") == padding
+    assert S.compile_options("default") == padding
     monkeypatch.setenv("TORCHINDUCTOR_COMPREHENSIVE_PADDING", "1")
-    assert T.compile_options("default") == {}
+    assert S.compile_options("default") == {}
 
 
 
@@ -489,7 +493,7 @@ def test_step_graph_refuses_compile_modes_with_their_own_cuda_graphs():
 
 def test_captured_step_needs_an_eager_warmup():
     with pytest.raises(ValueError, match="warmup"):
-        T.CapturedStep(lambda x, y: (x,), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), warmup=0)
+        S.CapturedStep(lambda x, y: (x,), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), warmup=0)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
@@ -516,7 +520,7 @@ def test_captured_step_replays_the_eager_steps():
             return (loss.detach(),)
         return body
 
-    captured = T.CapturedStep(body_for(nets[1], opts[1]), opts[1], warmup=2)
+    captured = S.CapturedStep(body_for(nets[1], opts[1]), opts[1], warmup=2)
     eager_body = body_for(nets[0], opts[0])
     g = torch.Generator(device="cuda").manual_seed(1)
     for step in range(9):

@@ -290,7 +290,7 @@ class TinyQuadraticModel(nn.Module):
 
 
 def test_load_snapshots_reads_what_train_writes(tmp_path):
-    from satconv.train import attention_snapshot
+    from satconv.atlas import attention_snapshot
 
     torch.manual_seed(0)
     model = TinyQuadraticModel()

@@ -5,7 +5,7 @@ import torch
 from satconv.attention.base import explicit_paths
 
 from satconv.attention.learned_relative import LearnedRelativeAttention
-from tests.reference import assert_gradients_reach, flatten, ref_learned_logits, ref_output, ref_softmax
+from tests.reference import flatten, ref_learned_logits, ref_output, ref_softmax
 
 #: float64 logits: only summation-order rounding remains
 F64_ATOL = 1e-10
@@ -14,9 +14,6 @@ F64_ATOL = 1e-10
 BASE_SOFTMAX_ATOL = 1e-10  # float64 end to end (the base softmax upcasts only fp16/bf16)
 HEIGHT, WIDTH, DIM, HEADS, MAXPOS = 4, 5, 8, 2, 6
 VARIANTS = ["position_only", "query_position", "content_query_position"]
-#: logit terms constant along the keys (softmax shift invariance): their gradient is exactly zero
-CONSTANT_TERMS = {"position_only": ("head_keys_row.bias", "head_keys_col.bias"),
-                  "query_position": (), "content_query_position": ("key.bias",)}
 
 
 def make(variant, **kw):
@@ -71,16 +68,6 @@ def test_forward_matches_reference(variant, kw):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kw", [{}, {"head_dim": 2}], ids=["concat", "split"])
-def test_gradients_reach_every_parameter(variant, kw):
-    m = make(variant, **kw)
-    x = torch.randn(2, HEIGHT, WIDTH, DIM, dtype=torch.float64)
-    (m(x) * torch.randn(2, HEIGHT, WIDTH, DIM, dtype=torch.float64)).sum().backward()
-    atol = F64_ATOL if variant == "position_only" else BASE_SOFTMAX_ATOL
-    assert_gradients_reach(m, analytically_zero=CONSTANT_TERMS[variant], zero_atol=atol)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_b2_transposing_the_grid_transposes_the_output(variant):
     """B2: with symmetric position terms (e_row = e_col, equal row/column halves), transpose commutes."""
     m = make(variant)
@@ -129,15 +116,6 @@ def test_grid_larger_than_max_position_is_a_clear_error():
     for variant in VARIANTS:
         with pytest.raises(ValueError, match="max_position=4"):
             LearnedRelativeAttention(DIM, HEADS, variant=variant, max_position=4)(torch.randn(1, 4, 5, DIM))
-
-
-def test_bad_options():
-    with pytest.raises(ValueError, match="variant"):
-        LearnedRelativeAttention(DIM, HEADS, variant="relative")
-    with pytest.raises(ValueError, match="head_dim must be even"):
-        LearnedRelativeAttention(DIM, HEADS, head_dim=3, variant="query_position")
-    with pytest.raises(ValueError, match="max_position"):
-        LearnedRelativeAttention(DIM, HEADS, max_position=0)
 
 
 def test_grid_change_and_state_dict_has_no_index_buffer():

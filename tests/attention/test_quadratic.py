@@ -4,8 +4,7 @@ import torch
 from torch import nn
 
 from satconv.attention.quadratic import QuadraticAttention, no_decay_param_groups
-from tests.reference import (assert_gradients_reach, pairs, ref_output, ref_quadratic_logits,
-                             ref_softmax)
+from tests.reference import pairs, ref_output, ref_quadratic_logits, ref_softmax
 
 #: float64 end to end (logits, softmax in float64, matmuls): only summation-order rounding remains
 F64_ATOL = 1e-10
@@ -43,14 +42,6 @@ def test_forward_matches_reference(isotropic, kw):
     torch.testing.assert_close(out, ref_output(m, ref_probs, x), atol=F64_ATOL, rtol=0)
     assert out.shape == (2, HEIGHT, WIDTH, kw.get("out_dim", DIM))
     assert (m.value is None) == ("head_dim" not in kw)
-
-
-@pytest.mark.parametrize("kw", [{}, {"head_dim": 2}], ids=["concat", "split"])
-def test_gradients_reach_every_parameter(isotropic, kw):
-    m = make(isotropic, **kw)
-    x = torch.randn(2, HEIGHT, WIDTH, DIM, dtype=torch.float64)
-    (m(x) * torch.randn(2, HEIGHT, WIDTH, DIM, dtype=torch.float64)).sum().backward()
-    assert_gradients_reach(m)
 
 
 def test_large_alpha_peaks_at_query_plus_center(isotropic):
@@ -132,14 +123,12 @@ def test_alpha_and_inverse_covariance():
         make(False).alpha
 
 
-def test_init_statistics_and_bad_options():
+def test_init_statistics():
     m = QuadraticAttention(4, 2000, init_center_std=2.0, init_spread_std=0.01)
     assert abs(m.attention_centers.std().item() - 2.0) < 0.1
     assert (m.attention_spreads - 1).abs().max() < 0.06
     a = QuadraticAttention(4, 2000, isotropic=False, init_spread_std=0.01).attention_spreads
     assert a.shape == (2000, 2, 2) and (a - torch.eye(2)).abs().max() < 0.06
-    with pytest.raises(ValueError, match="init_center_std"):
-        QuadraticAttention(4, 2, init_center_std=-1.0)
 
 
 def test_degenerate_heads():
@@ -225,12 +214,3 @@ def test_state_dict_has_no_grid_buffer():
     m(torch.randn(1, HEIGHT, WIDTH, DIM, dtype=torch.float64))
     assert "relative_position_offsets" in dict(m.named_buffers())
     assert set(m.state_dict()) == {"attention_centers", "attention_spreads", "proj.weight", "proj.bias"}
-
-
-def test_key_source_and_batch_do_not_matter():
-    m = make(True)
-    x = torch.randn(3, HEIGHT, WIDTH, DIM, dtype=torch.float64)
-    out, probs = m(x, return_attention=True)
-    assert QuadraticAttention.input_independent and probs.shape[0] == 1
-    torch.testing.assert_close(m(x, key_source=torch.randn_like(x)), out, atol=0, rtol=0)
-    torch.testing.assert_close(m(x[1:2]), out[1:2], atol=F64_ATOL, rtol=0)

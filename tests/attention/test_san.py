@@ -1,12 +1,9 @@
 """SAN pairwise / patchwise attention against explicit per-(query, key) loops (Zhao et al. 2020, eq. 2-4)."""
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from satconv.attention.san import SANPairwiseAttention, SANPatchwiseAttention
-from tests.reference import ATOL, assert_close, apply_linear as linear
+from tests.reference import assert_close, apply_linear as linear
 
 BN_EPS = 1e-5
 
@@ -136,29 +133,6 @@ def test_matches_explicit_loops(cls, case, train):
     assert cls.row_stochastic == (cls is SANPairwiseAttention)
 
 
-def test_pairwise_rows_sum_to_one_over_real_pixels():
-    """Every row of every group is a distribution over in-image keys of the footprint (corners: 4 keys)."""
-    m = make(SANPairwiseAttention).eval()
-    _, probs = m(torch.randn(2, 4, 5, 16, dtype=torch.float64), return_attention=True)
-    assert_close(probs.sum(-1), torch.ones(2, 4, 20, dtype=torch.float64))
-    assert (probs[:, :, 0] > 0).sum(-1).eq(4).all()  # corner (0, 0): keys (0,0), (0,1), (1,0), (1,1)
-    assert probs[:, :, 0, [0, 1, 5, 6]].sum(-1).sub(1).abs().max() < ATOL
-
-
-@pytest.mark.parametrize("cls", [SANPairwiseAttention, SANPatchwiseAttention])
-def test_gradients_reach_every_parameter(cls):
-    m = make(cls, out_dim=8, rel_dim=3).train()
-    x = torch.randn(2, 4, 5, 16, dtype=torch.float64, requires_grad=True)
-    (m(x) * torch.randn(2, 4, 5, 8, dtype=torch.float64)).sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None, name
-        if name == "position.bias":  # cancels in P(p_i) - P(p_j): its gradient is zero by construction
-            assert p.grad.abs().max() < 1e-9
-        else:
-            assert p.grad.abs().max() > 0, name
-    assert x.grad.abs().max() > 0
-
-
 def test_weights_are_shared_over_channel_groups():
     """Channel c uses group c % G: with beta = identity-like values, channels c and c + G see the same weights."""
     m = make(SANPairwiseAttention, out_dim=8, num_heads=4).eval()
@@ -168,22 +142,3 @@ def test_weights_are_shared_over_channel_groups():
     out = m(torch.randn(1, 3, 3, 16, dtype=torch.float64))
     assert_close(out[..., :4], out[..., 4:])
     assert_close(out, torch.ones_like(out))  # softmax weights sum to 1
-
-
-def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="head_dim"):
-        SANPairwiseAttention(16, 4, head_dim=4)
-    with pytest.raises(ValueError, match="value_proj"):
-        SANPatchwiseAttention(16, 4, value_proj=False)
-    with pytest.raises(ValueError, match="out_dim"):
-        SANPairwiseAttention(16, 3)
-    with pytest.raises(ValueError, match="kernel_size"):
-        SANPatchwiseAttention(16, 4, kernel_size=4)
-
-
-def test_runs_in_float32_and_handles_a_single_pixel():
-    """A 1x1 map: the only key is the query itself (pairwise weight exactly 1)."""
-    m = SANPairwiseAttention(16, 4).eval()
-    out, probs = m(torch.randn(3, 1, 1, 16), return_attention=True)
-    assert out.shape == (3, 1, 1, 16) and torch.equal(probs, torch.ones(3, 4, 1, 1))
-    assert math.isfinite(F.mse_loss(out, torch.zeros_like(out)).item())

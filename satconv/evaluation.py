@@ -1,0 +1,122 @@
+"""Reading a run back: its config, metrics and weights, and scoring them (``python -m satconv eval``).
+
+A run directory (:mod:`satconv.train` lists its files) is read here: :func:`read_run_config` its
+``config.yaml``, :func:`read_metrics` its ``metrics.jsonl``, :func:`load_model` the network with its ``best``
+or ``last`` weights, and :func:`evaluate` scores those weights on the validation or test split in eval mode
+under ``inference_mode`` (B5).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from torch import nn
+
+from .config import ConfigError, ExperimentConfig, from_dict
+from .data import DeviceLoader, load_data
+from .experiment import resolve_config
+from .prune import fit_heads_to_state
+from .rundir import CorruptFile, load_checkpoint, run_status
+from .schedule import default_device
+from .steps import evaluate_model
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The epochs of ``metrics.jsonl`` as dicts (keys :data:`METRIC_KEYS`, plus test_loss/test_acc)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The config a run directory's ``config.yaml`` holds.
+
+    Raises:
+        FileNotFoundError: no config.yaml (not a run directory).
+        CorruptFile: config.yaml is not valid YAML or not a valid config.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CorruptFile(path, f"not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise CorruptFile(path, "empty" if data is None else f"a YAML {type(data).__name__}, not a config mapping")
+    try:
+        return from_dict(data, str(path))
+    except ConfigError as exc:
+        raise CorruptFile(path, f"not a valid config ({exc})") from None
+
+
+def load_model(run_dir: str | Path, weights: str = "best", device: str | torch.device = "cpu",
+               model_factory: Callable | None = None) -> tuple[nn.Module, dict]:
+    """The network of a run with its ``best`` (validation) or ``last`` weights, in eval mode.
+
+    Returns:
+        ``(model, info)``; ``info`` has ``weights`` (which file was used) and ``epoch``.  ``best``
+        falls back to ``last`` when the run has no validation split.
+
+    Raises:
+        FileNotFoundError: no config.yaml or no such checkpoint.
+        CorruptFile: config.yaml or the checkpoint is unreadable (the message names the file).
+    """
+    run_dir = Path(run_dir)
+    if weights not in ("best", "last"):
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    cfg = read_run_config(run_dir)
+    path = run_dir / f"{weights}.pt"
+    if weights == "best" and not path.is_file():
+        path, weights = run_dir / "last.pt", "last"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({path.name})")
+    ck = load_checkpoint(path, keys=("model", "epoch"))
+    if model_factory is None:
+        from .models import build_model as model_factory
+    model = model_factory(cfg.model)
+    fit_heads_to_state(model, ck["model"])  # a run that pruned heads (train.prune_degenerate_heads)
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), {"weights": weights, "epoch": ck["epoch"]}
+
+
+def evaluate(run_dir: str | Path, split: str = "test", weights: str = "best", device=None,
+             model_factory: Callable | None = None) -> dict:
+    """Loss and accuracy of a run's weights on ``split`` (``"val"`` or ``"test"``).
+
+    Returns:
+        ``{"split", "weights", "epoch", "images", "loss", "acc", "run_status"}``; ``run_status`` as
+        :func:`satconv.rundir.run_status` (``died``: run.json says running but no process holds the run;
+        ``unreadable``: run.json is damaged, with a warning).
+
+    Raises:
+        FileNotFoundError, CorruptFile (as :func:`load_model`), DataError.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    run_dir = Path(run_dir)
+    cfg = resolve_config(read_run_config(run_dir))
+    try:
+        status = run_status(run_dir)
+    except CorruptFile as exc:  # provenance only: the weights and the config are what evaluation needs
+        log.warning("%s", exc)
+        status = "unreadable"
+    if status == "died":
+        log.warning("%s: the run died while training (run.json says running, but no process holds the run); "
+                    "evaluating the weights it saved", run_dir)
+    elif status == "running":
+        log.warning("%s: the run is still training; evaluating the weights it has saved so far", run_dir)
+    device = torch.device(device) if device is not None else default_device()
+    model, info = load_model(run_dir, weights, device, model_factory)
+    data = load_data(cfg)
+    part = getattr(data, split)
+    loader = DeviceLoader(part.to(device), cfg.train.eval_batch_size, device, cfg.data.mean, cfg.data.std)
+    loss, acc = evaluate_model(model, loader, cfg.train.precision == "bf16" and device.type == "cuda")
+    return {"split": split, **info, "images": len(part), "loss": loss, "acc": acc, "run_status": status}
