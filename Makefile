@@ -254,7 +254,7 @@ gpu-bench-fused:
 	$(BENCH) --config $(FUSED_CONFIGS) --batch 100 --compile reduce-overhead --train-only --out $(BENCH_OUT)_fused.jsonl
 	$(BENCH) --fused-launch --config $(FUSED_CONFIGS) --batch 100 --out $(BENCH_OUT)_fused_launch.jsonl
 
-# where a training step's time goes (satconv.kernels), batch 100, the same compile modes as gpu-bench-speed
+# where a training step's time goes (satconv.bench.kernels), batch 100, the same compile modes as gpu-bench-speed
 gpu-bench-kernels:
 	mkdir -p book/bench
 	rm -f $(BENCH_OUT)_kernels.jsonl

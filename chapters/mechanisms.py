@@ -42,15 +42,15 @@ import math
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import HTML
 from myst_nb import glue
 from torch.utils.flop_counter import FlopCounterMode
 
-from satconv import config, timing
+from satconv import config
 from satconv.attention import ATTENTION, relative_offsets
 from satconv.config import REPO_ROOT
+from satconv.flops import flops_per_image
 from satconv.models import build_model, count_parameters
-from satconv.report import below, shown
+from satconv.report import below, html_table, shown
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -327,7 +327,7 @@ for name, meta in [("paper_quadratic", False), ("re_gaussian_hier", False),
     torch.manual_seed(0)
     with torch.device("meta" if meta else "cpu"):
         model = build_model(cfg)
-    flops = timing.flops_per_image(model, mode="eval", batch=1, device="meta" if meta else None)
+    flops = flops_per_image(model, mode="eval", batch=1, device="meta" if meta else None)
     hier[name] = (count_parameters(model), flops)
     print(f"{name:38s} {hier[name][0] / 1e6:6.2f} M parameters, {flops / 1e9:6.2f} GFLOPs per image (forward)")
 glue("hier_ratio_quadratic", hier["paper_quadratic"][0] / hier["re_gaussian_hier"][0], display=False)
@@ -443,7 +443,7 @@ vit = {}
 for name in ("vit_patch", "re_vit"):
     with torch.device("meta"):
         vit[name] = build_model(config.load(REPO_ROOT / f"configs/{name}.yaml"))
-    flops = timing.flops_per_image(vit[name], mode="eval", batch=1, device="meta")
+    flops = flops_per_image(vit[name], mode="eval", batch=1, device="meta")
     print(f"{name:10s} {count_parameters(vit[name]) / 1e6:6.2f} M parameters, {flops / 1e9:6.2f} GFLOPs per image")
 
 # %% [markdown]
@@ -556,13 +556,11 @@ header = ["mechanism", "heads", "window", "parameters", "GFLOPs", "input-indepen
 cells = [[name, r["heads"], r["window"], f"{r['params']:,}", f"{r['gflops']:.3f}",
           "yes" if r["input_independent"] else "no", "yes" if r["row_stochastic"] else "no"]
          for name, r in ROWS.items()]
-head = "".join(f"<th>{h}</th>" for h in header)
-body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells)
 base = ROWS["quadratic, isotropic"]["gflops"]
 local = [ROWS[name]["gflops"] / base for name in ("SAN pairwise", "SAN patchwise", "SASA", "FCViT token mixer")]
 glue("local_min", min(local), display=False)
 glue("local_max", max(local), display=False)
-HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+html_table(header, cells)
 
 # %% [markdown]
 # Three groups stand out. The *positional* mechanisms (quadratic, learned position-only) compute one

@@ -38,7 +38,6 @@ import os
 import shutil
 import statistics
 from collections import defaultdict
-from html import escape
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -50,6 +49,7 @@ from myst_nb import glue
 
 from satconv.config import REPO_ROOT, from_dict, load, to_dict
 from satconv.models import build_model, count_parameters
+from satconv.report import html_table
 from satconv.train import read_metrics, train
 
 torch.set_num_threads(2)
@@ -61,16 +61,7 @@ REFERENCE = yaml.safe_load((REPO_ROOT / "book" / "reference.yaml").read_text())
 MIN_SEEDS = 3  # seeds per config before an accuracy difference is read (paper.md §7, bug B5)
 
 
-def html_table(header, rows, notes=()) -> HTML:
-    """An HTML table from a header and rows of cells (escaped), with small notes below it."""
-    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    foot = "".join(f"<p><small>{escape(n)}</small></p>" for n in notes)
-    return HTML(f'<div class="satconv-results" style="overflow-x: auto; font-size: 0.85em"><table>'
-                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}</div>")
-
-
-display(HTML("<style>.satconv-results td { vertical-align: top; }</style>"))
+display(HTML("<style>.satconv-table td { vertical-align: top; }</style>"))
 
 
 def pct(x, digits: int = 2) -> str:

@@ -23,7 +23,7 @@
 # 1. **parameters and FLOPs** of the full-size networks, counted here with
 #    `torch.utils.flop_counter.FlopCounterMode`, and Table 1's FLOP column recounted with the paper's own
 #    counting convention, to see where its 6.2B, 15B and 0.56B come from;
-# 2. **the benchmark protocol** of `satconv.timing`;
+# 2. **the benchmark protocol** of `satconv.bench`;
 # 3. **CPU figures**, measured when the book is built, on tiny versions of the models;
 # 4. **GPU figures** from a committed run on one GPU: training and evaluation throughput, batch-1
 #    latency, peak memory and model FLOPs utilisation (MFU) at batch 100 and at the largest batch
@@ -46,11 +46,13 @@ from IPython.display import HTML, Markdown, display
 from myst_nb import glue
 from torch.utils.flop_counter import FlopCounterMode
 
-from satconv import config, timing
+from satconv import config
 from satconv.attention import LearnedRelativeAttention
-from satconv.attention.base import dense_attention_route, explicit_paths
+from satconv.attention.routes import EXPLICIT, Routes, using_routes
+from satconv.bench import harness, memory, throughput
+from satconv.bench.kernels import kernel_breakdown
 from satconv.config import REPO_ROOT
-from satconv.kernels import kernel_breakdown
+from satconv.flops import flops_per_image, paper_convention_flops
 from satconv.models import build_model, count_parameters
 from satconv.report import below
 
@@ -144,13 +146,13 @@ def html_table(header, rows):
 # %% [markdown]
 # ## Parameters and FLOPs
 #
-# `timing.flops_per_image` runs one batch inside `FlopCounterMode`, which adds up every matrix product
+# `satconv.flops.flops_per_image` runs one batch inside `FlopCounterMode`, which adds up every matrix product
 # and convolution PyTorch executes, at 2 FLOPs per multiply-add. In *eval* mode that is one forward
 # pass; in *train* mode it is the forward pass, the cross-entropy and the backward pass as autograd
 # runs it (this is the count MFU uses below). The networks are built on the `meta` device, where the
 # counter sees every operation's shapes without computing anything. SAN and SASA look up their windows
 # with a data-dependent index table (`nonzero`), which the meta device cannot run; they are counted on
-# the CPU at batch 1. `timing.paper_convention_flops` runs one more forward pass of one image and splits
+# the CPU at batch 1. `satconv.flops.paper_convention_flops` runs one more forward pass of one image and splits
 # the count by the module that issued it, which part 2 needs.
 
 # %%
@@ -162,10 +164,10 @@ for name, cfg in CONFIGS.items():
     with torch.device(device):
         model = build_model(cfg)
     size = cfg.model.image_size
-    split = timing.paper_convention_flops(model, size, device=device)
+    split = paper_convention_flops(model, size, device=device)
     COUNTS[name] = {
         "family": family(cfg), "device": device, "params": count_parameters(model),
-        "train": timing.flops_per_image(model, size, "train", device=device, batch=1),
+        "train": flops_per_image(model, size, "train", device=device, batch=1),
         "eval": 2 * split["total_macs"],  # the same eval forward of one image, 2 FLOPs per MAC
         **split,
     }
@@ -315,7 +317,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #
 # ## The benchmark protocol
 #
-# `timing.bench_model` builds a config's network with the paper's SGD (no weight decay on the Gaussian
+# `satconv.bench.throughput.bench_model` builds a config's network with the paper's SGD (no weight decay on the Gaussian
 # centres and spreads) and times three things on random CIFAR-shaped input: a training step (forward,
 # cross-entropy, backward, optimiser step), an evaluation forward pass under `inference_mode` at the same
 # batch, and the latency of a forward pass of one image. It follows the [Re]'s bug list (B9):
@@ -338,7 +340,7 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 # Every row stores the device name, precision, batch, compile mode, attention route and step graph (both
 # below), torch version and date.
 #
-# ```{literalinclude} ../satconv/timing.py
+# ```{literalinclude} ../satconv/bench/throughput.py
 # :pyobject: bench_model
 # ```
 #
@@ -355,8 +357,9 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #
 # The package computes eq. (2) two ways: the **explicit route** (scores, softmax, $P_h V_h$ per head,
 # $W_{out}$), kept as the reference, and **fast paths** that compute the same function with fewer FLOPs
-# or fewer memory passes. `satconv.attention.explicit_paths()` switches a block of code to the explicit
-# route; `tests/test_fast_paths.py` compares the two (outputs, probabilities and every gradient in float64
+# or fewer memory passes. Each attention layer carries its choice as an attribute set when the model is
+# built (`satconv.attention.routes.Routes`, shown in `repr(model)`); `using_routes(model, EXPLICIT)` switches one
+# model to the explicit route for a block of code; `tests/test_fast_paths.py` compares the two (outputs, probabilities and every gradient in float64
 # on the CPU; bf16 and `torch.compile` against float32 on a GPU).
 #
 # - **Folded query–key products.** With concatenated heads ($D_h = D$, the paper's choice) the query and
@@ -402,8 +405,8 @@ for label, holds in [("(a)", hyp_a), ("(b)", hyp_b)]:
 #   16-byte aligned, which pushes the batched products onto old, slow tensor-core kernels. The keys and
 #   values are padded to a multiple of 8 with zero rows whose logits are $-\infty$, so their
 #   probabilities are exactly 0 and the function is unchanged.
-# - **Fused attention (the `sdpa` route).** `train.attention_route: sdpa` (or
-#   `satconv.attention.dense_attention_route("sdpa")`) sends the folded content attention through
+# - **Fused attention (the `sdpa` route).** `train.attention_route: sdpa` (a model's layers then carry
+#   `Routes(dense="sdpa")`) sends the folded content attention through
 #   `torch.nn.functional.scaled_dot_product_attention`, whose fused kernels never store the
 #   $(B, N, N_h, N)$ logits or probabilities. The heads share their keys (the raw tokens) and values (the
 #   raw tokens again), so a layer is a single attention of $N \cdot N_h$ queries over $N$ keys. The
@@ -497,12 +500,12 @@ rows = []
 for name in ("paper_learned_content", "re_vit", "paper_learned"):
     with torch.device("meta"):
         net = build_model(CONFIGS[name])
-    explicit = timing.flops_per_image(net, 32, "train", device="meta", batch=100)
-    fast = timing.flops_per_image(net, 32, "train", device="meta", batch=100, explicit=False)
+    explicit = flops_per_image(net, 32, "train", device="meta", batch=100)
+    fast = flops_per_image(net, 32, "train", device="meta", batch=100, explicit=False)
     cells = [name, f"{explicit / 1e9:.2f}", f"{fast / 1e9:.2f}", f"{fast / explicit:.0%}"]
     if routed(name):
-        with dense_attention_route("sdpa"):
-            fused = timing.flops_per_image(net, 32, "train", device="meta", batch=100, explicit=False)
+        with using_routes(net, Routes(dense="sdpa")):
+            fused = flops_per_image(net, 32, "train", device="meta", batch=100, explicit=False)
         cells.append(f"{fused / 1e9:.2f}")
     else:
         cells.append("same as the fast path")
@@ -512,7 +515,7 @@ html_table(["config", "explicit route GFLOP / training image", "fast path GFLOP 
 
 # %% [markdown]
 # What each route keeps for the backward pass decides most of the training memory. The next table counts
-# it with `timing.saved_activation_bytes`, measured during the book build: one training forward pass on
+# it with `satconv.bench.memory.saved_activation_bytes`, measured during the book build: one training forward pass on
 # the CPU under bf16 autocast, saved-tensor hooks recording every storage autograd keeps, at two batch
 # sizes so that the part that grows with the batch (per image) separates from the part that does not
 # (weights and folded weight products). This is what the code asks autograd to keep, eagerly;
@@ -524,8 +527,8 @@ rows = []
 for name in ("paper_learned_content", "re_vit", "paper_learned", "paper_quadratic"):
     torch.manual_seed(0)
     net = build_model(CONFIGS[name])
-    explicit_img, _ = timing.saved_activation_bytes(net, explicit=True)
-    fast_img, fast_fixed = timing.saved_activation_bytes(net)
+    explicit_img, _ = memory.saved_activation_bytes(net, explicit=True)
+    fast_img, fast_fixed = memory.saved_activation_bytes(net)
     at_100 = (100 * fast_img + fast_fixed) / 2**30
     rows.append([name, f"{explicit_img / 2**20:.1f}", f"{fast_img / 2**20:.1f}", f"{fast_img / explicit_img:.0%}",
                  f"{at_100:.2f}"])
@@ -539,7 +542,7 @@ layer = LearnedRelativeAttention(16, 3, variant="content_query_position", max_po
 tokens = torch.randn(2, 6, 6, 16, dtype=torch.float64)
 with torch.no_grad():
     fast_out = layer(tokens)
-    with explicit_paths():
+    with using_routes(layer, EXPLICIT):
         explicit_out = layer(tokens)
 gap = (fast_out - explicit_out).abs().max().item()
 print(f"largest difference between the routes: {below(gap, 1e-12)}")  # float64 rounding
@@ -558,8 +561,8 @@ print(f"largest difference between the routes: {below(gap, 1e-12)}")  # float64 
 cpu_rows = []
 for name in MAIN:
     quick = config.load(REPO_ROOT / f"configs/{name}.yaml", profile="quick")
-    cpu_rows.append(timing.bench_model(quick, batch=8, device="cpu", warmup=1, repeats=3))
-cpu_gemm = timing.measure_matmul_peak("cpu", torch.float32, n=1024, warmup=1, repeats=3)
+    cpu_rows.append(throughput.bench_model(quick, batch=8, device="cpu", warmup=1, repeats=3))
+cpu_gemm = harness.measure_matmul_peak("cpu", torch.float32, n=1024, warmup=1, repeats=3)
 cpu_device = cpu_rows[0]["device"]
 header = ["config", "family", "parameters", "train img/s", "eval img/s", "latency, batch 1 (ms)",
           "GFLOPs / train image", "achieved GFLOP/s", "MFU vs CPU GEMM"]
@@ -652,7 +655,7 @@ for filename, rows in [("h200.jsonl", gpu), ("h200_maxbatch.jsonl", gpu_max), ("
 # whole epochs of the committed GPU training runs (book/runs/<config>/metrics.jsonl)
 RUNS = config.REPO_ROOT / "book" / "runs"
 run_epochs = [row for d in sorted(RUNS.iterdir() if RUNS.is_dir() else []) if (d / "metrics.jsonl").is_file()
-              for row in [timing.epochs_from_run(d)] if row is not None]
+              for row in [throughput.epochs_from_run(d)] if row is not None]
 print(f"book/runs: {len(run_epochs)} training runs with whole-epoch timings")
 
 # %% [markdown]
@@ -758,12 +761,12 @@ else:
 # ### Where the time goes
 #
 # `python -m satconv bench --kernels` profiles three training steps after the warm-up and adds up the
-# time of every device kernel by category (`satconv.kernels.categorise` reads the kernel names: matrix
+# time of every device kernel by category (`satconv.bench.kernels.categorise` reads the kernel names: matrix
 # products, convolutions, softmax, normalisation, layout copies, optimizer, other element-wise work).
 # Where the wall time of a step exceeds its summed kernel time, the difference is launch overhead and
 # idle time. The committed GPU breakdown is `book/bench/h200_kernels.jsonl` (`make gpu-bench-kernels`).
 # Profiled without CUDA graphs (`--compile default`), a row also names the aten operator that launched each
-# kernel not written by inductor (`launched_by`, `satconv.kernels.kernel_launchers`): that is how the
+# kernel not written by inductor (`launched_by`, `satconv.bench.kernels.kernel_launchers`): that is how the
 # bias copies inside `addmm` were found (see the padding section below).
 # On a CPU the same breakdown sums the self time of the aten operators, which run on several threads,
 # so it can exceed the wall time; the example below, tiny models measured during the book build, only
@@ -803,7 +806,7 @@ def kernel_chart(rows, title):
 
 def kernel_table(rows, top=5):
     """The most expensive kernels of each config, per step, with the aten operators that launched them
-    where the rows record them (`satconv.kernels.kernel_launchers`: profiles without CUDA graphs)."""
+    where the rows record them (`satconv.bench.kernels.kernel_launchers`: profiles without CUDA graphs)."""
     shown = [(r, k) for r in rows for k in r["kernels"][:top]]
     launched = any(k.get("launched_by") for _, k in shown)
     cells = [[label_of(r), (r.get("satconv_source") or "–")[:8], k["category"], k["name"][:90], f"{k['ms']:.3f}",
@@ -842,7 +845,7 @@ else:
         display(Markdown(f"{len(old_rule)} of these rows were categorised by an earlier rule, which filed an "
                          "inductor-fused kernel as a layout copy whenever its name held a cast, a transpose or a "
                          "clone, even when the kernel also computed (the packed dropout mask's backward, the q·r "
-                         "terms' scatter): their layout-copy bars hold element-wise work too. `satconv.kernels."
+                         "terms' scatter): their layout-copy bars hold element-wise work too. `satconv.bench.kernels."
                          "categorise` now reads all the operators of a fused kernel."))
     noted = [r for r in gpu_kernels if r.get("inductor_note")]
     if noted:
@@ -997,7 +1000,7 @@ else:
 # %% [markdown]
 # ### Projected time of a full training schedule
 #
-# `timing.epoch_time_projection` turns a training throughput into hours for a schedule: the config's
+# `satconv.bench.throughput.epoch_time_projection` turns a training throughput into hours for a schedule: the config's
 # number of epochs over 45,000 images (CIFAR-10's training set less the 5,000 held out for validation).
 # The model-only projection uses the fastest batch-100 row of each model; where a whole epoch was timed
 # (data loading, augmentation and evaluation included, `h200_epochs.jsonl`), the projection from that
@@ -1017,14 +1020,14 @@ for name in MAIN:
     r, e, ref = best_rows.get(name), epochs_by_config.get(name), RE_REFERENCE.get(name)
     epoch_img_s = e["images"] / e["epoch_time_s"] if e else None
     cells.append([name, epochs, fmt(r and r["train_img_s"], ",.0f", "not measured yet"),
-                  fmt(r and timing.epoch_time_projection(r["train_img_s"], epochs, TRAIN_IMAGES), ".2f", "–"),
+                  fmt(r and throughput.epoch_time_projection(r["train_img_s"], epochs, TRAIN_IMAGES), ".2f", "–"),
                   fmt(epoch_img_s, ",.0f"),
-                  fmt(epoch_img_s and timing.epoch_time_projection(epoch_img_s, epochs, TRAIN_IMAGES), ".2f"),
+                  fmt(epoch_img_s and throughput.epoch_time_projection(epoch_img_s, epochs, TRAIN_IMAGES), ".2f"),
                   # an epoch row of older code ran a slower model: its date and its own model-only figure
                   (f"{e['date'][:10]} ({fmt(e.get('model_only_img_s'), ',.0f', 'not recorded')})"
                    if e and e.get("date") else "–"),
                   "does not run" if name in RE_DOES_NOT_RUN else fmt(ref and ref["img_s"], ","),
-                  fmt(ref and timing.epoch_time_projection(ref["img_s"], epochs, TRAIN_IMAGES), ".2f")])
+                  fmt(ref and throughput.epoch_time_projection(ref["img_s"], epochs, TRAIN_IMAGES), ".2f")])
 html_table(header, cells)
 
 # %% [markdown]
@@ -1076,7 +1079,7 @@ else:
 # How throughput and memory grow with the input for each attention family: the same networks at image
 # sides 16, 32 and 64 (a side of 64 means 4 times the tokens of CIFAR-10 and 16 times the entries of a
 # global attention matrix), at batch 100 and at the largest batch that fits. Learned relative embeddings
-# are widened to cover the larger token grid (`timing.with_image_side`).
+# are widened to cover the larger token grid (`satconv.bench.throughput.with_image_side`).
 
 # %%
 SIDES = (16, 32, 64)

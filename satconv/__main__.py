@@ -3,7 +3,7 @@
     python -m satconv train --config configs/paper_quadratic.yaml [--out DIR] [--profile quick]
                             [--set train.epochs=2 --set data.source=imagefolder ...]
     python -m satconv eval --run runs/paper_quadratic [--split test|val] [--weights best|last]
-    python -m satconv bench ...        (satconv.timing)
+    python -m satconv bench ...        (satconv.bench, also python -m satconv.bench ...)
 
 Exit codes: 0 success, 1 the run failed (NaN loss, out of memory, unreadable data or checkpoint, disk full),
 2 bad arguments or config (with a usage message) or a run directory another process is writing, 130 (SIGINT)
@@ -46,7 +46,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     e.add_argument("--weights", choices=["best", "last"], default="best",
                    help="best: best validation accuracy (default); last: the final weights")
     e.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    sub.add_parser("bench", help="timing benchmarks (satconv.timing; see python -m satconv bench --help)",
+    sub.add_parser("bench", help="timing benchmarks (satconv.bench; see python -m satconv bench --help)",
                    add_help=False)
     return p, {"train": t, "eval": e}
 
@@ -66,10 +66,11 @@ def _device(parser: argparse.ArgumentParser, name: str | None):
 
 def _bench(argv: list[str]) -> int:
     try:
-        from .timing import bench_main
+        from .bench.cli import bench_main
     except ImportError as exc:
-        why = "is not part of this installation" if exc.name == "satconv.timing" else f"cannot be imported ({exc})"
-        print(f"python -m satconv bench: error: satconv.timing {why}; the bench command needs it", file=sys.stderr)
+        missing = exc.name in ("satconv.bench", "satconv.bench.cli")
+        why = "is not part of this installation" if missing else f"cannot be imported ({exc})"
+        print(f"python -m satconv bench: error: satconv.bench {why}; the bench command needs it", file=sys.stderr)
         return 2
     return int(bench_main(argv) or 0)
 

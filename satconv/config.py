@@ -222,6 +222,10 @@ class TrainConfig:
     # straight into W_out's layout with the probabilities' gradient as one GEMM over the batch, or one GEMM
     # and a layout copy, or bmm with autograd's gradient, or W_out's head slices first (same function)
     shared_route: Literal["bmm_gemm", "einsum", "bmm", "wfirst"] = "bmm_gemm"
+    # the folded attention's softmax + dropout forward, and the element-wise part of its backward, as one
+    # Triton kernel each (CUDA with Triton only; elsewhere, or false, PyTorch's/inductor's kernels)
+    fused_forward: bool = True
+    fused_backward: bool = True
     # capture the whole training step (forward, loss, backward, SGD step) in one CUDA graph and replay it
     # (CUDA only; not with a compile_mode that adds CUDA graphs of its own)
     step_graph: bool = False

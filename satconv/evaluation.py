@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from .attention.routes import Routes, set_routes
 from .config import ConfigError, ExperimentConfig, from_dict
 from .data import DeviceLoader, load_data
 from .experiment import resolve_config
@@ -81,7 +82,7 @@ def load_model(run_dir: str | Path, weights: str = "best", device: str | torch.d
     ck = load_checkpoint(path, keys=("model", "epoch"))
     if model_factory is None:
         from .models import build_model as model_factory
-    model = model_factory(cfg.model)
+    model = set_routes(model_factory(cfg.model), Routes.from_train(cfg.train))
     fit_heads_to_state(model, ck["model"])  # a run that pruned heads (train.prune_degenerate_heads)
     model.load_state_dict(ck["model"])
     return model.to(device).eval(), {"weights": weights, "epoch": ck["epoch"]}

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .attention.base import explicit_paths
+from .attention.routes import EXPLICIT, using_routes
 from .config import ExperimentConfig
 
 
@@ -84,7 +85,7 @@ def flops_per_image(model: nn.Module, image_size: int = 32, mode: str = "train",
         device: where the input is made; ``None``: the model's device.  ``"meta"`` counts
             without computing (build the model under ``torch.device("meta")``).
         batch: images in the counted batch (>= 1).
-        explicit: count the explicit formulation of eq. (2) (:func:`satconv.attention.explicit_paths`):
+        explicit: count the explicit formulation of eq. (2) (:data:`satconv.attention.routes.EXPLICIT`):
             the model's FLOPs, the convention of MFU.  ``False`` counts what the fast paths execute
             (the folded content attention skips the key projection, so it executes fewer).
 
@@ -101,7 +102,7 @@ def flops_per_image(model: nn.Module, image_size: int = 32, mode: str = "train",
     had_grad = {p: p.grad for p in model.parameters()}
     model.train(mode == "train")
     try:
-        with counter() as flop_counter, explicit_paths(explicit):
+        with counter() as flop_counter, using_routes(model, EXPLICIT) if explicit else contextlib.nullcontext():
             if mode == "train":
                 logits = model(x)
                 y = torch.zeros(batch, dtype=torch.long, device=device)
@@ -164,7 +165,7 @@ def paper_convention_flops(model: nn.Module, image_size: int = 32, device=None) 
     model.eval()
     x = torch.randn(1, _in_channels(model), image_size, image_size, device=device)
     try:
-        with torch.no_grad(), counter() as flop_counter, explicit_paths():
+        with torch.no_grad(), counter() as flop_counter, using_routes(model, EXPLICIT):
             model(x)
     finally:
         for h in handles:
@@ -188,10 +189,15 @@ def _count_model(cfg: ExperimentConfig) -> nn.Module:
         return build_model(cfg)
 
 
-def _config_flops(cfg: ExperimentConfig, model: nn.Module, executed: bool = False) -> tuple[int, ...]:
-    """(train, eval) model FLOPs per image, plus the executed training FLOPs if ``executed``.
+def config_flops(cfg: ExperimentConfig, model: nn.Module, executed: bool = False) -> tuple[int, ...]:
+    """Model FLOPs per image of ``cfg``'s network, as :func:`flops_per_image` counts them at
+    ``cfg.model.image_size``.
 
     Counted on a meta copy, or on ``model`` if the meta run fails (a module that reads data).
+
+    Returns:
+        ``(train, eval)`` FLOPs per image of the explicit formulation (batch 2), plus the training FLOPs the
+        fast paths execute (batch 100) if ``executed``.
     """
     size = cfg.model.image_size
     # the executed count uses batch 100: folded weights cost FLOPs per step, not per image
@@ -206,4 +212,4 @@ def _config_flops(cfg: ExperimentConfig, model: nn.Module, executed: bool = Fals
         return count(model, None)
 
 
-__all__ = ["flops_per_image", "paper_convention_flops"]
+__all__ = ["flops_per_image", "paper_convention_flops", "config_flops"]

@@ -15,6 +15,8 @@ x86-64 generations. A chapter therefore glues *text*, never a raw float whose di
   shows it, after checking that a relative change of ``rtol`` does not change that text, so that a
   value sitting next to a rounding boundary is caught here rather than on another machine.
 
+:func:`html_table` renders the book's tables (one helper for every chapter).
+
 Exact quantities (counts, and ratios or sums of counts computed in Python floats, which round the
 same way everywhere) may be glued as numbers. Both functions return the text to glue, as in
 ``glue("concat_vs_sum", below(err, 1e-13), display=False)``; the prose pastes it with the ``glue:text``
@@ -22,9 +24,10 @@ role and no format spec (the format is applied here).
 """
 from __future__ import annotations
 
+import html
 import math
 
-__all__ = ["below", "shown"]
+__all__ = ["below", "shown", "html_table", "HtmlTable"]
 
 
 def below(value: float, bound: float) -> str:
@@ -82,3 +85,56 @@ def shown(value: float, spec: str, *, rtol: float = 1e-4) -> str:
         raise ValueError(f"{value!r} formatted as {spec!r} is {text!r}, but within a relative {rtol:g} it reads "
                          f"{low!r} or {high!r}: the text would depend on the machine; show fewer digits")
     return text
+
+
+class HtmlTable:
+    """An HTML table that Jupyter and ``myst_nb``'s ``glue`` display as HTML (``_repr_html_``).
+
+    Its plain-text form is ``"<table: R rows x C columns>"``: the same on every run, so a notebook's stored
+    ``text/plain`` output does not change with memory addresses.
+
+    Attributes:
+        html: the markup.
+        shape: ``(rows, columns)`` of the body.
+    """
+
+    def __init__(self, markup: str, shape: tuple[int, int]):
+        self.html, self.shape = markup, shape
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __str__(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return f"<table: {self.shape[0]} rows x {self.shape[1]} columns>"
+
+
+def html_table(header, rows, notes=(), *, escape: bool = True) -> HtmlTable:
+    """A compact, horizontally scrollable HTML table, with small notes below it.
+
+    Args:
+        header: the column titles, ``C`` of them.
+        rows: ``R`` rows of ``C`` cells each; a cell is formatted with ``str``.
+        notes: lines printed small below the table.
+        escape: HTML-escape the header, the cells and the notes (``False``: cells already hold markup,
+            such as links or ``<br>``).
+
+    Returns:
+        An :class:`HtmlTable` (``class="satconv-table"``).
+
+    Raises:
+        ValueError: a row whose length is not the header's.
+    """
+    header, rows = list(header), [list(r) for r in rows]
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} has {len(row)} cells, the header {len(header)}: {row!r}")
+    text = (lambda c: html.escape(str(c))) if escape else str
+    head = "".join(f"<th>{text(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{text(c)}</td>" for c in row) + "</tr>" for row in rows)
+    foot = "".join(f"<p><small>{text(n)}</small></p>" for n in notes)
+    markup = (f'<div class="satconv-table" style="overflow-x: auto; font-size: 0.85em"><table>'
+              f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}</div>")
+    return HtmlTable(markup, (len(rows), len(header)))

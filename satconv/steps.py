@@ -3,7 +3,7 @@
 - :func:`make_optimizer`: the paper's SGD (momentum, weight decay except on the Gaussian centres and
   spreads, bug B3), one fused kernel on CUDA; :func:`set_group_lr` sets its learning rate.
 - :func:`training_step`: the one step body (forward under autocast, cross-entropy with label smoothing
-  on float32 logits, backward, SGD step) that :mod:`satconv.train` trains with and :mod:`satconv.timing`
+  on float32 logits, backward, SGD step) that :mod:`satconv.train` trains with and :mod:`satconv.bench`
   times, so a benchmark's step is a training step.
 - :func:`compile_model` / :func:`compiled`: ``torch.compile`` with satconv's inductor options
   (:data:`INDUCTOR_OPTIONS`), static shapes.
@@ -60,7 +60,7 @@ def training_step(forward: Callable, opt: torch.optim.Optimizer, x: torch.Tensor
 
     Forward under ``torch.autocast`` to bfloat16 when ``bf16``, cross-entropy with ``label_smoothing`` on
     the logits cast to float32, ``backward()`` and ``opt.step()``.  Training (:mod:`satconv.train`) and the
-    benchmark (:mod:`satconv.timing`) both run this body, so they time and train the same step.
+    benchmark (:mod:`satconv.bench`) both run this body, so they time and train the same step.
 
     Args:
         forward: ``(B, C, H, W) -> (B, classes)`` (the model, or its compiled callable).

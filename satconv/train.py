@@ -48,7 +48,7 @@ import yaml
 from . import __version__
 from .config import ExperimentConfig, flatten, to_dict
 from .atlas import ATLAS_MAX_BYTES, attention_snapshot, build_atlas
-from .attention.base import attention_routes
+from .attention.routes import Routes, set_routes
 from .data import DeviceLoader, load_data, normalize
 from .rundir import (Checkpoints, CorruptFile, DiskFull, Interrupted, RunDirError, RunLock, StopSignals, append_text,
                      prepare_run_dir, read_json, remove_temp_files, save_torch, signal_name, write_text)
@@ -66,8 +66,10 @@ METRIC_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "va
                "epoch_time_s")
 #: config keys that may change between a run and its resumption (they do not affect the numbers)
 RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
-                    "train.compile", "train.compile_mode", "train.channels_last", "train.step_graph", "train.snapshot_attention", "train.atlas_images", "train.atlas_queries",
-                    "train.eval_batch_size", "data.root", "data.cache_dir", "data.device_resident"}
+                    "train.compile", "train.compile_mode", "train.channels_last", "train.step_graph",
+                    "train.fused_forward", "train.fused_backward", "train.snapshot_attention", "train.atlas_images",
+                    "train.atlas_queries", "train.eval_batch_size", "data.root", "data.cache_dir",
+                    "data.device_resident"}
 #: keys a resumable checkpoint (last.pt) must have
 RESUME_KEYS = ("format", "config", "model", "optimizer", "epoch", "step", "rng")
 
@@ -105,8 +107,11 @@ class RunResult:
 # ---------------------------------------------------------------------------------------------
 def config_diff(old: dict, cfg: ExperimentConfig, free=RESUME_FREE_KEYS) -> list[str]:
     """``"key: old -> new"`` for every dotted key outside ``free`` in which the plain config ``old``
-    (as :func:`~satconv.config.to_dict` writes it) and ``cfg`` differ."""
+    (as :func:`~satconv.config.to_dict` writes it) and ``cfg`` differ.  A key that ``old`` lacks (a config
+    written before the key existed) counts as having its default value."""
     old, new = flatten(old), flatten(to_dict(cfg))
+    defaults = flatten(to_dict(ExperimentConfig()))
+    old.update({k: defaults[k] for k in new if k not in old and k in defaults})
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in free and old.get(k) != new.get(k)]
 
@@ -149,7 +154,8 @@ class _Run:
         if model_factory is None:
             from .models import build_model as model_factory
         self.model_factory = model_factory
-        self.model = model_factory(cfg.model).to(device)
+        # the attention layers' routes (train.attention_route, shared_route, fused_*): attributes of the model
+        self.model = set_routes(model_factory(cfg.model), Routes.from_train(t)).to(device)
         if self._found is not None and not config_diff(self._found[0]["config"], cfg):
             from .prune import fit_heads_to_state  # resuming: the heads the run's checkpoint holds
             fit_heads_to_state(self.model, self._found[0]["model"])
@@ -387,7 +393,7 @@ class _Run:
                 stale.unlink()
         bar = None
         try:
-            with self.stop, attention_routes(t.attention_route, t.shared_route):
+            with self.stop:
                 write_text(self.dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
                 self._write_run_json(resumed, status="running", previous=previous)
                 if self.epoch < t.epochs and _progress_enabled(self.progress):

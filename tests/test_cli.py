@@ -49,16 +49,16 @@ def test_module_entry_point_runs():
     assert proc.returncode == 2 and "usage: python -m satconv" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_bench_without_timing_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "satconv.timing", None)  # import of satconv.timing now fails
+def test_bench_without_the_bench_package(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "satconv.bench.cli", None)  # import of satconv.bench.cli now fails
     code, err = exit_code(["bench", "--anything"], capsys)
-    assert code == 2 and "satconv.timing is not part of this installation" in err
+    assert code == 2 and "satconv.bench is not part of this installation" in err
 
 
 def test_bench_dispatches(monkeypatch):
     import types
     seen = []
-    monkeypatch.setitem(sys.modules, "satconv.timing", types.SimpleNamespace(bench_main=lambda a: seen.append(a) or 0))
+    monkeypatch.setitem(sys.modules, "satconv.bench.cli", types.SimpleNamespace(bench_main=lambda a: seen.append(a) or 0))
     assert main(["bench", "--batch", "8"]) == 0 and seen == [["--batch", "8"]]
 
 

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from satconv import config as C
-from satconv import timing
+from satconv.bench import cli as bench_cli
+from satconv.bench import throughput
 from satconv.config import REPO_ROOT, config_keys
 from tests.test_cli import QUADRATIC, exit_code
 
@@ -48,8 +49,10 @@ def no_benchmark(monkeypatch):
     """Make every benchmark entry point fail the test: the argument checks must come first."""
     def ran(*args, **kwargs):
         raise AssertionError("a benchmark ran before the arguments were checked")
-    for name in ("bench_model", "bench_batch", "scaling", "epoch_timing", "fused_launch_sweep", "largest_batch"):
-        monkeypatch.setattr(timing, name, ran)
+    for name in ("bench_batch", "scaling", "epoch_timing", "fused_launch_sweep", "kernel_breakdown"):
+        monkeypatch.setattr(bench_cli, name, ran)  # what the command calls
+    for name in ("bench_model", "largest_batch"):
+        monkeypatch.setattr(throughput, name, ran)  # what bench_batch and epoch_timing call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,15 +173,15 @@ def test_side_rule_matches_the_networks(config):
     import torch
     from satconv.models import build_model
     cfg = C.load(REPO_ROOT / "configs" / config, profile="quick")
-    step, minimum, _ = timing._image_side_rule(cfg)
+    step, minimum, _ = throughput.image_side_rule(cfg)
     allowed = [s for s in range(minimum, minimum + 2 * step + 1) if s % step == 0][:2]
     for side in allowed:
-        model = build_model(timing.with_image_side(cfg, side).model).eval()
+        model = build_model(throughput.with_image_side(cfg, side).model).eval()
         with torch.no_grad():
             assert model(torch.zeros(1, 3, side, side)).shape == (1, cfg.model.num_classes)
     if minimum > 1:  # the side just below the rule's minimum fails in the network (or its config)
         with pytest.raises((C.ConfigError, RuntimeError, ValueError)):
-            c = timing.with_image_side(cfg, minimum - 1)
+            c = throughput.with_image_side(cfg, minimum - 1)
             with torch.no_grad():
                 build_model(c.model).eval()(torch.zeros(1, 3, minimum - 1, minimum - 1))
 
@@ -236,7 +239,7 @@ def test_bench_out_in_a_read_only_folder(tmp_path, capsys, no_benchmark):
 
 
 def test_bench_out_probe_leaves_nothing(tmp_path):
-    assert timing._out_problem(str(tmp_path / "new" / "rows.jsonl")) is None
+    assert bench_cli.out_problem(str(tmp_path / "new" / "rows.jsonl")) is None
     assert list(tmp_path.iterdir()) == []
 
 
@@ -287,7 +290,7 @@ def test_ctrl_c_while_reading_the_config(monkeypatch, capsys):
 
 
 def test_ctrl_c_during_bench(monkeypatch, capsys):
-    monkeypatch.setattr(timing, "bench_batch", _ctrl_c)
+    monkeypatch.setattr(bench_cli, "bench_batch", _ctrl_c)
     code, err = exit_code(["bench", "--config", QUADRATIC, "--device", "cpu"], capsys)
     assert code == 130 and err.strip() == "satconv: interrupted; the rows printed so far are complete"
 

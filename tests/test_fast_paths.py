@@ -1,7 +1,7 @@
 """Fast paths pinned to explicit ones (paper.md §6; performance issue).
 
 On CPU: the folded content attention (:mod:`satconv.attention.folded`), the batched routes of ``AttentionBase.combine`` and the per-axis q.r
-gather against the explicit route (:func:`satconv.attention.base.explicit_paths`) or plain
+gather against the explicit route (``Routes(fast=False)``, :func:`satconv.attention.routes.using_routes`) or plain
 broadcast products, in float64, with gradients.  On CUDA (skipped elsewhere): bf16 autocast and ``torch.compile``
 against the float32 eager model, with stated tolerances.
 """
@@ -11,8 +11,8 @@ import torch
 from satconv import config as C
 from satconv.attention import ContentAttention, LearnedRelativeAttention, QuadraticAttention
 from satconv.attention import folded as folded_module
-from satconv.attention.base import (SHARED_ROUTES, attention_routes, dense_attention_route, explicit_paths,
-                                    fold_following, shared_attention_route)
+from satconv.attention.base import fold_following
+from satconv.attention.routes import EXPLICIT, SHARED_ROUTES, Routes, using_routes
 from satconv.attention.folded import (SoftmaxDropoutMix, fold_query_key, key_axis_codes, pack_mask, window_codes,
                                       unpack_mask)
 from satconv.models import build_model
@@ -45,7 +45,7 @@ def test_combine_routes_equal_broadcast_product(shared_probs, route):
     def run(fn):
         out = fn(probs, v)
         return (out, *torch.autograd.grad((out * g).sum(), [probs, v, m.proj.weight]))
-    with shared_attention_route(route):
+    with using_routes(m, Routes(shared=route)):
         got = run(m.combine)
     for a, e in zip(got, run(lambda p, x: _explicit_combine(m, p, x))):
         torch.testing.assert_close(a, e, **EXACT)
@@ -139,9 +139,9 @@ def test_fast_path_equals_explicit_path_with_gradients(name, hierarchical, retur
     then = _following_layer(m, follow)
     x = torch.randn(3, 4, 5, 8, dtype=torch.float64)
     ks = torch.randn(3, 4, 5, 8, dtype=torch.float64) if hierarchical else None
-    with shared_attention_route(shared):
+    with using_routes(m, Routes(shared=shared)):
         fast = _forward_and_grads(m, x, ks, return_attention, then)
-    with explicit_paths():
+    with using_routes(m, EXPLICIT):
         ref = _forward_and_grads(m, x, ks, return_attention, then)
     if follow:
         assert fast[0].shape[-1] == 5
@@ -188,10 +188,10 @@ def test_sdpa_route_equals_explicit_path_with_gradients(name, hierarchical, foll
         out = m(x, key_source=ks, **({} if then is None else {"then": then}))
         return out, torch.autograd.grad((out * weights).sum(), [x, *params], allow_unused=True,
                                         materialize_grads=True)
-    with dense_attention_route("sdpa"):
+    with using_routes(m, Routes(dense="sdpa")):
         fast = run()
     assert len(calls) == 1 and calls[0][2] == 4 * 5 * 3  # one attention of N * heads queries
-    with explicit_paths():
+    with using_routes(m, EXPLICIT):
         ref = run()
     torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-12)
     for a, b in zip(fast[1], ref[1]):
@@ -207,7 +207,7 @@ def test_sdpa_route_dropout_is_unbiased(name):
     m.attn_drop.p = 0.5
     x = torch.randn(1, 2, 3, 8, dtype=torch.float64)
     many = x.expand(4000, -1, -1, -1)
-    with dense_attention_route("sdpa"), torch.no_grad():
+    with using_routes(m, Routes(dense="sdpa")), torch.no_grad():
         ref = m.eval()(x)[0]
         samples = m.train()(many)  # (4000, 2, 3, out_dim): independent masks per image
     std = samples.std(0)
@@ -239,15 +239,13 @@ def test_unknown_route_is_refused_and_the_config_offers_every_route():
     import typing
     from satconv.attention import DENSE_ROUTES
     with pytest.raises(ValueError, match="folded, sdpa"):
-        with dense_attention_route("flash"):
-            pass
+        Routes(dense="flash")
     from satconv.attention import SHARED_ROUTES as shared_routes
     hints = typing.get_type_hints(C.TrainConfig)
     assert typing.get_args(hints["attention_route"]) == DENSE_ROUTES
     assert typing.get_args(hints["shared_route"]) == shared_routes
     with pytest.raises(ValueError, match="bmm_gemm, einsum, bmm"):
-        with shared_attention_route("loop"):
-            pass
+        Routes(shared="loop")
     with pytest.raises(C.ConfigError, match="train.attention_route"):
         C.override(C.ExperimentConfig(), ["train.attention_route=flash"])
 
@@ -320,7 +318,7 @@ def test_encoder_fast_path_equals_explicit_model_with_gradients(name):
     fast = run()
     for block in model.blocks:  # the reference: attention alone, then the block's dense, all explicit
         block.attn.folds_then = False
-    with explicit_paths():
+    with using_routes(model, EXPLICIT):
         ref = run()
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-10, atol=1e-12)
     for a, b in zip(fast[1], ref[1]):
@@ -337,10 +335,10 @@ def test_route_family_names_the_route_setting_the_layers_read(name, monkeypatch)
     model = build_model(cfg).train()
     families = {layer.route_family for layer in model.attention_layers() if hasattr(layer, "route_family")}
     sdpa_calls = _count_sdpa_calls(monkeypatch)
-    shared_calls, real_shared = [], base.shared_route
-    monkeypatch.setattr(base, "shared_route", lambda: shared_calls.append(1) or real_shared())
+    shared_calls, real_shared = [], base.SharedProbabilityProduct.apply  # the default shared route's product
+    monkeypatch.setattr(base.SharedProbabilityProduct, "apply", lambda *a: shared_calls.append(1) or real_shared(*a))
     size = cfg.model.image_size
-    with torch.no_grad(), dense_attention_route("sdpa"):
+    with torch.no_grad(), using_routes(model, Routes(dense="sdpa")):
         model(torch.randn(2, cfg.model.in_channels, size, size))
     assert bool(sdpa_calls) == ("dense" in families)
     assert bool(shared_calls) == ("shared" in families)
@@ -366,7 +364,7 @@ def test_bf16_fast_paths_match_the_float32_explicit_model_on_cpu(name):
     model = build_model(C.load(C.REPO_ROOT / "configs" / f"{name}.yaml", ["model.num_layers=2"])).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        with explicit_paths():
+        with using_routes(model, EXPLICIT):
             ref = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x)
@@ -412,9 +410,9 @@ def test_bf16_and_compile_match_fp32_on_gpu(name, dense, shared):
     model = _gpu_model(name)
     x = torch.randn(8, 3, 32, 32, device="cuda")
     with torch.inference_mode():
-        with explicit_paths():
+        with using_routes(model, EXPLICIT):
             ref = model(x)
-        with attention_routes(dense, shared):
+        with using_routes(model, Routes(dense=dense, shared=shared)):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 low = model(x)
             fast = torch.compile(model)(x)
@@ -435,7 +433,7 @@ def test_sdpa_route_runs_a_fused_kernel_on_gpu(value_proj):
         m = LearnedRelativeAttention(400, 9, variant="content_query_position", max_position=16, dropout=0.1)
         m = m.cuda().train()
     x = torch.randn(2, 16, 16, 400, device="cuda", requires_grad=True)
-    with dense_attention_route("sdpa"), torch.autocast("cuda", dtype=torch.bfloat16), \
+    with using_routes(m, Routes(dense="sdpa")), torch.autocast("cuda", dtype=torch.bfloat16), \
             sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         out = m(x)
         out.float().square().mean().backward()
@@ -452,7 +450,7 @@ def test_sdpa_route_gradients_match_the_folded_route_on_gpu(name):
     grads = {}
     for route in ("folded", "sdpa"):
         model.zero_grad(set_to_none=True)
-        with dense_attention_route(route), torch.autocast("cuda", dtype=torch.bfloat16):
+        with using_routes(model, Routes(dense=route)), torch.autocast("cuda", dtype=torch.bfloat16):
             model(x).float().square().mean().backward()
         grads[route] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert _rel(grads["sdpa"], grads["folded"]) < BF16_REL
@@ -490,7 +488,7 @@ def test_layer_norm_keeps_the_autocast_dtype():
     torch.testing.assert_close(ln(x), ref(x), rtol=0, atol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = ln(x)
-        with explicit_paths():
+        with using_routes(ln, EXPLICIT):
             full = ln(x)
     assert low.dtype == torch.bfloat16 and full.dtype == torch.float32
     torch.testing.assert_close(full, ref(x), rtol=0, atol=0)

@@ -52,7 +52,7 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
                                    atol=1e-7)
 
     # through SoftmaxDropoutMix: the fused backward has autograd's gradients for the mask drawn
-    fused.enabled = lambda t: True  # CPU tensors, interpreted kernel
+    # CPU tensors run the interpreted kernel (TRITON_INTERPRET=1) where the fused flags ask for it
     launches = []
     launch = fused._launch
     fused._launch = lambda *args: launches.append(1) or launch(*args)  # counts the kernel's launches
@@ -62,7 +62,8 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
         values = torch.randn(2, 13, 5, requires_grad=True)
         g_mixed, g_rowsum = torch.randn(2, 6, 5), torch.randn(2, 6)
         torch.manual_seed(7)
-        mixed, rowsum = folded.SoftmaxDropoutMix.apply(logits, values, p, torch.float32)
+        mixed, rowsum = folded.SoftmaxDropoutMix.apply(logits, values, p, torch.float32, 0, None, None, None,
+                                                       False, True)  # the fused backward only
         got = torch.autograd.grad((mixed * g_mixed).sum() + (rowsum * g_rowsum).sum(), [logits, values])
         torch.manual_seed(7)
         keep = torch.empty(2, 6, 13, dtype=torch.uint8).bernoulli_(1 - p).bool()
@@ -74,7 +75,7 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
 
         # compiled by inductor: the operator runs as it is, with the same mask (keep_mask is eager's draw)
         def loss_of(lg, vl):
-            m, rs = folded.SoftmaxDropoutMix.apply(lg, vl, p, torch.float32)
+            m, rs = folded.SoftmaxDropoutMix.apply(lg, vl, p, torch.float32, 0, None, None, None, False, True)
             return (m * g_mixed).sum() + (rs * g_rowsum).sum()
 
         torch.manual_seed(7)
@@ -107,7 +108,6 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
 
     # SoftmaxDropoutMix with relative terms and padding: fused forward and backward against the PyTorch path
     def run_mix(fwd, bwd, p):
-        fused.forward_enabled, fused.enabled = (lambda t: fwd), (lambda t: bwd)
         torch.manual_seed(3)
         lg = torch.randn(2, 6, 16, requires_grad=True)
         vl = torch.randn(2, 16, 5, requires_grad=True)
@@ -115,7 +115,7 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
         cl = torch.randn(2, 6, 4, requires_grad=True)
         gm, gs = torch.randn(2, 6, 5), torch.randn(2, 6)
         torch.manual_seed(9)
-        m, rs = folded.SoftmaxDropoutMix.apply(lg, vl, p, torch.float32, 0, rw, cl, 14)
+        m, rs = folded.SoftmaxDropoutMix.apply(lg, vl, p, torch.float32, 0, rw, cl, 14, fwd, bwd)
         grads = torch.autograd.grad((m * gm).sum() + (rs * gs).sum(), [lg, vl, rw, cl])
         return (m, rs) + grads
 
@@ -128,9 +128,8 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
     # whole models on both kernels (the folded forward hands them the relative terms and the padding)
     # against the explicit model, logits and gradients, float32, evaluation mode (no dropout drawn)
     from satconv import config as C
-    from satconv.attention.base import explicit_paths
+    from satconv.attention.routes import EXPLICIT, using_routes
     from satconv.models import build_model
-    fused.forward_enabled, fused.enabled = (lambda t: True), (lambda t: True)
     forwards = []
     forward = fused.softmax_dropout_forward
     fused.softmax_dropout_forward = lambda *args: forwards.append(args[1] is not None) or forward(*args)
@@ -147,7 +146,7 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
         got = run()
         assert len(launches) == before + 2  # both blocks ran the fused backward
         assert forwards[-2:] == [name == "paper_learned_content"] * 2  # and the fused forward, relative terms in it
-        with explicit_paths():
+        with using_routes(model, EXPLICIT):
             want = run()
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -168,45 +167,46 @@ def test_fused_kernels_equal_the_pytorch_expressions_interpreted():
     assert done.stdout.strip().endswith("ok")
 
 
-def test_fused_backward_is_used_only_where_it_applies():
-    """On CUDA tensors in a float dtype it can run (unless turned off); never on CPU tensors or float64."""
-    assert not fused.enabled(torch.zeros(1)) and not fused.on_device("cpu")
+def test_fused_kernels_run_only_where_they_apply(monkeypatch):
+    """A fused kernel runs where its flag asks, on CUDA tensors in a float dtype (or CPU tensors under Triton's
+    interpreter); never on plain CPU tensors or float64; the flags come from the config, into bench rows and
+    onto the model's layers."""
     from satconv import config as C
-    from satconv.timing import run_options
+    from satconv.attention.routes import fused_runs, routes_of
+    from satconv.bench.harness import run_options
+    from satconv.models import build_model
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not fused_runs(True, torch.zeros(1)) and not fused_runs(False, torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fused_runs(True, torch.zeros(1)) == fused.available() and not fused_runs(False, torch.zeros(1))
+    assert not fused_runs(True, torch.zeros(1, dtype=torch.float64))
     cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned_content.yaml")
     assert run_options(cfg, "cpu")["fused_backward"] is False  # bench rows record it
-    with fused.use_fused_backward(False):
-        assert run_options(cfg, "cuda")["fused_backward"] is False
-    assert not fused.forward_on_device("cpu") and run_options(cfg, "cpu")["fused_forward"] is False
-    with fused.use_fused_forward(False):
-        assert not fused.forward_on_device("cuda") and run_options(cfg, "cuda")["fused_forward"] is False
+    assert run_options(cfg, "cpu")["fused_forward"] is False
+    off = C.override(cfg, ["train.fused_forward=false", "train.fused_backward=false"])
+    assert run_options(off, "cuda")["fused_backward"] is False and run_options(off, "cuda")["fused_forward"] is False
+    assert run_options(cfg, "cuda")["fused_forward"] is fused.available()
+    r = routes_of(build_model(C.override(cfg, ["train.fused_forward=false", "model.num_layers=1"])))
+    assert r.fused_forward is False and r.fused_backward is True
     if torch.cuda.is_available():
-        assert fused.forward_on_device("cuda") and run_options(cfg, "cuda")["fused_forward"] is True
-        assert fused.forward_enabled(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
-        assert not fused.forward_enabled(torch.zeros(1, device="cuda", dtype=torch.float64))
-    if torch.cuda.is_available():
-        assert fused.enabled(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
-        assert not fused.enabled(torch.zeros(1, device="cuda", dtype=torch.float64))
-        with fused.use_fused_backward(False):
-            assert not fused.enabled(torch.zeros(1, device="cuda"))
-        assert fused.enabled(torch.zeros(1, device="cuda"))
+        assert fused_runs(True, torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+        assert not fused_runs(True, torch.zeros(1, device="cuda", dtype=torch.float64))
+        assert not fused_runs(False, torch.zeros(1, device="cuda"))
 
 
-def test_bench_flags_turn_the_fused_kernels_off_for_the_command(monkeypatch):
-    """``bench --no-fused-forward`` / ``--no-fused-backward`` hold while the command runs and are undone after;
-    ``--fused-launch`` refuses them."""
-    from satconv import timing
+def test_bench_flags_turn_the_fused_kernels_off_through_the_config(monkeypatch):
+    """``bench --no-fused-forward`` / ``--no-fused-backward`` become ``--set train.fused_*=false`` for every
+    config of the command; ``--fused-launch`` refuses them."""
+    from satconv.bench import cli
     seen = []
-    monkeypatch.setattr(timing, "_bench", lambda parser, args: seen.append(
-        (fused.forward_on_device("cuda"), fused.on_device("cuda"), fused._FORWARD[0], fused._ENABLED[0])) or 0)
+    monkeypatch.setattr(cli, "_bench", lambda parser, args: seen.append(list(args.set)) or 0)
     cfg = "configs/paper_quadratic.yaml"
-    assert timing.bench_main(["--config", cfg, "--no-fused-forward"]) == 0
-    assert timing.bench_main(["--config", cfg, "--no-fused-backward"]) == 0
-    assert timing.bench_main(["--config", cfg]) == 0
-    assert [s[2:] for s in seen] == [(False, True), (True, False), (True, True)]
-    assert fused._FORWARD[0] and fused._ENABLED[0]
+    assert cli.bench_main(["--config", cfg, "--no-fused-forward"]) == 0
+    assert cli.bench_main(["--config", cfg, "--no-fused-backward", "--set", "train.lr=0.2"]) == 0
+    assert cli.bench_main(["--config", cfg]) == 0
+    assert seen == [["train.fused_forward=false"], ["train.lr=0.2", "train.fused_backward=false"], []]
     with pytest.raises(SystemExit):
-        timing.bench_main(["--config", cfg, "--fused-launch", "--no-fused-forward"])
+        cli.bench_main(["--config", cfg, "--fused-launch", "--no-fused-forward"])
 
 
 def test_launch_shapes_come_from_the_table_or_the_rule():
@@ -219,12 +219,12 @@ def test_launch_shapes_come_from_the_table_or_the_rule():
     with pytest.raises(ValueError, match="'forward' or 'backward'"):
         fused.launch_shape("sideways", 256)
     from satconv import config as C
-    from satconv.timing import run_options
+    from satconv.bench.harness import run_options
     assert fused.launch_table() == "backward/256=8x4, backward/512=1x2, forward/256=8x2, forward/512=1x1"
     cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned_content.yaml")
     assert run_options(cfg, "cpu")["fused_launch"] is None  # no fused kernel runs on a CPU
-    with fused.use_fused_forward(False), fused.use_fused_backward(False):
-        assert run_options(cfg, "cuda")["fused_launch"] is None
+    off = C.override(cfg, ["train.fused_forward=false", "train.fused_backward=false"])
+    assert run_options(off, "cuda")["fused_launch"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
@@ -232,7 +232,7 @@ def test_fused_launch_sweep_times_every_shape_and_restores_the_table_gpu():
     """The sweep records both kernels of a content model, times each launch pair on the recorded arguments,
     flags one fastest per kernel and leaves :data:`fused.LAUNCH` as it was."""
     from satconv import config as C
-    from satconv.timing import fused_launch_sweep
+    from satconv.bench.fused_launch import fused_launch_sweep
 
     cfg = C.load(C.REPO_ROOT / "configs" / "paper_learned_content.yaml", ["model.num_layers=1"])
     table = dict(fused.LAUNCH)
@@ -287,6 +287,7 @@ def test_compiled_training_gradients_with_and_without_the_fused_kernels_gpu(name
     gradients with the fused backward, and with both fused kernels, as with the PyTorch expressions, to
     bf16 rounding."""
     from satconv import config as C
+    from satconv.attention.routes import Routes, set_routes
     from satconv.models import build_model
 
     cfg = C.load(C.REPO_ROOT / "configs" / f"{name}.yaml",
@@ -298,7 +299,8 @@ def test_compiled_training_gradients_with_and_without_the_fused_kernels_gpu(name
     for fwd, bwd in ((False, False), (False, True), (True, True)):
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
-        with fused.use_fused_forward(fwd), fused.use_fused_backward(bwd), torch.autocast("cuda", dtype=torch.bfloat16):
+        set_routes(model, Routes(fused_forward=fwd, fused_backward=bwd))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             torch.compile(model)(x).float().square().mean().backward()
         grads[fwd, bwd] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     ref = grads[False, False]

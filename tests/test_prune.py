@@ -14,7 +14,7 @@ import torch
 
 from satconv import train as T
 from satconv import steps as S
-from satconv.attention import SHARED_ROUTES, QuadraticAttention, explicit_paths, shared_attention_route
+from satconv.attention import EXPLICIT, SHARED_ROUTES, QuadraticAttention, Routes, using_routes
 from satconv.config import ConfigError, ExperimentConfig, load, override
 from satconv.models import build_model
 from satconv.prune import (find_degenerate_heads, fit_heads_to_state, head_counts, prune_degenerate_heads,
@@ -68,7 +68,7 @@ def test_pruned_layer_equals_the_layer_without_those_heads(isotropic, head_dim):
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(probs, ref_probs[:, [0, 2, 4]], rtol=0, atol=0)
     torch.testing.assert_close(attn(x, then=then), ref_then, rtol=1e-12, atol=1e-12)  # W_out folded with `then`
-    with explicit_paths():
+    with using_routes(attn, EXPLICIT):
         torch.testing.assert_close(attn(x), ref_out, rtol=1e-12, atol=1e-12)
 
 
@@ -80,7 +80,7 @@ def test_pruned_layer_on_every_shared_route(route):
     x = torch.randn(2, 3, 3, 4, dtype=torch.float64)
     ref = zeroed(attn, [0])
     prune_heads(attn, torch.tensor([False, True, True, True]))
-    with shared_attention_route(route):
+    with using_routes(attn, Routes(shared=route)):
         torch.testing.assert_close(attn(x), ref(x), rtol=1e-12, atol=1e-12)
 
 

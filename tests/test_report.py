@@ -91,3 +91,21 @@ def test_glued_text_is_pasted_as_it_is():
     variables = pytest.importorskip("myst_nb.core.variables")
     for text in (below(4.4e-16, 1e-13), shown(0.9234142935765134, ".0%"), shown(1.5049e-08, ".1e")):
         assert variables.format_plain_text(repr(text), "s") == text
+
+
+def test_html_table_escapes_cells_and_keeps_markup_when_asked():
+    from satconv.report import html_table
+    t = html_table(["a<b", "c"], [[1, "<i>x</i>"], ["&", 2.5]], notes=["n<1"])
+    assert "<th>a&lt;b</th>" in t.html and "<td>&lt;i&gt;x&lt;/i&gt;</td>" in t.html and "<td>&amp;</td>" in t.html
+    assert "<small>n&lt;1</small>" in t.html and t._repr_html_() == t.html == str(t)
+    assert repr(t) == "<table: 2 rows x 2 columns>" and t.shape == (2, 2)
+    raw = html_table(["h"], [["<i>x</i>"]], escape=False)
+    assert "<td><i>x</i></td>" in raw.html
+    assert raw.html.count("<tr>") == 2  # header row and one body row
+
+
+def test_html_table_refuses_ragged_rows():
+    import pytest
+    from satconv.report import html_table
+    with pytest.raises(ValueError, match="row 1 has 1 cells, the header 2"):
+        html_table(["a", "b"], [[1, 2], [3]])

@@ -549,3 +549,15 @@ def test_training_with_a_step_graph_matches_eager_training(tmp_path):
         results[mode] = T.train(cfg, out_dir=tmp_path / mode, device="cuda", progress=False, model_factory=TinyNet)
     for a, b in zip(results["false"].metrics, results["true"].metrics):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.05 and abs(a["val_loss"] - b["val_loss"]) < 0.05
+
+
+def test_config_diff_counts_keys_an_older_config_lacks_as_their_defaults():
+    """A checkpoint written before a config key existed resumes when the key keeps its default."""
+    from satconv.config import to_dict
+    cfg = tiny_config()
+    old = to_dict(cfg)
+    del old["train"]["fused_forward"]
+    assert T.config_diff(old, cfg) == []
+    del old["train"]["lr"]  # a key whose value differs from the default is still a difference
+    cfg_lr = tiny_config("train.lr=0.5")
+    assert T.config_diff(old, cfg_lr) == ["train.lr: 0.1 -> 0.5"]

@@ -22,13 +22,13 @@ Every mechanism takes ``x: (B, height, width, dim)`` and returns ``(B, height, w
 or ``(out, probs)`` with ``probs: (B or 1, heads, N, N)`` when ``return_attention=True``.
 :data:`ATTENTION` maps the YAML name (``model.attention.kind``) to the class.
 """
-from .base import (DENSE_ROUTES, SHARED_ROUTES, AttentionBase, attention_routes, dense_attention_route, dense_route,
-                   explicit_paths, relative_index, relative_offsets, shared_attention_route, shared_route)
+from .base import AttentionBase, relative_index, relative_offsets
 from .content import ContentAttention
 from .fcvit import FCViTTokenMixer
 from .learned_relative import LearnedRelativeAttention
 from .quadratic import QuadraticAttention, no_decay_param_groups
 from .san import SANPairwiseAttention, SANPatchwiseAttention
+from .routes import DENSE_ROUTES, EXPLICIT, SHARED_ROUTES, Routes, routes_of, set_routes, using_routes
 from .sasa import SASAAttention
 
 #: YAML name -> class.  Constructor keywords beyond the common ones come from the matching
@@ -44,8 +44,8 @@ ATTENTION = {
 }
 
 __all__ = [
-    "ATTENTION", "AttentionBase", "DENSE_ROUTES", "SHARED_ROUTES", "attention_routes", "dense_attention_route",
-    "dense_route", "explicit_paths", "shared_attention_route", "shared_route", "relative_index", "relative_offsets",
+    "ATTENTION", "AttentionBase", "DENSE_ROUTES", "SHARED_ROUTES", "EXPLICIT", "Routes", "routes_of", "set_routes",
+    "using_routes", "relative_index", "relative_offsets",
     "ContentAttention", "FCViTTokenMixer",
     "LearnedRelativeAttention", "QuadraticAttention", "no_decay_param_groups", "SANPairwiseAttention",
     "SANPatchwiseAttention", "SASAAttention",

@@ -16,7 +16,6 @@ stacks the per-head filters; with any other ``head_dim`` a value projection
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -24,115 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dropout import Dropout
-
-
-_FAST_PATHS = [True]
-
-
-def fast_paths_enabled() -> bool:
-    """``False`` inside :func:`explicit_paths`: mechanisms then take their explicit reference route."""
-    return _FAST_PATHS[-1]
-
-
-@contextlib.contextmanager
-def explicit_paths(explicit: bool = True):
-    """Within the block every mechanism computes eq. (2) by its explicit route (scores, softmax,
-    ``P V`` per head, ``W_out``) instead of its fast path (folded weights, shared-probability GEMMs).
-
-    The fast paths compute the same function; ``tests/test_fast_paths.py`` compares the two.  Not
-    thread-safe; state is read when a layer runs (under ``torch.compile``: when it is traced).
-    """
-    _FAST_PATHS.append(not explicit)
-    try:
-        yield
-    finally:
-        _FAST_PATHS.pop()
-
-
-class _RouteSetting:
-    """A stack of route names for one family of fast paths, read when a layer runs."""
-
-    def __init__(self, family: str, choices: tuple[str, ...]):
-        self.family, self.choices, self._stack = family, choices, [choices[0]]
-
-    def current(self) -> str:
-        return self._stack[-1]
-
-    @contextlib.contextmanager
-    def use(self, route: str):
-        if route not in self.choices:
-            raise ValueError(f"unknown {self.family} route {route!r}; choose one of {', '.join(self.choices)}")
-        self._stack.append(route)
-        try:
-            yield
-        finally:
-            self._stack.pop()
-
-
-#: routes of the folded dense attention (:func:`satconv.attention.folded.folded_forward`), default first
-DENSE_ROUTES = ("folded", "sdpa")
-#: routes of probabilities shared by the batch (:meth:`AttentionBase.combine`), default first
-SHARED_ROUTES = ("bmm_gemm", "einsum", "bmm", "wfirst")
-_DENSE = _RouteSetting("dense attention", DENSE_ROUTES)
-_SHARED = _RouteSetting("shared-probability", SHARED_ROUTES)
-
-
-def dense_route() -> str:
-    """The route folded dense attention takes on its fast path: ``"folded"`` (default) or ``"sdpa"``.
-
-    ``"folded"`` materialises the ``(B, N, heads, N)`` logits and probabilities and multiplies them
-    out with batched GEMMs; ``"sdpa"`` hands the folded queries, keys and values to
-    ``F.scaled_dot_product_attention`` (fused kernels that never store the probabilities).  Both
-    compute the same function; they draw different dropout masks.  Set with :func:`dense_attention_route`.
-    """
-    return _DENSE.current()
-
-
-def dense_attention_route(route: str):
-    """Context manager: within the block folded dense attention takes ``route`` (one of :data:`DENSE_ROUTES`).
-
-    Read when a layer runs (under ``torch.compile``: when it is traced).  Not thread-safe.
-
-    Raises:
-        ValueError: an unknown route.
-    """
-    return _DENSE.use(route)
-
-
-def shared_route() -> str:
-    """How probabilities shared by the batch meet the values: ``"bmm_gemm"`` (default), ``"einsum"``, ``"bmm"`` or ``"wfirst"``.
-
-    ``"einsum"`` is one GEMM of the ``(heads * N, N)`` probabilities with the ``(N, B * D)`` values,
-    whose ``(heads, N, B, D)`` result is then copied into the ``(B, N, heads * D)`` layout that
-    ``W_out`` reads (and its gradient copied back).  ``"bmm"`` is a batched GEMM of the same
-    probabilities, laid out ``(N * heads, N)`` and broadcast over the batch, with each image's
-    values: it lands in ``W_out``'s layout directly, and the probabilities' gradient is the sum over
-    the batch of per-image products.  ``"wfirst"`` applies every head's slice of ``W_out`` first
-    (``Y = x W_h^T`` for all heads, one GEMM into ``(B, N * heads, D_out)``), then sums over keys and
-    heads with a batched GEMM of the ``(N, N * heads)`` probabilities: no layout copy, and a
-    ``(B, N, D_out)`` result.  ``"bmm_gemm"`` runs ``"bmm"``'s forward pass and backward products for the
-    values, but takes the probabilities' gradient as one GEMM over batch and features
-    (:class:`SharedProbabilityProduct`): one layout copy per layer, in the backward pass, where
-    ``"einsum"`` has two (the fastest on an H200, ``book/bench/h200.jsonl``).  Same function; set with
-    :func:`shared_attention_route`.
-    """
-    return _SHARED.current()
-
-
-def shared_attention_route(route: str):
-    """Context manager: within the block shared probabilities take ``route`` (one of :data:`SHARED_ROUTES`).
-
-    Raises:
-        ValueError: an unknown route.
-    """
-    return _SHARED.use(route)
-
-
-@contextlib.contextmanager
-def attention_routes(dense: str = DENSE_ROUTES[0], shared: str = SHARED_ROUTES[0]):
-    """Both route settings at once (``train.attention_route`` and ``train.shared_route``)."""
-    with dense_attention_route(dense), shared_attention_route(shared):
-        yield
+from .routes import Routes
 
 
 def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -248,6 +139,9 @@ class AttentionBase(nn.Module):
     #: ``True`` when :meth:`forward` takes ``then``, a linear layer applied to its output that the
     #: fast paths fold into ``W_out`` (:func:`fold_following`).
     folds_then: bool = True
+    #: how this layer computes eq. (2) (:class:`~satconv.attention.routes.Routes`): set per layer by
+    #: :func:`~satconv.attention.routes.set_routes` (``build_model`` does, from the config)
+    routes: Routes = Routes()
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, out_dim: int | None = None,
                  dropout: float = 0.0, value_proj: bool | None = None, bias: bool = True):
@@ -268,10 +162,30 @@ class AttentionBase(nn.Module):
 
     @property
     def route_family(self) -> str | None:
-        """Which fast-path route setting this layer's forward reads: ``"dense"`` (:func:`dense_route`,
-        ``train.attention_route``: the folded content attention), ``"shared"`` (:func:`shared_route`,
+        """Which route choice this layer's fast path reads: ``"dense"`` (:attr:`Routes.dense`,
+        ``train.attention_route``: the folded content attention), ``"shared"`` (:attr:`Routes.shared`,
         ``train.shared_route``: probabilities shared by the batch) or ``None`` (neither applies)."""
         return None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, routes={self.routes}"
+
+    def check_input(self, x: torch.Tensor, key_source: torch.Tensor | None = None) -> None:
+        """Raise a clear error for an input this layer cannot take.
+
+        Args:
+            x: must be ``(B, H, W, dim)``.
+            key_source: ``None`` or the shape of ``x`` (the same batch and grid).
+
+        Raises:
+            ValueError: naming the expected and the given shape.
+        """
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} takes x of shape (batch, height, width, {self.dim}), "
+                             f"got {tuple(x.shape)}")
+        if key_source is not None and tuple(key_source.shape) != tuple(x.shape):
+            raise ValueError(f"{type(self).__name__}: key_source must have the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(key_source.shape)}")
 
     # -- pieces subclasses reuse ---------------------------------------------------------------
     def values(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +216,7 @@ class AttentionBase(nn.Module):
         """
         if then is None:
             return self.proj(z)
-        if not fast_paths_enabled():
+        if not self.routes.fast:
             return then(self.proj(z))
         return F.linear(z, *fold_following(self.proj, then))
 
@@ -317,13 +231,13 @@ class AttentionBase(nn.Module):
         Returns:
             ``(B, N, out_dim)``, or ``(B, N, E)`` with ``then``.
         """
-        fast = fast_paths_enabled()
+        fast = self.routes.fast
         if fast and probs.shape[0] == 1 and v.shape[1] == 1 and v.shape[0] > 1:
             # probabilities shared by the batch and values shared by the heads (input-independent attention
-            # without value projection, paper.md §6.4), by the route of shared_route()
+            # without value projection, paper.md §6.4), by the route Routes.shared names
             b, _, n, d = v.shape
             h = probs.shape[1]
-            route = shared_route()
+            route = self.routes.shared
             if route == "wfirst":  # sum_h P_h (x W_h^T): heads' W_out slices first, then keys and heads at once
                 weight, bias = fold_following(self.proj, then)  # (E, H*D), (E,)
                 e = weight.shape[0]
@@ -377,6 +291,7 @@ class AttentionBase(nn.Module):
         Returns:
             ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)`` with ``probs`` ``(B or 1, heads, N, N)``.
         """
+        self.check_input(x, key_source)
         b, height, width, d = x.shape
         tokens = x.reshape(b, height * width, d)
         ks = None if key_source is None else key_source.reshape(b, height * width, -1)
@@ -469,7 +384,7 @@ class InputIndependentAttention(AttentionBase):
     @property
     def route_family(self) -> str | None:
         """``"shared"`` when the heads read the raw input (no value projection): :meth:`combine` then
-        applies the batch-shared probabilities by :func:`shared_route`; ``None`` otherwise."""
+        applies the batch-shared probabilities by :attr:`Routes.shared`; ``None`` otherwise."""
         return "shared" if self.input_independent and self.value is None else None
 
     # -- to implement ----------------------------------------------------------------------------
@@ -560,6 +475,7 @@ class InputIndependentAttention(AttentionBase):
         Returns:
             ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)``.
         """
+        self.check_input(x, key_source)
         b, height, width, d = x.shape
         tokens = x.reshape(b, height * width, d)  # (B, N, D)
         probs = self.attention_probs(height, width, device=x.device, dtype=x.dtype)  # (1, H, N, N)

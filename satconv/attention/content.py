@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionBase, fast_paths_enabled, scaled
+from .base import AttentionBase, scaled
 from .folded import folded_forward
 
 
@@ -92,7 +92,7 @@ class ContentAttention(AttentionBase):
 
         With concatenated heads (``head_dim >= dim``) the fast path folds ``W_qry W_key^T`` (and
         ``W_val W_out``) per step, :func:`satconv.attention.folded.folded_forward`; inside
-        :func:`satconv.attention.base.explicit_paths` the explicit route runs.
+        ``Routes(fast=False)`` (:mod:`satconv.attention.routes`) the explicit route runs.
 
         Args:
             x: ``(B, H, W, dim)``.
@@ -103,6 +103,7 @@ class ContentAttention(AttentionBase):
         Returns:
             ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)``.
         """
-        if fast_paths_enabled() and self.route_family == "dense":
+        self.check_input(x, key_source)
+        if self.routes.fast and self.route_family == "dense":
             return folded_forward(self, x, key_source, return_attention=return_attention, then=then)
         return super().forward(x, return_attention=return_attention, key_source=key_source, then=then)

@@ -190,6 +190,7 @@ class FCViTTokenMixer(AttentionBase):
         Returns:
             ``(B, H, W, out_dim)``, or ``(out, probs)`` with ``probs`` ``(1, num_heads, N, N)``.
         """
+        self.check_input(x, key_source)
         b, height, width, d = x.shape
         t = x.permute(0, 3, 1, 2)  # (B, d, H, W)
         t = t + self.gc1(t.reshape(b, d, -1)).view_as(t)

@@ -27,7 +27,7 @@ form one ``(N * heads, dim)`` matrix per image and ``P @ x`` lands directly in t
 form one autograd function (:class:`SoftmaxDropoutMix`) that saves the probabilities in the autocast
 dtype and the dropout mask bit-packed, and recomputes the dropped probabilities in the backward pass.
 
-The ``"sdpa"`` route (:func:`satconv.attention.base.dense_attention_route`, :func:`sdpa_forward`)
+The ``"sdpa"`` route (:attr:`satconv.attention.routes.Routes.dense`, :func:`sdpa_forward`)
 hands the same folded queries, raw keys and values to ``F.scaled_dot_product_attention`` as one
 head of ``N * heads`` queries, so fused kernels compute ``softmax(A) x`` without storing the
 logits or probabilities.  The ``q . r`` term enters as extra query/key features: query ``(r_q, c_q)``
@@ -36,7 +36,7 @@ and each key carries the one-hot codes of its row and column, so their dot produ
 ``row[r_k] + col[c_k]``.  ``rowsum(P_h)`` rides along as a column of ones in the values.
 
 ``tests/test_fast_paths.py`` pins every route to the explicit one
-(:func:`satconv.attention.base.explicit_paths`).
+(``Routes(fast=False)``, :func:`satconv.attention.routes.using_routes`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ from torch import nn
 
 from ..dropout import keep_mask
 from . import fused
-from .base import autocast_dtype, axis_offset_index, dense_route, fold_following, softmax_keys, wide
+from .base import autocast_dtype, axis_offset_index, fold_following, softmax_keys, wide
+from .routes import fused_runs
 
 
 def fold_query_key(query: nn.Linear, key: nn.Linear, num_heads: int, scale: float):
@@ -170,10 +171,12 @@ def relative_and_padding(logits: torch.Tensor, row: torch.Tensor | None, col: to
 class SoftmaxDropoutMix(torch.autograd.Function):
     """``P~ = dropout(softmax(A))`` and ``P~ V`` (with ``rowsum(P~)``), saving little for the backward pass.
 
-    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype, salt=0, row=None, col=None, n_valid=None)
-    -> (mixed: (B, R, D), rowsum: (B, R))``; ``row: (B, R, Hk)`` and ``col: (B, R, Wk)`` are relative terms
-    added to key ``(r_k, c_k)`` (``Nk = Hk * Wk``) and keys ``>= n_valid`` are padding, both applied here
-    so that the fused forward (:func:`satconv.attention.fused.use_fused_forward`) reads them in its kernel.
+    ``forward(logits: (B, R, Nk), values: (B, Nk, D), p, dtype, salt=0, row=None, col=None, n_valid=None,
+    fused_forward=False, fused_backward=False) -> (mixed: (B, R, D), rowsum: (B, R))``; ``row: (B, R, Hk)`` and
+    ``col: (B, R, Wk)`` are relative terms added to key ``(r_k, c_k)`` (``Nk = Hk * Wk``) and keys ``>= n_valid``
+    are padding, both applied here so that the fused forward kernel reads them.  ``fused_forward`` /
+    ``fused_backward``: the layer's :attr:`~satconv.attention.routes.Routes.fused_forward` / ``fused_backward``
+    (the kernels run where :func:`~satconv.attention.routes.fused_runs` allows).
     The softmax is taken in float32 (float64 inputs stay float64) and the probabilities are saved in
     ``dtype`` (the autocast dtype: halving the largest saved tensor); the dropout mask
     (:func:`satconv.dropout.keep_mask`, anchored on ``values``, ``salt`` the call site's number: keeps
@@ -188,11 +191,12 @@ class SoftmaxDropoutMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, values: torch.Tensor, p: float, dtype: torch.dtype, salt: int = 0,
-                row: torch.Tensor | None = None, col: torch.Tensor | None = None, n_valid: int | None = None):
+                row: torch.Tensor | None = None, col: torch.Tensor | None = None, n_valid: int | None = None,
+                fused_forward: bool = False, fused_backward: bool = False):
         nk = logits.shape[-1]
         n_valid = nk if n_valid is None else n_valid
         keep = keep_mask(logits.shape, p, values, salt) if p > 0 else None  # (B, R, Nk) bool, anchored on values
-        if fused.forward_enabled(logits):  # one Triton kernel: relative terms, padding, softmax, dropout, packing
+        if fused_runs(fused_forward, logits):  # one Triton kernel: relative terms, padding, softmax, dropout, packing
             probs, dropped, packed, rowsum = fused.softmax_dropout_forward(logits, row, col, n_valid, keep, p,
                                                                            dtype, values.dtype)
         else:
@@ -207,7 +211,7 @@ class SoftmaxDropoutMix(torch.autograd.Function):
             rowsum = dropped.sum(-1, dtype=torch.float32 if dtype != torch.float64 else dtype)  # (B, R)
         mixed = torch.bmm(dropped.to(values.dtype), values)  # (B, R, D)
         ctx.save_for_backward(probs, packed, values)
-        ctx.p, ctx.n, ctx.logits_dtype = p, nk, logits.dtype
+        ctx.p, ctx.n, ctx.logits_dtype, ctx.fused_backward = p, nk, logits.dtype, fused_backward
         ctx.rel = None if row is None else (row.shape[-1], col.shape[-1], row.dtype, col.dtype)
         ctx.set_materialize_grads(False)  # an unused output (rowsum without a value bias) gets None, not zeros
         return mixed, rowsum
@@ -216,7 +220,7 @@ class SoftmaxDropoutMix(torch.autograd.Function):
     def backward(ctx, g_mixed: torch.Tensor | None, g_rowsum: torch.Tensor | None):
         probs, packed, values = ctx.saved_tensors
         g = None if g_mixed is None else torch.bmm(g_mixed, values.to(g_mixed.dtype).transpose(1, 2))  # (B, R, Nk)
-        if g is not None and fused.enabled(probs):  # one Triton kernel for the element-wise part
+        if g is not None and fused_runs(ctx.fused_backward, probs):  # one Triton kernel for the element-wise part
             d_logits, dropped = fused.softmax_dropout_backward(g, probs, packed, g_rowsum, ctx.p,
                                                                ctx.logits_dtype, g_mixed.dtype)
             relative = SoftmaxDropoutMix._relative_grads(ctx, d_logits)
@@ -237,7 +241,7 @@ class SoftmaxDropoutMix(torch.autograd.Function):
             d_logits = d_logits.to(ctx.logits_dtype)
         d_values = (None if g is None
                     else torch.bmm(dropped.to(g_mixed.dtype).transpose(1, 2), g_mixed).to(values.dtype))  # (B, Nk, D)
-        return (d_logits, d_values, None, None, None) + relative
+        return (d_logits, d_values, None, None, None) + relative + (None, None)  # + the two fused flags
 
     @staticmethod
     def _relative_grads(ctx, d_logits: torch.Tensor) -> tuple:
@@ -285,13 +289,13 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
     Returns:
         ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)``.
 
-    Under the ``"sdpa"`` route (:func:`~satconv.attention.base.dense_attention_route`) and without
+    Under the ``"sdpa"`` route (``module.routes.dense``, :class:`~satconv.attention.routes.Routes`) and without
     ``return_attention`` this is :func:`sdpa_forward`.  When ``N`` is not a multiple of
     :data:`KEY_ALIGN` (ViT's class token: 257) and there is no relative term, keys and values are
     padded with zero rows whose logits are ``-inf``: their probabilities are exactly 0, and the score
     rows stay aligned for the tensor-core kernels.
     """
-    if dense_route() == "sdpa" and not return_attention:
+    if module.routes.dense == "sdpa" and not return_attention:
         return sdpa_forward(module, x, key_source, relative, then)
     b, height, width, d = x.shape
     n, heads = height * width, module.num_heads
@@ -319,7 +323,8 @@ def folded_forward(module, x: torch.Tensor, key_source: torch.Tensor | None = No
         # the Function adds the relative terms and masks the padding (in the fused kernel on CUDA)
         mixed, rowsum = SoftmaxDropoutMix.apply(logits.view(b, n * heads, nk), values, p,
                                                 low if low is not None else x.dtype, module.attn_drop.salt, *rel,
-                                                n if pad else None)
+                                                n if pad else None, module.routes.fused_forward,
+                                                module.routes.fused_backward)
     mixed = mixed.view(b, n, -1)  # (B, N, H*D): concat_h(P_h x)
     out_weight, out_bias = fold_following(module.proj, then)  # (D_out, H*Dk), (D_out,): W_out (then ``then``)
     if module.value is None:

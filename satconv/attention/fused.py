@@ -18,17 +18,17 @@ bandwidth (an estimate from the tensor sizes, not a measurement of this kernel).
 writes ``dL/dA`` and ``P~``.
 
 It is a custom operator (``satconv::softmax_dropout_backward``, with a fake implementation for tracing), so
-``torch.compile`` calls it as it is inside compiled graphs. :func:`enabled` says whether the folded
-attention uses it: on CUDA tensors when Triton is importable, unless turned off with
-:func:`use_fused_backward`. The PyTorch expressions it replaces stay the reference
+``torch.compile`` calls it as it is inside compiled graphs. The folded attention uses it where
+:func:`satconv.attention.routes.fused_runs` allows: the layer's ``routes.fused_backward`` (``train.fused_backward``,
+on by default), a CUDA tensor in one of :data:`FLOATS`, and Triton importable. The PyTorch expressions it replaces stay the reference
 (``tests/test_fused.py``); on a CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``),
 which is how the tests pin it without a GPU.
 
 :func:`softmax_dropout_forward` does the forward part in one pass as well: it adds the per-axis relative
 terms to the content scores, masks padded keys, takes the softmax, applies the keep mask and writes the
 probabilities, the dropped probabilities, the packed mask and their row sums, where inductor's fused softmax
-and :func:`~satconv.attention.folded.pack_mask` made two kernels.  It runs on CUDA unless
-:func:`use_fused_forward` turns it off; the A/B rows are ``book/bench/h200_fused.jsonl``.
+and :func:`~satconv.attention.folded.pack_mask` made two kernels.  It runs likewise under the layer's
+``routes.fused_forward`` (``train.fused_forward``); the A/B rows are ``book/bench/h200_fused.jsonl``.
 
 Both kernels take a block of rows per program; :data:`LAUNCH` holds the rows per program and warps that
 measured fastest for the row lengths the models use (``python -m satconv bench --fused-launch`` times them
@@ -46,10 +46,6 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     triton = None
 
-_ENABLED = [True]
-_FORWARD = [True]
-
-
 def available() -> bool:
     """``True`` when Triton is importable (the kernel can be built)."""
     return triton is not None
@@ -59,60 +55,9 @@ def available() -> bool:
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@contextlib.contextmanager
-def _switched(switch: list, on: bool):
-    old = switch[0]
-    switch[0] = bool(on)
-    try:
-        yield
-    finally:
-        switch[0] = old
-
-
-def _runs(switch: list, device) -> bool:
-    return switch[0] and available() and torch.device(device).type == "cuda"
-
-
-def use_fused_backward(on: bool = True):
-    """Context manager: within the block the folded attention does (``on=True``) or does not use the
-    fused backward kernel; outside, :func:`enabled` decides as before."""
-    return _switched(_ENABLED, on)
-
-
-def on_device(device) -> bool:
-    """Whether the fused backward runs on ``device`` (a ``torch.device`` or its name): Triton is importable,
-    the device is a CUDA one, and :func:`use_fused_backward` has not turned it off."""
-    return _runs(_ENABLED, device)
-
-
-def enabled(t: torch.Tensor) -> bool:
-    """Whether the folded attention's backward pass on tensor ``t`` runs :func:`softmax_dropout_backward`:
-    :func:`on_device` for ``t``'s device, and ``t`` in one of :data:`FLOATS`."""
-    return on_device(t.device) and t.dtype in FLOATS
-
-
-def use_fused_forward(on: bool = True):
-    """Context manager: within the block the folded attention's forward softmax and dropout run as one
-    Triton kernel (:func:`softmax_dropout_forward`) on CUDA (``on=True``, the default outside any block),
-    or as inductor's kernels (``on=False``)."""
-    return _switched(_FORWARD, on)
-
-
-def forward_on_device(device) -> bool:
-    """Whether the fused forward runs on ``device``: Triton importable, a CUDA device, and
-    :func:`use_fused_forward` has not turned it off."""
-    return _runs(_FORWARD, device)
-
-
-def forward_enabled(t: torch.Tensor) -> bool:
-    """Whether the folded attention's forward on scores ``t`` runs :func:`softmax_dropout_forward`:
-    :func:`forward_on_device` for ``t``'s device, and ``t`` in one of :data:`FLOATS`."""
-    return forward_on_device(t.device) and t.dtype in FLOATS
-
-
 #: ``(rows per program, warps)`` for each kernel at row block sizes that the models use (256: the learned +
 #: content model's 16 x 16 keys; 512: ViT's 264 padded keys), the fastest in a sweep on an H200
-#: (``book/bench/h200_fused_launch.jsonl``, from :func:`satconv.timing.fused_launch_sweep`)
+#: (``book/bench/h200_fused_launch.jsonl``, from :func:`satconv.bench.fused_launch.fused_launch_sweep`)
 LAUNCH = {("backward", 256): (8, 4), ("backward", 512): (1, 2),
           ("forward", 256): (8, 2), ("forward", 512): (1, 1)}
 
@@ -313,6 +258,5 @@ def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch
                                                       logits_dtype, dropped_dtype)
 
 
-__all__ = ["LAUNCH", "row_block", "launch_shape", "launch_table", "available", "on_device", "enabled", "use_fused_backward",
-           "softmax_dropout_backward",
-           "use_fused_forward", "forward_on_device", "forward_enabled", "softmax_dropout_forward"]
+__all__ = ["LAUNCH", "FLOATS", "row_block", "launch_shape", "launch_table", "available", "softmax_dropout_backward",
+           "softmax_dropout_forward"]

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from .base import (AttentionBase, InputIndependentAttention, axis_offset_index, check_grid, fast_paths_enabled,
+from .base import (AttentionBase, InputIndependentAttention, axis_offset_index, check_grid,
                    relative_index, scaled)
 from .content import split_heads
 from .folded import fold_query_tables, folded_forward, relative_query_terms, window_codes
@@ -93,7 +93,7 @@ class LearnedRelativeAttention(InputIndependentAttention):
         self.register_buffer("relative_position_index", torch.empty(2, 0, 0, dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, max_position={self.max_position}"
+        return f"{super().extra_repr()}, variant={self.variant!r}, max_position={self.max_position}"
 
     def position_index(self, height: int, width: int) -> torch.Tensor:
         """``(2, N, N)`` long: row and column ``delta + max_position - 1`` (raises if the grid is too large)."""
@@ -107,14 +107,14 @@ class LearnedRelativeAttention(InputIndependentAttention):
         The fast path builds a ``(H, height, height)`` row term and a ``(H, width, width)`` column term
         (one-hot products with :func:`~satconv.attention.folded.window_codes`) and broadcast-adds them (no
         ``(N, N)`` index, and in the backward pass GEMMs and sums over the broadcast axes instead of an
-        ``N * N`` scatter); :func:`~satconv.attention.base.explicit_paths` indexes the tables with the
+        ``N * N`` scatter); the explicit route (``Routes(fast=False)``) indexes the tables with the
         full relative-offset index.
         """
         if not self.input_independent:
             raise ValueError(f"position_scores exists for variant 'position_only' only, not {self.variant!r}")
         row_logits = self.head_keys_row(self.row_embeddings.weight).t()  # (H, 2M-1)
         col_logits = self.head_keys_col(self.col_embeddings.weight).t()  # (H, 2M-1)
-        if not fast_paths_enabled():
+        if not self.routes.fast:
             row_index, col_index = self.position_index(height, width)  # (N, N) each
             return (row_logits[:, row_index] + col_logits[:, col_index])[None]  # (1, H, N, N)
         self._check_grid(height, width)
@@ -199,9 +199,10 @@ class LearnedRelativeAttention(InputIndependentAttention):
         Returns:
             ``(B, H, W, out_dim)`` (``E`` with ``then``), or ``(out, probs)`` with ``probs`` ``(1 or B, heads, N, N)``.
         """
+        self.check_input(x, key_source)
         if self.input_independent:
             return super().forward(x, return_attention=return_attention, then=then)
-        if fast_paths_enabled() and self.route_family == "dense":
+        if self.routes.fast and self.route_family == "dense":
             # W_qry W_key^T and W_qry e^T folded per step (satconv.attention.folded)
             self._check_grid(*x.shape[1:3])
             weight, bias = fold_query_tables(self.query, self.row_embeddings.weight, self.col_embeddings.weight,

@@ -78,7 +78,7 @@ class QuadraticAttention(InputIndependentAttention):
         self.register_buffer("relative_position_offsets", torch.empty(0, 0, 2), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, isotropic={self.isotropic}"
+        return f"{super().extra_repr()}, isotropic={self.isotropic}"
 
     def position_parameters(self) -> list[nn.Parameter]:
         return [self.attention_centers, self.attention_spreads]

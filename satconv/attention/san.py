@@ -212,6 +212,7 @@ class _SANAttention(AttentionBase):
         Returns:
             ``(B, H, W, out_dim)``, or ``(out, probs)`` with ``probs`` ``(B, num_heads, N, N)``.
         """
+        self.check_input(x, key_source)
         b, height, width, d = x.shape
         n = height * width
         tokens = x.reshape(b, n, d)

@@ -79,6 +79,7 @@ class SASAAttention(AttentionBase):
         Returns:
             ``(B, H, W, out_dim)``, or ``(out, probs)`` with ``probs`` ``(B, num_heads, N, N)``.
         """
+        self.check_input(x, key_source)
         b, height, width, d = x.shape
         n, h, dh, k = height * width, self.num_heads, self.head_dim, self.kernel_size
         tokens = x.reshape(b, n, d)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..attention.routes import Routes, set_routes
 from ..config import ExperimentConfig, ModelConfig
 from .common import count_parameters, make_attention
 from .encoder import AttentionEncoder
@@ -44,18 +45,23 @@ BUILDERS = {
 }
 
 
-def build_model(cfg: ModelConfig | ExperimentConfig) -> nn.Module:
-    """Build the network a config describes.
+def build_model(cfg: ModelConfig | ExperimentConfig, routes: Routes | None = None) -> nn.Module:
+    """Build the network a config describes, its attention layers set to take ``routes``.
 
     Args:
         cfg: a :class:`ModelConfig` or a whole :class:`ExperimentConfig`.
+        routes: how the attention layers compute eq. (2) (:class:`~satconv.attention.routes.Routes`, shown in
+            ``repr(model)``); ``None``: from ``cfg.train`` (``attention_route``, ``shared_route``,
+            ``fused_forward``, ``fused_backward``) for an :class:`ExperimentConfig`, else the defaults.
 
     Returns:
         An ``nn.Module``: ``(B, 3, H, W) -> (B, num_classes)`` logits.
     """
+    if routes is None:
+        routes = Routes.from_train(cfg.train) if isinstance(cfg, ExperimentConfig) else Routes()
     if isinstance(cfg, ExperimentConfig):
         cfg = cfg.model
-    return BUILDERS[cfg.arch](cfg)
+    return set_routes(BUILDERS[cfg.arch](cfg), routes)
 
 
 __all__ = ["build_model", "count_parameters", "make_attention", "AttentionEncoder", "ResNet18", "ViT", "BUILDERS"]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import ATTENTION
-from ..attention.base import autocast_dtype, fast_paths_enabled
+from ..attention.base import autocast_dtype
+from ..attention.routes import Routes
 from ..config import OPTION_SECTION, AttentionConfig
 
 
@@ -59,13 +60,16 @@ class LayerNorm(nn.LayerNorm):
     takes and returns the autocast dtype (bf16) while the statistics and the affine map are
     computed in float32 (the kernel's accumulation type): half the bytes for every residual
     tensor and the activations saved for the backward pass.  Outside autocast, or inside
-    :func:`~satconv.attention.base.explicit_paths`, it is ``nn.LayerNorm``.  Same parameters and
+    the explicit route (``routes.fast`` false, :mod:`satconv.attention.routes`), it is ``nn.LayerNorm``.  Same parameters and
     state dict as ``nn.LayerNorm``.
     """
 
+    #: the fast path runs when ``routes.fast`` (:func:`~satconv.attention.routes.set_routes` sets it per model)
+    routes: Routes = Routes()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low = autocast_dtype(x)
-        if low is None or not fast_paths_enabled():
+        if low is None or not self.routes.fast:
             return super().forward(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             weight, bias = (None if p is None else p.to(low) for p in (self.weight, self.bias))

@@ -204,8 +204,8 @@ def runs_table(runs: dict) -> str:
 
 
 def load_atlas(run_dir) -> dict:
-    """A run's ``atlas.pt`` (see :func:`satconv.train.build_atlas` for its keys)."""
-    from ..train import load_atlas as _load
+    """A run's ``atlas.pt`` (see :func:`satconv.atlas.build_atlas` for its keys)."""
+    from ..atlas import load_atlas as _load
 
     return _load(run_dir)
 

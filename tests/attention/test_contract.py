@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from satconv.attention import ATTENTION, AttentionBase
-from satconv.attention.base import explicit_paths
+from satconv.attention.routes import EXPLICIT, using_routes
 from tests.reference import assert_close
 
 DIM, HEADS, BATCH = 8, 2, 2
@@ -285,7 +285,7 @@ def test_gradients_reach_every_parameter_and_the_inputs(name, cid, training, exp
     m.train(training)
     x = inputs(requires_grad=True)
     ks = inputs(seed=3, requires_grad=True)
-    with explicit_paths(explicit):
+    with using_routes(m, EXPLICIT if explicit else m.routes):
         out = m(x, key_source=ks)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
     (out * weights).sum().backward()
@@ -397,11 +397,18 @@ def test_bad_constructor_arguments_raise(name, kw, match):
 @pytest.mark.parametrize("shape", [(BATCH, 20, DIM), (BATCH, 1, *GRID, DIM), (BATCH, *GRID, DIM + 2)],
                          ids=["rank3", "rank5", "wrong_dim"])
 def test_bad_inputs_raise(name, cid, shape):
-    """Inputs of the wrong rank or channel count are refused, not broadcast into some output.
-
-    No mechanism checks them itself: the errors are Python's unpacking ``ValueError`` and
-    PyTorch's shape ``RuntimeError``.
-    """
+    """Inputs of the wrong rank or channel count are refused with a message naming the expected shape
+    (``AttentionBase.check_input``), not broadcast into some output or failed deep inside a matmul."""
     m, _ = build(name, cid)
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError, match=rf"takes x of shape \(batch, height, width, {DIM}\), got"):
         m(torch.randn(shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name, cid", CASES)
+@pytest.mark.parametrize("ks_shape", [(BATCH + 1, *GRID, DIM), (BATCH, GRID[1], GRID[0], DIM)],
+                         ids=["other_batch", "transposed_grid"])
+def test_key_source_of_another_shape_is_refused(name, cid, ks_shape):
+    """A ``key_source`` must have the shape of ``x`` (same batch, same grid), also where it is ignored."""
+    m, _ = build(name, cid)
+    with pytest.raises(ValueError, match="key_source must have the shape of x"):
+        m(torch.randn(BATCH, *GRID, DIM, dtype=torch.float64), key_source=torch.randn(ks_shape, dtype=torch.float64))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from satconv.attention.base import explicit_paths
+from satconv.attention.routes import EXPLICIT, using_routes
 
 from satconv.attention.learned_relative import LearnedRelativeAttention
 from tests.reference import flatten, ref_learned_logits, ref_output, ref_softmax
@@ -127,7 +127,7 @@ def test_grid_change_and_state_dict_has_no_index_buffer():
                                atol=BASE_SOFTMAX_ATOL, rtol=0)
     assert not any("index" in k for k in m.state_dict())
     pos = make("position_only")  # its explicit route keeps the (2, N, N) index as a buffer
-    with explicit_paths():
+    with using_routes(pos, EXPLICIT):
         pos(torch.randn(1, HEIGHT, WIDTH, DIM, dtype=torch.float64))
         pos(x)
     assert dict(pos.named_buffers())["relative_position_index"].shape == (2, 9, 9)

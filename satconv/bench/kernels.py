@@ -1,7 +1,7 @@
 """Where a training step spends its time: the device kernels of a few profiled steps, by category.
 
 ``python -m satconv bench --kernels`` (or :func:`kernel_breakdown`) runs the training step of
-:func:`satconv.timing.bench_model` (same model, optimizer, precision, compile mode and random input),
+:func:`satconv.bench.throughput.bench_model` (same model, optimizer, precision, compile mode and random input),
 profiles a few steps with ``torch.profiler`` after the warm-up, and reports per step:
 
 - the wall time of a step (CUDA events, or ``time.perf_counter`` on the CPU) and the summed time of
@@ -20,7 +20,6 @@ compile mode, launch gaps do.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import re
 import statistics
@@ -28,8 +27,10 @@ import sys
 
 import torch
 
-from .config import ExperimentConfig
-from .provenance import source_digest
+from ..config import ExperimentConfig
+from ..provenance import device_name, resolve_device, source_digest, utc_now
+from .harness import (inductor_settings, make_train_step, random_batch, resolve_precision, run_options, synchronize,
+                      time_repeats, train_setup)
 
 #: (category, pattern) in priority order: the first pattern found in a kernel's lower-cased name wins.
 #: Inductor names fused kernels after every op they hold, so softmax and normalisation come first.
@@ -41,6 +42,7 @@ CATEGORIES: list[tuple[str, str]] = [
     ("layout copy", r"_copy|\bcopy_|clone|permute|transpose|contiguous|\bcat\b|_cat_|constant_pad"),
     ("optimizer", r"multi_tensor|fused_sgd|_foreach_|\bsgd\b"),
 ]
+#: the category of a kernel that no pattern of :data:`CATEGORIES` matches
 OTHER = "other element-wise"
 #: profiler rows that are host-side operators or runtime calls, not device kernels
 HOST_PREFIXES = ("aten::", "autograd::", "Optimizer", "cuda", "Torch-Compiled", "CompiledFunction", "TorchDynamo",
@@ -53,7 +55,9 @@ LAYOUT_OPS = frozenset("view unsafe clone permute transpose copy to cat constant
                        "select slice reshape t bmm mm addmm as strided contiguous alias split unbind stack "
                        "detach".split())
 #: recorded in every row: rows without it filed a fused kernel as a layout copy whenever its name held a
-#: cast (``_to_copy``), a transpose or a clone, even when the kernel also computed
+#: cast (``_to_copy``), a transpose or a clone, even when the kernel also computed.  The text is the rule's
+#: name as rows recorded it before this module moved from ``satconv.kernels`` (the rule is :data:`LAYOUT_OPS`
+#: here), kept so that old and new rows name the same rule alike
 CATEGORY_RULE = "fused kernels by their operators (satconv.kernels.LAYOUT_OPS)"
 _FUSED = re.compile(r"^triton_(?:poi|red|per)_fused_(.*?)(?:_\d+)?$")
 
@@ -65,6 +69,9 @@ def categorise(name: str) -> str:
     including the dtype casts (``_to_copy``) and the views and products its buffers come from.  Such a
     kernel is a layout copy only when all of those operators are in :data:`LAYOUT_OPS`; one that also
     computes is element-wise work (softmax and normalisation are recognised first).
+
+    Returns:
+        One of the categories of :data:`CATEGORIES`, or :data:`OTHER`.
     """
     low = name.lower()
     fused = _FUSED.match(low)
@@ -141,7 +148,7 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
     Args:
         cfg: the experiment config.
         batch: images per step.
-        device, precision, compile, channels_last: as in :func:`satconv.timing.bench_model`.
+        device, precision, compile, channels_last: as in :func:`satconv.bench.throughput.bench_model`.
         warmup: untimed steps first (compilation and CUDA-graph capture fall here), >= 1.
         steps: profiled steps, >= 1; times are reported per step.
         top: kernels listed individually, the most expensive first (``None``: every kernel, so that a
@@ -162,24 +169,23 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
     Raises:
         ValueError: ``warmup < 1``, ``steps < 1`` or ``batch < 1``.
     """
-    from . import timing
     if warmup < 1 or steps < 1 or batch < 1:
         raise ValueError(f"warmup, steps and batch must be >= 1, got {warmup}, {steps}, {batch}")
-    device = timing.resolve_device(device)
-    precision = timing._resolve_precision(precision, device)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     torch.manual_seed(cfg.train.seed)
-    model, run, opt = timing._train_setup(cfg, device, precision, channels_last, compile)
+    model, run, opt = train_setup(cfg, device, precision, channels_last, compile)
     model.train()
-    x, y = timing._inputs(cfg, batch, device, channels_last)
-    step = timing._make_train_step(run, opt, x, y, device, precision, cfg.train)
-    step_s = timing.time_repeats(step, device, warmup, max(3, steps))
+    x, y = random_batch(cfg, batch, device, channels_last)
+    step = make_train_step(run, opt, x, y, device, precision, cfg.train)
+    step_s = time_repeats(step, device, warmup, max(3, steps))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with _quiet_native_stderr(device.type != "cuda"), torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        timing._sync(device)
+        synchronize(device)
     per_name: dict[str, list[float]] = {}
     for ev in prof.key_averages():
         host_side = ev.key.startswith(HOST_PREFIXES)
@@ -206,13 +212,13 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
     del model, run, opt, step, prof
     return {
         "config": cfg.name,
-        "device": timing.device_name(device),
+        "device": device_name(device),
         "device_type": device.type,
         "precision": precision,
         "compile": compile,
-        "inductor": timing.inductor_settings(compile) if compile else None,
+        "inductor": inductor_settings(compile) if compile else None,
         "channels_last": channels_last,
-        **timing.run_options(cfg, device),
+        **run_options(cfg, device),
         "batch": batch,
         "steps": steps,
         "torch": torch.__version__,
@@ -221,9 +227,10 @@ def kernel_breakdown(cfg: ExperimentConfig, batch: int = 100, device=None, preci
         "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         "kernels": kernels[:top],
         "category_rule": CATEGORY_RULE,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "satconv_source": source_digest(),
     }
 
 
-__all__ = ["CATEGORIES", "CATEGORY_RULE", "LAYOUT_OPS", "categorise", "kernel_launchers", "kernel_breakdown"]
+__all__ = ["CATEGORIES", "OTHER", "HOST_PREFIXES", "CATEGORY_RULE", "LAYOUT_OPS", "categorise", "kernel_launchers",
+           "kernel_breakdown"]
