@@ -50,7 +50,9 @@ from myst_nb import glue
 from satconv.config import REPO_ROOT, from_dict, load, to_dict
 from satconv.models import build_model, count_parameters
 from satconv.report import html_table
-from satconv.train import read_metrics, train
+from satconv.evaluation import find_runs, read_metrics
+from satconv.viz.runs import QUICK_OVERRIDES
+from satconv.train import train
 
 torch.set_num_threads(2)
 # The book reads book/runs. SATCONV_RESULTS_RUNS points the page at another folder of run
@@ -125,21 +127,18 @@ glue("n_unconfirmed", sum(not v["confirmed"] for row in paper.values() for k, v 
 SMOKE_CONFIG = "paper_quadratic"
 # quick profile, generated images, a smaller training set and two epochs: two points per curve in
 # well under a minute on two CPU cores
-SMOKE_OVERRIDES = ["data.source=synthetic", "data.train_subset=128", "data.val_size=64",
-                   "data.test_subset=128", "train.epochs=2"]
 
 
 def run_dirs(root: Path) -> list[Path]:
-    """Run directories under ``root``: folders holding config.yaml, metrics.jsonl and run.json."""
-    return sorted(p.parent for p in Path(root).glob("*/run.json")
-                  if (p.parent / "config.yaml").is_file() and (p.parent / "metrics.jsonl").is_file())
+    """Run directories under ``root`` (:func:`satconv.evaluation.find_runs`), in path order."""
+    return sorted(find_runs(root))
 
 
 dirs = run_dirs(RUNS_DIR)
 smoke = not dirs
 if smoke:
     shutil.rmtree(FALLBACK_DIR, ignore_errors=True)  # always a fresh run of the current package
-    train(REPO_ROOT / "configs" / f"{SMOKE_CONFIG}.yaml", profile="quick", overrides=SMOKE_OVERRIDES,
+    train(REPO_ROOT / "configs" / f"{SMOKE_CONFIG}.yaml", profile="quick", overrides=list(QUICK_OVERRIDES),
           out_dir=FALLBACK_DIR / SMOKE_CONFIG, device="cpu", progress=False)
     dirs = run_dirs(FALLBACK_DIR)
 
@@ -204,7 +203,8 @@ def summarise(run_dir: Path) -> dict:
     data = info.get("data") or {}
     devices = [info.get("device", "unknown")] + [r["device"] for r in info.get("resumes", [])]
     return {"dir": run_dir, "name": name, "raw": raw, "info": info, "metrics": metrics,
-            "params": count_params(raw, str(run_dir / "config.yaml")),
+            # what the run recorded (a pruned run has fewer heads than its config builds), else counted here
+            "params": info.get("parameters") or count_params(raw, str(run_dir / "config.yaml")),
             "data": data.get("description", raw["data"]["source"]), "jpeg": bool(data.get("is_jpeg_copy")),
             "sizes": data.get("sizes", {}), "synthetic": raw["data"]["source"] == "synthetic",
             "shrunk": full is not None and full["model"] != raw["model"],

@@ -47,7 +47,6 @@ device = ""  # "": CUDA when available, else CPU
 import json
 import platform
 import shutil
-import subprocess
 import warnings
 from dataclasses import replace
 
@@ -58,6 +57,7 @@ from IPython.display import Markdown, display
 import satconv
 from satconv.config import REPO_ROOT, resolve_path
 from satconv.models import build_model, count_parameters
+from satconv.provenance import device_name, git_commit, source_digest
 from satconv.train import lr_at, read_metrics, resolve_config, train
 
 on_gpu = torch.cuda.is_available() and device != "cpu"
@@ -84,16 +84,9 @@ print(f"data {cfg.data.source}; {cfg.train.epochs} epochs of batch {cfg.train.ba
 # %%
 # NBVAL_IGNORE_OUTPUT
 # (versions and hardware differ between the machines that run this page.)
-def _git(*args):
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 print("satconv", satconv.__version__, "| torch", torch.__version__, "| python", platform.python_version())
-print("git commit", _git("rev-parse", "--short", "HEAD") or "unknown")
-print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})")
+print("git commit", git_commit() or "unknown", "| source digest", source_digest())
+print("device", device_name())
 
 # %% [markdown]
 # ## Train

@@ -1,9 +1,11 @@
-"""Reading a run back: its config, metrics and weights, and scoring them (``python -m satconv eval``).
+"""Reading runs back: finding them, their config, metrics and weights, and scoring them (``python -m satconv eval``).
 
-A run directory (:mod:`satconv.train` lists its files) is read here: :func:`read_run_config` its
-``config.yaml``, :func:`read_metrics` its ``metrics.jsonl``, :func:`load_model` the network with its ``best``
-or ``last`` weights, and :func:`evaluate` scores those weights on the validation or test split in eval mode
-under ``inference_mode`` (B5).
+Run directories (:mod:`satconv.train` lists their files; :mod:`satconv.rundir` writes them) are read here, for
+training, the chapters, :mod:`satconv.viz` and :mod:`satconv.bench` alike: :func:`find_runs` lists the run
+directories under a folder, :func:`read_run_config` reads a run's ``config.yaml``, :func:`read_run_info` its
+``run.json``, :func:`read_metrics` its ``metrics.jsonl``, :func:`load_model` the network with its ``best`` or
+``last`` weights, and :func:`evaluate` scores those weights on the validation or test split in eval mode under
+``inference_mode`` (B5).
 """
 from __future__ import annotations
 
@@ -21,11 +23,52 @@ from .config import ConfigError, ExperimentConfig, from_dict
 from .data import DeviceLoader, load_data
 from .experiment import resolve_config
 from .prune import fit_heads_to_state
-from .rundir import CorruptFile, load_checkpoint, run_status
+from .rundir import CorruptFile, load_checkpoint, read_json, run_status
 from .schedule import default_device
 from .steps import evaluate_model
 
 log = logging.getLogger(__name__)
+
+
+#: the files that make a folder a run directory
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl")
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """A run's ``run.json`` (provenance, status, results), ``{}`` when it has none.
+
+    Raises:
+        CorruptFile: run.json is not a valid JSON object.
+    """
+    return read_json(Path(run_dir) / "run.json") or {}
+
+
+def find_runs(root: str | Path, name: str | None = None) -> list[Path]:
+    """The run directories directly under ``root`` (folders holding :data:`RUN_FILES`), of config ``name``
+    when given (its ``config.yaml`` says ``name: <name>``, whatever the folder is called).
+
+    Returns:
+        Completed runs first, then by epochs run (most first), then by seed (lowest first), then by path: the
+        full-schedule seed-42 run of a campaign comes first.  A folder whose ``config.yaml`` or ``run.json`` is
+        unreadable is left out (with a warning).
+    """
+    found = []
+    for run_dir in sorted(p for p in Path(root).glob("*") if p.is_dir()):
+        if not all((run_dir / f).is_file() for f in RUN_FILES):
+            continue
+        try:
+            raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            info = read_run_info(run_dir)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, CorruptFile) as exc:
+            log.warning("%s: not read as a run (%s)", run_dir, exc)
+            continue
+        if name is not None and raw.get("name") != name:
+            continue
+        metrics = read_metrics(run_dir)
+        epochs = metrics[-1].get("epoch", 0) if metrics else 0
+        seed = info.get("seed", (raw.get("train") or {}).get("seed")) or 0
+        found.append((info.get("status") != "completed", -epochs, seed, str(run_dir), run_dir))
+    return [entry[-1] for entry in sorted(found, key=lambda t: t[:4])]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

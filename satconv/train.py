@@ -9,7 +9,8 @@ held out of the training set, never on the test set.
 A run directory (``runs/<name>/`` by default) holds::
 
     config.yaml        the resolved config
-    run.json           provenance (versions, device, git commit, data) and the final results
+    run.json           provenance (versions, device, git commit, data), the network's trainable parameter
+                       count (after any pruning) and the final results
     metrics.jsonl      one line per epoch (see METRIC_KEYS; test_* every train.test_every epochs)
     last.pt            the full training state, written atomically (every checkpoint_every epochs,
                        at the end, and on Ctrl-C or SIGTERM)
@@ -52,6 +53,7 @@ from .attention.routes import Routes, set_routes
 from .data import DeviceLoader, load_data, normalize
 from .rundir import (Checkpoints, CorruptFile, DiskFull, Interrupted, RunDirError, RunLock, StopSignals, append_text,
                      prepare_run_dir, read_json, remove_temp_files, save_torch, signal_name, write_text)
+from .models.common import count_parameters
 from .schedule import default_device, derived_seed, lr_at, rng_state, seed_all, set_rng_state
 from .warmstart import initialise, read_init_weights
 from .evaluation import evaluate, load_model, read_metrics, read_run_config  # noqa: F401 (the book imports them here)
@@ -505,6 +507,7 @@ class _Run:
                                                    "previous_status": previous, "device": device_name(self.device),
                                                    "torch": torch.__version__, "satconv_source": source_digest()})
         info["status"] = status
+        info["parameters"] = count_parameters(self.model)  # after any pruning: the network this run trains
         if self.init_record is not None:
             info["init"] = self.init_record
         for key in ("end_time", "error", "signal"):  # of an earlier attempt's end

@@ -327,7 +327,7 @@ def test_encoder_fast_path_equals_explicit_model_with_gradients(name):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (C.REPO_ROOT / "configs").glob("*.yaml")))
 def test_route_family_names_the_route_setting_the_layers_read(name, monkeypatch):
-    """``route_family`` (which the timing chapter and bench labels use) agrees with what a forward pass
+    """``route_family`` (which the engineering appendix and bench labels use) agrees with what a forward pass
     does: the fused attention runs under the ``sdpa`` route exactly when a layer says ``"dense"``, and the
     shared-probability route is consulted exactly when a layer says ``"shared"`` (quick profile, 2 images)."""
     import satconv.attention.base as base

@@ -235,6 +235,10 @@ def test_the_pruned_run_records_its_start(pruned, init_run):
     assert init["pruned_heads"] == {"blocks.0.attn": [1], "blocks.1.attn": []}
     assert init["heads"] == {"blocks.0.attn": 3, "blocks.1.attn": 3}
     assert init["heads_after"] == {"blocks.0.attn": 2, "blocks.1.attn": 3}
+    # the recorded parameter count is the pruned network's (the config builds one more head), counted anew
+    model, _ = T.load_model(pruned.run_dir, "last")
+    full, _ = T.load_model(init_run, "last")
+    assert info["parameters"] == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
     assert init["degenerate"]["blocks.0.attn"]["1"]["cond"] == pytest.approx(1e6, rel=1e-3)
     for key in ("loaded", "after_pruning"):
         assert set(init[key]) == {"val_loss", "val_acc", "test_loss", "test_acc"}

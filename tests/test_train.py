@@ -561,3 +561,32 @@ def test_config_diff_counts_keys_an_older_config_lacks_as_their_defaults():
     del old["train"]["lr"]  # a key whose value differs from the default is still a difference
     cfg_lr = tiny_config("train.lr=0.5")
     assert T.config_diff(old, cfg_lr) == ["train.lr: 0.1 -> 0.5"]
+
+
+def test_find_runs_lists_whole_run_directories_of_a_config_best_first(tmp_path):
+    """Completed before unfinished, then most epochs, then lowest seed; folders missing a run file, of another
+    config, or with an unreadable run.json are left out."""
+    import json
+
+    from satconv.evaluation import find_runs
+
+    def fake(folder, name, seed, epochs, status="completed"):
+        d = tmp_path / folder
+        d.mkdir()
+        (d / "config.yaml").write_text(f"name: {name}\ntrain: {{seed: {seed}}}\n")
+        (d / "run.json").write_text(json.dumps({"status": status, "seed": seed}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1}) + "\n" for e in range(epochs)))
+        return d
+
+    a = fake("a", "q", 43, 300)
+    b = fake("b", "q", 42, 300)
+    c = fake("c", "q", 42, 30)
+    d = fake("d", "q", 41, 500, status="interrupted")
+    fake("e", "other", 1, 300)
+    bad = fake("f", "q", 40, 300)
+    (bad / "run.json").write_text("{not json")
+    partial = tmp_path / "g"
+    partial.mkdir()
+    (partial / "config.yaml").write_text("name: q\n")
+    assert find_runs(tmp_path, "q") == [b, a, c, d]
+    assert len(find_runs(tmp_path)) == 5

@@ -359,6 +359,9 @@ def test_find_run_prefers_committed_gpu_runs_and_reuses_a_finished_stand_in(tmp_
     (gpu / "paper_learned").mkdir(parents=True)
     (gpu / "paper_learned" / "atlas.pt").write_bytes(b"")
     (gpu / "paper_learned" / "config.yaml").write_text("name: paper_learned\n")
+    assert viz.find_run("paper_learned", gpu, quick, train_quick=False) == (None, None)  # not a whole run yet
+    (gpu / "paper_learned" / "run.json").write_text(json.dumps({"status": "completed"}))
+    (gpu / "paper_learned" / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
     assert viz.find_run("paper_learned", gpu, quick) == (gpu / "paper_learned", "gpu")
     assert viz.find_run("paper_quadratic", gpu, quick, train_quick=False) == (None, None)
     done = quick / "paper_quadratic"  # a completed stand-in of the same config is reused, not retrained
@@ -446,3 +449,24 @@ def test_snapshot_views_refuse_runs_of_different_lengths():
     assert axes == [("model", ["a", "b"]), ("epoch", [0, 2, 4])] and len(views) == 6
     with pytest.raises(ValueError, match="different epochs"):
         viz.snapshot_views({"gpu": snaps(30), "stand-in": snaps(2)})
+
+
+def test_load_snapshots_of_a_pruned_run_pads_missing_heads_with_nan(tmp_path):
+    """Layers with different head counts (pruned degenerate heads) stack into (L, max H, ...) with NaN where a
+    layer has fewer heads; ``heads`` gives each layer's count; equal counts stack as before."""
+    snaps = tmp_path / "snapshots"
+    snaps.mkdir()
+    c0, c1 = torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2) + 10
+    params = {"blocks.0.attn.attention_centers": c0, "blocks.0.attn.attention_spreads": torch.ones(3),
+              "blocks.1.attn.attention_centers": c1, "blocks.1.attn.attention_spreads": torch.ones(2) * 2}
+    torch.save({"epoch": 1, "params": params, "centre_probs": [torch.full((3, 4), 0.25), torch.full((2, 4), 0.25)]},
+               snaps / "epoch_0001.pt")
+    (snap,) = viz.load_snapshots(tmp_path)
+    assert snap["centers"].shape == (2, 3, 2) and snap["spreads"].shape == (2, 3)
+    np.testing.assert_array_equal(snap["centers"][0], c0.numpy())
+    np.testing.assert_array_equal(snap["centers"][1, :2], c1.numpy())
+    assert np.isnan(snap["centers"][1, 2]).all() and np.isnan(snap["spreads"][1, 2])
+    assert snap["heads"].tolist() == [3, 2] and snap["centre_probs"].shape == (2, 3, 4)
+    assert np.isnan(snap["centre_probs"][1, 2]).all() and snap["centre_probs"].dtype == np.float32
+    with pytest.raises(ValueError, match="beyond the head axis"):
+        viz.runs.stack_heads([np.zeros((2, 2)), np.zeros((2, 3))])

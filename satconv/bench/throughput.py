@@ -27,6 +27,7 @@ import yaml
 
 from .. import config as cfgmod
 from ..config import ExperimentConfig
+from ..evaluation import read_metrics, read_run_info
 from ..flops import config_flops
 from ..provenance import device_name, resolve_device, source_digest, utc_now
 from .harness import (GIB, check_counts, device_peak_tflops, first_line, inductor_settings, is_oom,
@@ -423,8 +424,7 @@ def epochs_from_run(run_dir: str | Path) -> dict | None:
         epoch without a test pass remains.
     """
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / "run.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    info, rows = read_run_info(run_dir), read_metrics(run_dir)
     times = [r["epoch_time_s"] for r in rows[1:] if "test_acc" not in r and r.get("epoch_time_s")]
     if not times:
         return None

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 EXPLORER_DPI = 70
 
 
-def _numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
     """A tensor or array-like as a float numpy array (detached, on the CPU)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
@@ -45,7 +45,7 @@ def fig_to_png(fig: Figure, dpi: int = EXPLORER_DPI, colors: int | None = None) 
     return out.getvalue()
 
 
-def _new_figure(figsize) -> Figure:
+def new_figure(figsize) -> Figure:
     """A pyplot-managed figure (so notebooks display it once) that callers may close."""
     import matplotlib.pyplot as plt
 
@@ -69,7 +69,8 @@ def query_index(query, height: int, width: int) -> int:
     return q
 
 
-def _square_side(n: int) -> int:
+def square_side(n: int) -> int:
+    """The side of a square grid of ``n`` tokens (``n = side * side``); raises ValueError otherwise."""
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"cannot infer a square grid from N={n} tokens; pass grid=(height, width)")

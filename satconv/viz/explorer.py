@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .common import _numpy, _square_side, fig_to_png
+from .common import to_numpy, square_side, fig_to_png
 from .maps import attention_grid
 from .runs import atlas_maps, atlas_query
 
@@ -103,7 +103,7 @@ def atlas_views(atlases: dict, images: int = 4, dpi: int = 60, panel_size: float
     classes = first.get("classes")
     img_labels = [f"{i + 1}" + (f" ({classes[int(first['labels'][i])]})" if classes else "") for i in range(n_img)]
     q_labels = [str(atlas_query(first, j)) for j in range(n_q)]
-    shown = {name: (tuple(_numpy(a["test_index"][:n_img]).tolist()) if "test_index" in a else (),
+    shown = {name: (tuple(to_numpy(a["test_index"][:n_img]).tolist()) if "test_index" in a else (),
                     tuple(atlas_query(a, j) for j in range(n_q))) for name, a in atlases.items()}
     if len(set(shown.values())) > 1:
         raise ValueError(f"the atlases do not share their images and query pixels ({shown}); "
@@ -148,7 +148,7 @@ def snapshot_views(snapshots: dict, max_epochs: int = 8, zoom: int | None = None
     for name, by_epoch in usable.items():
         for epoch in epochs:
             maps = by_epoch[epoch]
-            side = _square_side(maps.shape[-1])
+            side = square_side(maps.shape[-1])
             fig = attention_grid(maps, side, side, query=(side // 2, side // 2), crop=zoom, panel_size=panel_size)
             views[(name, epoch)] = fig_to_png(fig, dpi, colors=64)
     return views, [("model", list(usable)), ("epoch", epochs)]

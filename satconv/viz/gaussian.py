@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .common import _new_figure, _numpy, query_index
+from .common import new_figure, to_numpy, query_index
 
 
 def mass_threshold(probs_map, level: float) -> float:
@@ -28,7 +28,7 @@ def mass_threshold(probs_map, level: float) -> float:
     """
     if not 0.0 < level <= 1.0:
         raise ValueError(f"level must be in (0, 1], got {level}")
-    p = np.sort(_numpy(probs_map).ravel())[::-1]  # descending
+    p = np.sort(to_numpy(probs_map).ravel())[::-1]  # descending
     cum = np.cumsum(p)
     i = int(np.searchsorted(cum, level * cum[-1] * (1 - 1e-12)))  # first index with cum >= level
     return float(p[min(i, p.size - 1)])
@@ -36,7 +36,7 @@ def mass_threshold(probs_map, level: float) -> float:
 
 def mass_region(probs_map, level: float) -> np.ndarray:
     """Boolean mask (same shape) of the smallest region holding ``level`` of the mass (see :func:`mass_threshold`)."""
-    p = _numpy(probs_map)
+    p = to_numpy(probs_map)
     return p >= mass_threshold(p, level)
 
 
@@ -57,7 +57,7 @@ def gaussian_mass_contours(ax, probs_map, levels: Sequence[float] = (0.5, 0.9), 
     Returns:
         List of ``(level, QuadContourSet)``; a level whose region is the whole grid draws nothing.
     """
-    p = _numpy(probs_map)
+    p = to_numpy(probs_map)
     if p.ndim != 2:
         raise ValueError(f"probs_map must be (height, width), got shape {p.shape}")
     out = []
@@ -90,14 +90,14 @@ def quadratic_parameters(obj) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError("the dict holds no quadratic parameters (centers / attention_centers)")
         obj = (obj[names[0]], obj[names[1]])
     if isinstance(obj, tuple) and len(obj) == 2 and not isinstance(obj[0], torch.nn.Module):
-        centers, spreads = _numpy(obj[0]), _numpy(obj[1])
+        centers, spreads = to_numpy(obj[0]), to_numpy(obj[1])
     else:
         layers = obj.attention_layers() if hasattr(obj, "attention_layers") else list(obj)
         layers = [m for m in layers if hasattr(m, "attention_centers")]
         if not layers:
             raise ValueError("no quadratic attention layer (with attention_centers) found")
-        centers = np.stack([_numpy(m.attention_centers) for m in layers])
-        spreads = np.stack([_numpy(m.attention_spreads) for m in layers])
+        centers = np.stack([to_numpy(m.attention_centers) for m in layers])
+        spreads = np.stack([to_numpy(m.attention_spreads) for m in layers])
     if centers.ndim != 3 or centers.shape[-1] != 2 or spreads.shape[:2] != centers.shape[:2] \
             or spreads.shape[2:] not in ((), (2, 2)):
         raise ValueError(f"centers must be (L, H, 2) and spreads (L, H) or (L, H, 2, 2); got "
@@ -154,7 +154,7 @@ def _panel_figure(n: int, ncols: int, size: float, title_lines: int = 0):
     ncols = min(n, ncols)
     nrows = -(-n // ncols)
     extra = 0.17 * max(title_lines - 1, 0)  # ~0.17 in per 9 pt line beyond the first
-    fig = _new_figure((size * ncols, size * nrows + 0.3 + extra))
+    fig = new_figure((size * ncols, size * nrows + 0.3 + extra))
     if extra:
         fig.subplots_adjust(top=1.0 - (0.45 + extra) / (size * nrows + 0.3 + extra))
     return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
@@ -244,7 +244,7 @@ def plot_center_trajectories(snapshots: Sequence, layer: int, panel_size: tuple 
         precision = spreads ** 2 / 2  # alpha
     else:
         precision = np.linalg.eigvalsh(np.einsum("ehki,ehkj->ehij", spreads, spreads))[..., -1] / 2
-    fig = _new_figure((panel_size[0] * 2, panel_size[1]))
+    fig = new_figure((panel_size[0] * 2, panel_size[1]))
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for h in range(centers.shape[1]):
         colour = f"C{h % 10}"

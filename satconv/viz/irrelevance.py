@@ -13,8 +13,8 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from .common import _new_figure, _numpy, _square_side
-from .maps import _attention_batches
+from .common import new_figure, to_numpy, square_side
+from .maps import attention_batches
 from .runs import load_atlas
 
 
@@ -62,7 +62,7 @@ def query_irrelevance(probs, aligned: bool = False, margin: int = 0, grid: tuple
     if p.ndim != 4:
         raise ValueError(f"probs must be (B, H, Q, N), got shape {tuple(p.shape)}")
     n = p.shape[-1]
-    height, width = grid or (_square_side(n),) * 2
+    height, width = grid or (square_side(n),) * 2
     if height * width != n:
         raise ValueError(f"grid {height}x{width} does not match N={n}")
     queries = torch.arange(n) if queries is None else torch.as_tensor(queries).long().flatten().cpu()
@@ -100,7 +100,7 @@ def model_query_irrelevance(model: torch.nn.Module, images: torch.Tensor, aligne
         ``(L, H)``.
     """
     total, count = None, 0
-    for b, probs in _attention_batches(model, images, batch_size):
+    for b, probs in attention_batches(model, images, batch_size):
         s = np.stack([query_irrelevance(pr, aligned=aligned, margin=margin) for pr in probs])  # (L, H)
         total = s * b if total is None else total + s * b  # (1, H, N, N) layers score the same per batch
         count += b
@@ -119,12 +119,12 @@ def plot_query_irrelevance(scores: dict, aligned: dict | None = None, panel_size
         A figure with one axes (two with ``aligned``).
     """
     panels = [("raw maps (FCViT)", scores)] + ([("query-centred maps", aligned)] if aligned else [])
-    fig = _new_figure((panel_size[0] * len(panels), panel_size[1]))
+    fig = new_figure((panel_size[0] * len(panels), panel_size[1]))
     rng = np.random.default_rng(0)  # jitter only
     for k, (title, data) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         for c, (name, s) in enumerate(data.items()):
-            s = _numpy(s)
+            s = to_numpy(s)
             layers = np.arange(1, s.shape[0] + 1)
             x = layers[:, None] + rng.uniform(-0.12, 0.12, s.shape) + 0.06 * (c - (len(data) - 1) / 2)
             ax.scatter(x.ravel(), s.ravel(), s=8, color=f"C{c}", alpha=0.5, linewidths=0)

@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 
-from .common import _new_figure, _numpy, _square_side, query_index
+from .common import new_figure, to_numpy, square_side, query_index
 
 
 def _crop(map2d: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
@@ -27,7 +27,7 @@ def _crop(map2d: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
 
 def _image_hwc(image) -> np.ndarray:
     """``(3, H, W)`` or ``(H, W, 3)`` (any range, e.g. normalised) -> ``(H, W, 3)`` in [0, 1]."""
-    img = _numpy(image)
+    img = to_numpy(image)
     if img.ndim != 3:
         raise ValueError(f"image must be (3, H, W) or (H, W, 3), got shape {img.shape}")
     if img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
@@ -58,7 +58,7 @@ def attention_grid(probs, height: int, width: int, query=None, image=None, row_t
     Returns:
         A figure with ``L * H`` heatmap axes (plus one for ``image``).
     """
-    p = _numpy(probs)
+    p = to_numpy(probs)
     if p.ndim != 3 or p.shape[-1] != height * width:
         raise ValueError(f"probs must be (layers, heads, {height}*{width}), got shape {p.shape}")
     if crop is not None and (query is None or crop < 1):
@@ -69,7 +69,7 @@ def attention_grid(probs, height: int, width: int, query=None, image=None, row_t
     extra = 2 if image is not None else 0  # image column + a spacer for the row titles
     title_lines = suptitle.count("\n") + 1 if suptitle else 0
     height_in = panel_size * n_layers + 0.5 + 0.17 * title_lines  # a title line is ~0.17 in at 9 pt
-    fig = _new_figure((panel_size * (n_heads + 1.4 * (extra > 0)) + 0.6, height_in))
+    fig = new_figure((panel_size * (n_heads + 1.4 * (extra > 0)) + 0.6, height_in))
     # with a title, keep the column titles (~0.3 in) and the title's lines clear of each other
     top = {"top": 1.0 - (0.3 + 0.17 * title_lines) / height_in} if suptitle else {}
     gs = GridSpec(n_layers, n_heads + extra, figure=fig, wspace=0.08, hspace=0.08,
@@ -106,7 +106,7 @@ def attention_grid(probs, height: int, width: int, query=None, image=None, row_t
     return fig
 
 
-def _attention_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int):
+def attention_batches(model: torch.nn.Module, images: torch.Tensor, batch_size: int):
     """Yield ``(batch_len, [probs per layer])`` in eval mode under ``torch.inference_mode``.
 
     Args:
@@ -151,9 +151,9 @@ def query_attention(model: torch.nn.Module, images: torch.Tensor, query, grid: t
         ``(L, H, N)`` float array; each row sums to 1 for softmax attention.
     """
     total, count = None, 0
-    for b, probs in _attention_batches(model, images, batch_size):
+    for b, probs in attention_batches(model, images, batch_size):
         n = probs[0].shape[-1]
-        height, width = grid or (_square_side(n),) * 2
+        height, width = grid or (square_side(n),) * 2
         q = query_index(query, height, width)
         rows = torch.stack([pr[:, :, q, :].float().expand(b, -1, -1).sum(0) for pr in probs])  # (L, H, N)
         total = rows if total is None else total + rows
@@ -179,7 +179,7 @@ def query_averaged_attention(model: torch.nn.Module, image: torch.Tensor) -> np.
     images = image[None] if image.ndim == 3 else image
     if images.shape[0] != 1:
         raise ValueError(f"image must be a single image, got batch of {images.shape[0]}")
-    (_, probs), = list(_attention_batches(model, images, 1))
+    (_, probs), = list(attention_batches(model, images, 1))
     return torch.stack([pr[0].float().mean(dim=-2) for pr in probs]).cpu().numpy()  # (L, H, N)
 
 
@@ -205,7 +205,7 @@ def position_attention(model, side: int = 16, query=None) -> np.ndarray:
     """
     q = query_index((side // 2, side // 2) if query is None else query, side, side)
     with torch.no_grad():
-        return np.stack([_numpy(m.attention_probs(side, side)[0, :, q, :]) for m in _position_layers(model)])
+        return np.stack([to_numpy(m.attention_probs(side, side)[0, :, q, :]) for m in _position_layers(model)])
 
 
 def learned_position_maps(model, side: int = 16, zoom: int | None = 7, reorder: bool = True, **grid_kw) -> Figure:
@@ -224,7 +224,7 @@ def learned_position_maps(model, side: int = 16, zoom: int | None = 7, reorder: 
         The figure of :func:`attention_grid`.
     """
     if isinstance(model, (np.ndarray, torch.Tensor)):
-        maps = _numpy(model)
+        maps = to_numpy(model)
     else:
         maps = position_attention(model, side)  # (L, H, N)
     if reorder:

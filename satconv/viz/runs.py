@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from ..config import REPO_ROOT, from_dict, load, override
-from .common import _numpy
+from ..evaluation import find_runs
+from .common import to_numpy
 
 
 #: overrides of the CPU stand-in run, applied after the ``quick`` profile: synthetic images (no
@@ -41,19 +42,10 @@ def gpu_runs(name: str, runs_dir=None) -> list[Path]:
 
     Returns:
         The directories ordered completed first, then by epochs run (most first), then by seed
-        (lowest first): the full-schedule seed-42 run of a campaign is the one figures show.
+        (lowest first): the full-schedule seed-42 run of a campaign is the one figures show
+        (:func:`satconv.evaluation.find_runs`).
     """
-    found = []
-    for cfg_file in sorted(Path(runs_dir or GPU_RUNS_DIR).glob("*/config.yaml")):
-        try:
-            raw = yaml.safe_load(cfg_file.read_text()) or {}
-        except (OSError, ValueError):
-            continue
-        if raw.get("name") == name:
-            info = run_info(cfg_file.parent, "gpu")
-            found.append((info["status"] != "completed", -(info["epochs_run"] or 0), info["seed"] or 0,
-                          cfg_file.parent))
-    return [run_dir for *_, run_dir in sorted(found, key=lambda t: t[:3] + (str(t[3]),))]
+    return find_runs(runs_dir or GPU_RUNS_DIR, name)
 
 
 def find_run(name: str, runs_dir=None, quick_dir=None, train_quick: bool = True):
@@ -225,7 +217,7 @@ def atlas_maps(atlas: dict, kind: str = "probs", image: int = 0, query: int = 0)
     pick = {"probs": lambda p: p[image, :, query], "centre_mean": lambda p: p, "query_mean": lambda p: p[image]}
     if kind not in pick:
         raise ValueError(f"kind must be one of {sorted(pick)}, got {kind!r}")
-    return np.stack([_numpy(pick[kind](p)) for p in atlas[kind]]).astype(np.float32)
+    return np.stack([to_numpy(pick[kind](p)) for p in atlas[kind]]).astype(np.float32)
 
 
 def atlas_query(atlas: dict, query: int = 0) -> tuple[int, int]:
@@ -237,11 +229,16 @@ def atlas_query(atlas: dict, query: int = 0) -> tuple[int, int]:
 def load_snapshots(run_dir) -> list[dict]:
     """The per-epoch attention snapshots of a run (``snapshots/epoch_XXXX.pt``), in epoch order.
 
+    Layers may have different head counts (a run whose degenerate heads were pruned,
+    ``train.prune_degenerate_heads``): the per-layer arrays are then padded to the most heads ``H`` with NaN
+    (plots skip NaN points), and ``heads`` says how many each layer has.
+
     Returns:
         One dict per epoch: ``epoch``; ``centers (L, H, 2)`` and ``spreads (L, H)`` or ``(L, H, 2, 2)``
-        of the quadratic layers (``None`` for other mechanisms); ``centre_probs (L, H, N)`` float32,
-        each layer's attention of the centre query for one test image (``None`` when absent);
-        ``params``: the raw parameter dict.
+        of the quadratic layers (``None`` for other mechanisms); ``heads (L,)`` int, the heads of each
+        quadratic layer (``None`` for other mechanisms); ``centre_probs (L, H, N)`` float32, each layer's
+        attention of the centre query for one test image (``None`` when absent, or when the layers'
+        grids differ); ``params``: the raw parameter dict.
     """
     out = []
     for path in sorted((Path(run_dir) / "snapshots").glob("epoch_*.pt")):
@@ -250,8 +247,32 @@ def load_snapshots(run_dir) -> list[dict]:
         centers = [v for k, v in params.items() if k.endswith("attention_centers")]
         spreads = [v for k, v in params.items() if k.endswith("attention_spreads")]
         probs = snap.get("centre_probs") or []
-        stack = lambda ts: np.stack([_numpy(t) for t in ts]) if ts else None  # noqa: E731
-        same = len({tuple(p.shape) for p in probs}) == 1
-        out.append({"epoch": int(snap["epoch"]), "centers": stack(centers), "spreads": stack(spreads),
-                    "centre_probs": stack(probs) if same else None, "params": params})
+        same_grid = len({tuple(p.shape[1:]) for p in probs}) == 1
+        out.append({"epoch": int(snap["epoch"]), "centers": stack_heads(centers), "spreads": stack_heads(spreads),
+                    "heads": np.array([len(c) for c in centers]) if centers else None,
+                    "centre_probs": stack_heads(probs) if same_grid else None, "params": params})
+    return out
+
+
+def stack_heads(per_layer) -> np.ndarray | None:
+    """Per-layer arrays ``(H_l, ...)`` stacked into ``(L, max H_l, ...)`` float, the missing heads NaN.
+
+    Args:
+        per_layer: tensors or arrays whose shapes agree except in the first (head) axis.
+
+    Returns:
+        The stack, or ``None`` for an empty list.
+
+    Raises:
+        ValueError: shapes that differ beyond the head axis.
+    """
+    if not per_layer:
+        return None
+    arrays = [to_numpy(t) for t in per_layer]
+    if len({a.shape[1:] for a in arrays}) != 1:
+        raise ValueError(f"per-layer shapes differ beyond the head axis: {[a.shape for a in arrays]}")
+    out = np.full((len(arrays), max(len(a) for a in arrays), *arrays[0].shape[1:]), np.nan,
+                  dtype=np.result_type(np.float32, *arrays))
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = a
     return out
