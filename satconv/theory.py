@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import QuadraticAttention
-from .attention.base import relative_offsets
+from .attention.positions import relative_offsets
 
 
 # -- the construction ---------------------------------------------------------------------------------------

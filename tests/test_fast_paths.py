@@ -55,7 +55,7 @@ def test_shared_probability_product_in_autocast_keeps_the_input_dtypes():
     """SharedProbabilityProduct (the bmm_gemm route) under CPU bf16 autocast: the product runs in bf16,
     and the float32 probabilities and values get float32 gradients close to the float64 ones (the
     gradient of P is the one GEMM over batch and features, of P^T the batched one)."""
-    from satconv.attention.base import SharedProbabilityProduct
+    from satconv.attention.shared import SharedProbabilityProduct
     torch.manual_seed(0)
     p64 = torch.softmax(torch.randn(15, 12, dtype=torch.float64), -1)
     x64, g64 = torch.randn(4, 12, 8, dtype=torch.float64), torch.randn(4, 15, 8, dtype=torch.float64)

@@ -22,7 +22,8 @@ Every mechanism takes ``x: (B, height, width, dim)`` and returns ``(B, height, w
 or ``(out, probs)`` with ``probs: (B or 1, heads, N, N)`` when ``return_attention=True``.
 :data:`ATTENTION` maps the YAML name (``model.attention.kind``) to the class.
 """
-from .base import AttentionBase, relative_index, relative_offsets
+from .base import AttentionBase
+from .positions import relative_index, relative_offsets
 from .content import ContentAttention
 from .fcvit import FCViTTokenMixer
 from .learned_relative import LearnedRelativeAttention

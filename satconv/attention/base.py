@@ -1,4 +1,4 @@
-"""Shared pieces of every attention mechanism: the interface, relative offsets, head combination.
+"""The interface of every attention mechanism and the explicit eq. (2) product, with the input-independent base class.
 
 Every mechanism in :mod:`satconv.attention` maps an image-shaped token tensor
 ``x: (batch, height, width, dim)`` to ``(batch, height, width, out_dim)`` and, when asked,
@@ -13,6 +13,12 @@ Heads are *concatenated*.  With ``head_dim == dim`` and no value projection (the
 choice, epfml/attention-cnn ``models/bert.py``) every head attends over the raw ``X`` and ``W_out``
 stacks the per-head filters; with any other ``head_dim`` a value projection
 ``dim -> num_heads * head_dim`` gives each head its own values.
+
+:class:`AttentionBase` computes eq. (2) explicitly (scores, softmax, ``P V`` per head, ``W_out``) and reaches the
+fast paths through one hook, its :attr:`~AttentionBase.routes` attribute
+(:class:`satconv.attention.routes.Routes`): the shared-probability products live in
+:mod:`satconv.attention.shared`, the folded dense attention in :mod:`satconv.attention.folded`, relative
+positions in :mod:`satconv.attention.positions` and the precision rules in :mod:`satconv.attention.precision`.
 """
 from __future__ import annotations
 
@@ -23,70 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dropout import Dropout
+from .precision import softmax_keys, wide
 from .routes import Routes
-
-
-def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Offsets ``delta = key - query`` between all pixel pairs of a grid.
-
-    Args:
-        height, width: grid size; pixels are flattened row-major, ``n = row * width + col``.
-
-    Returns:
-        ``(N, N, 2)`` tensor, ``[q, k] = (row_k - row_q, col_k - col_q)``, ``N = height * width``.
-    """
-    rows = torch.arange(height, device=device, dtype=dtype)
-    cols = torch.arange(width, device=device, dtype=dtype)
-    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)  # (N, 2)
-    return grid[None, :, :] - grid[:, None, :]  # (N, N, 2): key - query
-
-
-def axis_offset_index(size: int, max_position: int, device=None) -> torch.Tensor:
-    """Offsets ``key - query`` along one grid axis, shifted to index a table of ``2 * max_position - 1`` rows.
-
-    Args:
-        size: grid side along the axis (at most ``max_position``; callers check).
-        max_position: largest supported side.
-
-    Returns:
-        ``(size, size)`` long, ``[q, k] = k - q + max_position - 1``.
-    """
-    pos = torch.arange(size, device=device)
-    return pos[None, :] - pos[:, None] + max_position - 1
-
-
-def check_grid(height: int, width: int, max_position: int) -> None:
-    """Raise ``ValueError`` unless a ``height x width`` grid fits relative tables of ``2 * max_position - 1`` offsets."""
-    if height > max_position or width > max_position:
-        raise ValueError(f"grid {height}x{width} exceeds max_position={max_position}; "
-                         f"relative embeddings cover sides up to {max_position}")
-
-
-def relative_index(height: int, width: int, max_position: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer row and column offsets shifted to index embedding tables of ``2 * max_position - 1`` rows.
-
-    Args:
-        height, width: grid size, each at most ``max_position``.
-        max_position: largest supported side; offsets range over ``-(max_position-1) .. max_position-1``.
-
-    Returns:
-        ``(row_index, col_index)``, each ``(N, N)`` long, ``delta + max_position - 1``.
-    """
-    check_grid(height, width, max_position)
-    delta = relative_offsets(height, width, device=device, dtype=torch.long)
-    return delta[..., 0] + max_position - 1, delta[..., 1] + max_position - 1
-
-
-def wide(p: torch.Tensor) -> torch.Tensor:
-    """``p`` in float32, or float64 when it is float64 (weight folds start from at least float32 weights).
-
-    The folds' products themselves (:func:`fold_following`, :mod:`satconv.attention.folded`) run in the
-    autocast dtype under autocast: bf16 GEMMs that accumulate in float32, the rounding the unfolded
-    weights get in every GEMM anyway.  In float32 they ran on the H200's CUDA cores instead of its tensor
-    cores (``sm80_xmma_gemm_f32f32..._ffma``, among the fifteen costliest kernels of a position-only step in
-    ``book/bench/h200_kernels.jsonl``) for a product whose size does not grow with the batch.
-    """
-    return p.to(torch.promote_types(p.dtype, torch.float32))
+from .shared import SharedProbabilityProduct
 
 
 def fold_following(proj: nn.Linear, then: nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -300,61 +245,6 @@ class AttentionBase(nn.Module):
         out = self.combine(self.attn_drop(probs), self.values(tokens), then)
         out = out.reshape(b, height, width, -1)
         return (out, probs) if return_attention else out
-
-
-class SharedProbabilityProduct(torch.autograd.Function):
-    """``out_b = P X_b`` for every image ``b``, with probabilities ``P`` shared by the batch (paper.md §6.4).
-
-    ``forward(p: (R, N), x: (B, N, D)) -> (B, R, D)``.  The forward pass and the values' gradient
-    ``P^T G_b`` are batched GEMMs with ``P`` broadcast over the batch (stride 0, not copied).  The
-    probabilities' gradient ``sum_b G_b X_b^T`` is one ``(R, B D) @ (B D, N)`` GEMM over the batch and
-    features together, the gradient ``G`` laid out ``(R, B, D)`` for it (one layout copy), instead of
-    ``B`` per-image products summed afterwards (the ``"bmm"`` route's autograd, which writes a
-    ``(B, R, N)`` tensor of them).  Both operands are cast to the autocast dtype when autocast is on
-    (else to ``x.dtype``); the gradients come back in the inputs' dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        dtype = autocast_dtype(x) or x.dtype
-        ctx.dtypes = p.dtype, x.dtype
-        p, x = p.to(dtype), x.to(dtype)
-        ctx.save_for_backward(p, x)
-        return torch.bmm(p.expand(x.shape[0], -1, -1), x)  # (B, R, D)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        p, x = ctx.saved_tensors
-        (b, n, d), r = x.shape, p.shape[0]
-        g = g.to(x.dtype)
-        d_p = d_x = None
-        if ctx.needs_input_grad[0]:  # sum_b G_b X_b^T: (R, B*D) @ (B*D, N)
-            d_p = torch.mm(g.transpose(0, 1).reshape(r, b * d), x.transpose(0, 1).reshape(n, b * d).t())
-            d_p = d_p.to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            d_x = torch.bmm(p.t().expand(b, -1, -1), g).to(ctx.dtypes[1])  # (B, N, D)
-        return d_p, d_x
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype on ``x``'s device, or ``None`` (no autocast there, e.g. the meta device)."""
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
-
-def softmax_keys(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys (last axis), in float32 at least (half-precision logits are upcast).
-
-    Args:
-        logits: ``(..., N)``.
-
-    Returns:
-        ``(..., N)`` probabilities in ``float32`` or ``logits.dtype`` if wider.
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return torch.softmax(logits, dim=-1)
 
 
 class InputIndependentAttention(AttentionBase):

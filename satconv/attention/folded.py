@@ -48,7 +48,9 @@ from torch import nn
 
 from ..dropout import keep_mask
 from . import fused
-from .base import autocast_dtype, axis_offset_index, fold_following, softmax_keys, wide
+from .base import fold_following
+from .positions import axis_offset_index
+from .precision import autocast_dtype, softmax_keys, wide
 from .routes import fused_runs
 
 
@@ -349,7 +351,7 @@ def window_codes(size: int, max_position: int, device=None, dtype=torch.float32)
 
     Returns:
         ``(size * size, 2M - 1)``: row ``q * size + k`` is 1 at ``k - q + M - 1``
-        (:func:`~satconv.attention.base.axis_offset_index`), 0 elsewhere.
+        (:func:`~satconv.attention.positions.axis_offset_index`), 0 elsewhere.
     """
     idx = axis_offset_index(size, max_position, device).reshape(-1, 1)  # (size*size, 1)
     return (idx == torch.arange(2 * max_position - 1, device=device)).to(dtype)

@@ -28,8 +28,8 @@ import math
 import torch
 from torch import nn
 
-from .base import (AttentionBase, InputIndependentAttention, axis_offset_index, check_grid,
-                   relative_index, scaled)
+from .base import AttentionBase, InputIndependentAttention, scaled
+from .positions import axis_offset_index, check_grid, relative_index
 from .content import split_heads
 from .folded import fold_query_tables, folded_forward, relative_query_terms, window_codes
 

@@ -29,7 +29,8 @@ import math
 import torch
 from torch import nn
 
-from .base import InputIndependentAttention, relative_offsets
+from .base import InputIndependentAttention
+from .positions import relative_offsets
 
 #: parameter-name fragments excluded from weight decay (epfml/attention-cnn ``train.py``, ``get_optimizer``)
 NO_DECAY_NAMES = ("attention_centers", "attention_spreads")

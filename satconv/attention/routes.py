@@ -44,7 +44,7 @@ class Routes:
             batch, landing in ``W_out``'s layout.  ``"wfirst"``: every head's slice of ``W_out`` first, then
             one batched GEMM over keys and heads.  ``"bmm_gemm"`` (default): ``"bmm"``'s forward pass, with
             the probabilities' gradient as one GEMM over batch and features
-            (:class:`~satconv.attention.base.SharedProbabilityProduct`).  Same function.
+            (:class:`~satconv.attention.shared.SharedProbabilityProduct`).  Same function.
         fused_forward: on CUDA with Triton, the folded attention's softmax and dropout run as one kernel
             (:func:`satconv.attention.fused.softmax_dropout_forward`).
         fused_backward: likewise for the element-wise part of its backward pass.

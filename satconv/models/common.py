@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import ATTENTION
-from ..attention.base import autocast_dtype
+from ..attention.precision import autocast_dtype
 from ..attention.routes import Routes
 from ..config import OPTION_SECTION, AttentionConfig
 
