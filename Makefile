@@ -7,7 +7,7 @@
 #   make gpu-runs RUNS="paper_resnet18:42:300 paper_quadratic:43:300" GPU_DATA=/path/to/images
 #                  papermill chapters/train.ipynb per config into book/runs/<stem>.ipynb and its artifacts into
 #                  book/runs/<stem>/ (checkpoints removed); on the GPU machine, with the python found on PATH
-#   make gpu-bench GPU_DATA=/path/to/images   the timing chapter's GPU figures into book/bench/
+#   make gpu-bench GPU_DATA=/path/to/images   the cost and engineering chapters' GPU figures into book/bench/
 #
 # Plain pip only (never uv: it ignores the build machines' local wheels and torch cap).
 SHELL := /bin/bash
@@ -92,13 +92,13 @@ unit: setup
 # (NBVAL_ENV_<capability>; the caps are ceilings, so harmless on any CPU, and ignored where the library is
 # absent, as on arm64):
 #   default  PyTorch's scalar kernels and MKL's compatible code path (oneDNN is left alone: capped at
-#            SSE4.1 it made the timing chapter's bf16 activation count minutes slower)
+#            SSE4.1 it made the engineering appendix's bf16 activation count minutes slower)
 #   avx2     an AVX2 machine throughout: PyTorch's AVX2 kernels, MKL and oneDNN at AVX2 (oneDNN's path
 #            changes the visualise chapter's CPU stand-ins; its bf16 kernels are slow without AVX-512)
 # Neither is the AVX-512 path that executes the committed notebooks on the build machines, and they round
 # differently from each other, as a fresh clone on another x86-64 or arm64 CPU does. Every pass checks every
 # chapter: the CPU-dependent outputs are not confined to the numerical chapters (visualise trains its CPU
-# stand-ins and prints their scores, train and timing compute on the CPU), a list of chapters would have to
+# stand-ins and prints their scores, train and the engineering appendix compute on the CPU), a list of chapters would have to
 # be kept up to date by hand, and the two passes take about 4 and 7 minutes here (2 CPUs), so `make test`
 # stays well within CI's 90 minutes. Each pass first removes the visualise chapter's stand-in runs
 # (_build/visualise_runs, which it trains on first use and reuses after), so that it trains them under its
@@ -173,7 +173,7 @@ gpu-runs:
 gpu-test:
 	$(PYTHON) -m pytest -q -rs -p no:cacheprovider tests -m "not browser"
 
-# The GPU figures of the timing chapter (book/bench/<BENCH_TAG>*.jsonl), on the GPU machine:
+# The GPU figures of the cost chapter and the engineering appendix (book/bench/<BENCH_TAG>*.jsonl), on the GPU machine:
 #   make gpu-bench GPU_DATA=/path/to/cifar10-images    (GPU_DATA empty: whole epochs on generated images)
 BENCH_TAG ?= h200
 BENCH_OUT = book/bench/$(BENCH_TAG)

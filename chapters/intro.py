@@ -85,12 +85,14 @@
 #   the local mechanisms of SAN and SASA {cite:p}`ramachandran2019`, and FCViT's token mixer
 #   {cite:p}`ma2022` all take the same input and return their attention probabilities, so one
 #   set of tests and plots covers them all.
-# - **Training, visualisation and timing.** The training chapter runs on a small smoke
+# - **Training, visualisation and cost.** The training chapter runs on a small smoke
 #   configuration when the book is built; the real training runs are executed on a GPU and
 #   committed under *GPU results*, each page stating its data set, schedule, seed and GPU. The
 #   figures of the paper (attention centres per layer and over training, attention maps of the
 #   learned encodings) are drawn from those runs where they are committed, and otherwise from
-#   small stand-in runs that the pages label as such.
+#   small stand-in runs that the pages label as such. The {doc}`cost` chapter recounts Table 1's
+#   parameters and FLOPs, compares training speed with the [Re] and projects the GPU time needed to
+#   reproduce the paper; the {doc}`appendix_engineering` explains the fast training step behind it.
 #
 # The figure below shows the idea of the construction on a $7 \times 7$ image: nine heads, each
 # centred on one shift of the $3 \times 3$ grid around the query pixel (marked with a cross).
