@@ -150,6 +150,20 @@ INTERPRETED = REFERENCE + textwrap.dedent("""
             want = run()
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    # a launch shape given per call (the launch sweep's way) changes how rows are split, not the results,
+    # and leaves the LAUNCH table alone
+    table = dict(fused.LAUNCH)
+    torch.manual_seed(5)
+    sc, kp, gg = torch.randn(2, 7, 24), torch.rand(2, 7, 24) >= 0.2, torch.randn(2, 7, 24)
+    base_f = forward(sc, None, None, 24, kp, 0.2, torch.float32, torch.float32)  # the unpatched kernel
+    base_b = fused.softmax_dropout_backward(gg, base_f[0], base_f[2], None, 0.2, torch.float32, torch.float32)
+    for shape in ((1, 1), (4, 2), (16, 4)):
+        f = forward(sc, None, None, 24, kp, 0.2, torch.float32, torch.float32, launch=shape)
+        b = fused.softmax_dropout_backward(gg, f[0], f[2], None, 0.2, torch.float32, torch.float32, launch=shape)
+        for x, y in zip((*f, *b), (*base_f, *base_b)):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert fused.LAUNCH == table
     print("ok")
 """)
 

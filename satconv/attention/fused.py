@@ -109,11 +109,11 @@ if triton is not None:
         tl.store(dl_ptr + offset, d_logits.to(dl_ptr.dtype.element_ty), mask=inside)
         tl.store(dropped_ptr + offset, dropped.to(dropped_ptr.dtype.element_ty), mask=inside)
 
-    def _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped):
+    def _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped, launch=None):
         n = probs.shape[-1]
         rows = probs.numel() // n
         block = row_block(n)
-        per_program, warps = launch_shape("backward", block)
+        per_program, warps = launch or launch_shape("backward", block)
         _backward_kernel[(triton.cdiv(rows, per_program),)](
             g, probs, packed if packed is not None else probs,  # unused pointers: any tensor
             g_rowsum if g_rowsum is not None else probs, d_logits, dropped, rows, n,
@@ -124,18 +124,19 @@ if triton is not None:
     @torch.library.custom_op("satconv::softmax_dropout_backward", mutates_args=())
     def _softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor | None,
                                   g_rowsum: torch.Tensor | None, scale: float, logits_dtype: torch.dtype,
-                                  dropped_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                                  dropped_dtype: torch.dtype, launch: list[int] | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         g, probs = g.contiguous(), probs.contiguous()
         packed = None if packed is None else packed.contiguous()
         g_rowsum = None if g_rowsum is None else g_rowsum.contiguous()
         d_logits = torch.empty(probs.shape, dtype=logits_dtype, device=probs.device)
         dropped = torch.empty(probs.shape, dtype=dropped_dtype, device=probs.device)
         with torch.cuda.device(probs.device) if probs.is_cuda else contextlib.nullcontext():
-            _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped)
+            _launch(g, probs, packed, g_rowsum, scale, d_logits, dropped, launch)
         return d_logits, dropped
 
     @_softmax_dropout_backward.register_fake
-    def _(g, probs, packed, g_rowsum, scale, logits_dtype, dropped_dtype):
+    def _(g, probs, packed, g_rowsum, scale, logits_dtype, dropped_dtype, launch=None):
         return (torch.empty(probs.shape, dtype=logits_dtype, device=probs.device),
                 torch.empty(probs.shape, dtype=dropped_dtype, device=probs.device))
 
@@ -173,8 +174,8 @@ if triton is not None:
     @torch.library.custom_op("satconv::softmax_dropout_forward", mutates_args=())
     def _softmax_dropout_forward(scores: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None,
                                  n_valid: int, keep: torch.Tensor | None, scale: float, probs_dtype: torch.dtype,
-                                 dropped_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
+                                 dropped_dtype: torch.dtype, launch: list[int] | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         scores = scores.contiguous()
         n = scores.shape[-1]
         rows = scores.numel() // n
@@ -185,7 +186,7 @@ if triton is not None:
         packed = torch.empty((*scores.shape[:-1], n_packed), dtype=torch.uint8, device=scores.device)
         rowsum = torch.empty(scores.shape[:-1], dtype=torch.float32, device=scores.device)
         block = row_block(n)
-        per_program, warps = launch_shape("forward", block)
+        per_program, warps = launch or launch_shape("forward", block)
         rel = (row.contiguous(), col.contiguous()) if row is not None else (scores, scores)  # unused: any tensor
         with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
             _forward_kernel[(triton.cdiv(rows, per_program),)](
@@ -195,7 +196,7 @@ if triton is not None:
         return probs, dropped, packed, rowsum
 
     @_softmax_dropout_forward.register_fake
-    def _(scores, row, col, n_valid, keep, scale, probs_dtype, dropped_dtype):
+    def _(scores, row, col, n_valid, keep, scale, probs_dtype, dropped_dtype, launch=None):
         n = scores.shape[-1]
         n_packed = (n + 7) // 8 if keep is not None else 0
         return (torch.empty(scores.shape, dtype=probs_dtype, device=scores.device),
@@ -206,7 +207,7 @@ if triton is not None:
 
 def softmax_dropout_forward(scores: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None,
                             n_valid: int, keep: torch.Tensor | None, p: float, probs_dtype: torch.dtype,
-                            dropped_dtype: torch.dtype):
+                            dropped_dtype: torch.dtype, *, launch: tuple[int, int] | None = None):
     """The forward softmax and dropout of :class:`~satconv.attention.folded.SoftmaxDropoutMix`, fused.
 
     Args:
@@ -217,6 +218,8 @@ def softmax_dropout_forward(scores: torch.Tensor, row: torch.Tensor | None, col:
         keep: ``(B, R, Nk)`` bool keep mask (:func:`satconv.dropout.keep_mask`), or ``None``.
         p: the drop probability (survivors scaled by ``1 / (1 - p)``).
         probs_dtype, dropped_dtype: dtypes of the saved probabilities and of the dropped ones.
+        launch: ``(rows per program, warps)`` for this call; ``None``: :func:`launch_shape`'s choice
+            (``python -m satconv bench --fused-launch`` times every pair through this argument).
 
     Returns:
         ``(probs, dropped, packed, rowsum)``: ``(B, R, Nk)`` softmax in ``probs_dtype`` (computed in float32),
@@ -229,13 +232,15 @@ def softmax_dropout_forward(scores: torch.Tensor, row: torch.Tensor | None, col:
     if (row is None) != (col is None):
         raise ValueError("row and col relative terms go together")
     probs, dropped, packed, rowsum = torch.ops.satconv.softmax_dropout_forward(
-        scores, row, col, int(n_valid), keep, 1.0 / (1.0 - p), probs_dtype, dropped_dtype)
+        scores, row, col, int(n_valid), keep, 1.0 / (1.0 - p), probs_dtype, dropped_dtype,
+        None if launch is None else [int(v) for v in launch])
     return probs, dropped, (packed if keep is not None else None), rowsum
 
 
 def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch.Tensor | None,
                              g_rowsum: torch.Tensor | None, p: float, logits_dtype: torch.dtype,
-                             dropped_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                             dropped_dtype: torch.dtype, *, launch: tuple[int, int] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The softmax-and-dropout backward of :class:`~satconv.attention.folded.SoftmaxDropoutMix`, fused.
 
     Args:
@@ -247,6 +252,7 @@ def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch
         p: the drop probability (survivors were scaled by ``1 / (1 - p)``).
         logits_dtype: dtype of the returned logits' gradient.
         dropped_dtype: dtype of the returned dropped probabilities.
+        launch: ``(rows per program, warps)`` for this call; ``None``: :func:`launch_shape`'s choice.
 
     Returns:
         ``(d_logits, dropped)``, both ``(B, R, Nk)``: ``p * (d - sum(d * p))`` with
@@ -255,7 +261,8 @@ def softmax_dropout_backward(g: torch.Tensor, probs: torch.Tensor, packed: torch
     if triton is None:
         raise RuntimeError("softmax_dropout_backward needs Triton, which is not importable here")
     return torch.ops.satconv.softmax_dropout_backward(g, probs, packed, g_rowsum, 1.0 / (1.0 - p),
-                                                      logits_dtype, dropped_dtype)
+                                                      logits_dtype, dropped_dtype,
+                                                      None if launch is None else [int(v) for v in launch])
 
 
 __all__ = ["LAUNCH", "FLOATS", "row_block", "launch_shape", "launch_table", "available", "softmax_dropout_backward",

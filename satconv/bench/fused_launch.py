@@ -28,7 +28,7 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
 
     One eager training step of ``cfg`` records the arguments of the first call of each kernel; each kernel
     is then timed on those arguments at every ``(rows per program, warps)`` pair
-    (:data:`satconv.attention.fused.LAUNCH` is set for the call and restored).  The fastest pair per kernel
+    (each pair passed as the kernels' ``launch`` argument; :data:`satconv.attention.fused.LAUNCH` is not changed).  The fastest pair per kernel
     is what ``LAUNCH`` should hold for that row block.
 
     Args:
@@ -79,25 +79,20 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
     common = {"config": cfg.name, "device": device_name(device), "precision": precision, "batch": batch,
               "torch": torch.__version__, "date": utc_now(), "satconv_source": source_digest()}
     rows = []
-    table = dict(fused.LAUNCH)
-    try:
-        for kernel, args in sorted(calls.items()):
-            scores = args[0] if kernel == "forward" else args[1]
-            block = fused.row_block(scores.shape[-1])
-            fn = dict(forward=originals[0], backward=originals[1])[kernel]
-            current = fused.launch_shape(kernel, block)
-            found = []
-            for per in rows_per_program:
-                for w in warps:
-                    fused.LAUNCH[(kernel, block)] = (per, w)
-                    us = statistics.median(time_repeats(lambda: fn(*args), device, warmup, repeats)) * 1e6
-                    found.append({"kernel": kernel, "block": block, "shape": list(scores.shape),
-                                  "rows_per_program": per, "warps": w, "us": us, "current": (per, w) == current})
-            best = min(r["us"] for r in found)
-            rows += [{**r, "fastest": r["us"] == best, **common} for r in found]
-    finally:
-        fused.LAUNCH.clear()
-        fused.LAUNCH.update(table)
+    for kernel, args in sorted(calls.items()):
+        scores = args[0] if kernel == "forward" else args[1]
+        block = fused.row_block(scores.shape[-1])
+        fn = dict(forward=originals[0], backward=originals[1])[kernel]
+        current = fused.launch_shape(kernel, block)
+        found = []
+        for per in rows_per_program:
+            for w in warps:  # each pair through the kernels' launch argument: fused.LAUNCH is only read
+                us = statistics.median(time_repeats(lambda: fn(*args, launch=(per, w)), device, warmup,
+                                                    repeats)) * 1e6
+                found.append({"kernel": kernel, "block": block, "shape": list(scores.shape),
+                              "rows_per_program": per, "warps": w, "us": us, "current": (per, w) == current})
+        best = min(r["us"] for r in found)
+        rows += [{**r, "fastest": r["us"] == best, **common} for r in found]
     return rows
 
 
