@@ -1,0 +1,170 @@
+"""How convolution-like is a layer of attention heads? A score from the theorem's own picture.
+
+Theorem 1 of arXiv 1911.03584 builds a ``K x K`` convolution from ``N_h = K^2`` heads, head ``h`` putting all its
+attention on one shift ``Delta^(h)`` of the grid ``{-p..p}^2`` (``p = (K - 1) / 2``, :func:`satconv.theory.kernel_shifts`).
+This module measures how close a layer's attention is to that picture.
+
+For head ``h`` with probabilities ``A^(h)_{q,k}`` (query ``q``, key ``k``, pixels of an ``H x W`` grid) the
+**shift profile** is the mass on each relative shift ``delta = k - q``, averaged over the interior queries
+``Q_r`` (those whose ``(2r + 1) x (2r + 1)`` neighbourhood lies inside the image, as in the theorem, which
+ignores borders)::
+
+    m_h(delta) = 1/|Q_r| sum_{q in Q_r} A^(h)_{q, q + delta},        |delta_row|, |delta_col| <= r
+
+Each head's most-attended shift is ``argmax_delta m_h(delta)`` and its **concentration** the mass there.  The
+**assignment** is the one-to-one matching ``sigma`` of heads to the ``K^2`` grid shifts that maximises
+``sum_h m_h(sigma(h))`` (the Hungarian method), and the **score** is the fraction of a ``K x K`` convolution
+the layer realises::
+
+    score = 1/K^2 sum_{Delta in grid, matched} m_{sigma^-1(Delta)}(Delta)   in [0, 1]
+
+It is 1 exactly when ``K^2`` heads each put all their (interior) mass on a distinct grid shift, the theorem's
+layer; ``1/N`` for uniform attention (``N = H W``, with at least ``K^2`` heads); ``1/K^2`` when all heads share
+one shift.  With fewer heads than ``K^2`` some shifts stay unmatched and count 0 (``heads_short`` says how
+many).  Permuting the heads does not change it.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+__all__ = ["conv_likeness", "conv_likeness_per_image", "max_assignment"]
+
+
+def max_assignment(mass: np.ndarray) -> np.ndarray:
+    """The one-to-one assignment of rows to columns with the largest total (Hungarian method, O(n^2 m)).
+
+    Args:
+        mass: ``(n, m)`` finite weights.
+
+    Returns:
+        ``(min(n, m), 2)`` int array of ``(row, column)`` pairs, sorted by row: every row matched when
+        ``n <= m``, every column when ``n > m``, no row or column twice, the sum of ``mass`` over the pairs
+        maximal.
+
+    Raises:
+        ValueError: not a 2-D array, or a non-finite weight.
+    """
+    mass = np.asarray(mass, dtype=float)
+    if mass.ndim != 2:
+        raise ValueError(f"mass must be 2-D (rows, columns), got shape {mass.shape}")
+    if not np.isfinite(mass).all():
+        raise ValueError("mass must be finite")
+    transposed = mass.shape[0] > mass.shape[1]
+    cost = -(mass.T if transposed else mass)  # minimise the cost of matching every one of n <= m rows
+    n, m = cost.shape
+    u, v = np.zeros(n + 1), np.zeros(m + 1)
+    match = np.zeros(m + 1, dtype=int)  # match[j] = row (1-based) matched to column j; 0: free
+    way = np.zeros(m + 1, dtype=int)
+    for i in range(1, n + 1):  # add row i along a shortest augmenting path (potentials u, v)
+        match[0], j0 = i, 0
+        minv, used = np.full(m + 1, np.inf), np.zeros(m + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = match[j0]
+            reduced = cost[i0 - 1] - u[i0] - v[1:]
+            better = ~used[1:] & (reduced < minv[1:])
+            minv[1:][better] = reduced[better]
+            way[1:][better] = j0
+            free = np.where(~used[1:])[0] + 1
+            j1 = free[np.argmin(minv[free])]
+            delta = minv[j1]
+            u[match[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+            if match[j0] == 0:
+                break
+        while j0:  # flip the path
+            j1 = way[j0]
+            match[j0] = match[j1]
+            j0 = j1
+    pairs = np.array([(match[j] - 1, j - 1) for j in range(1, m + 1) if match[j]], dtype=int).reshape(-1, 2)
+    if transposed:
+        pairs = pairs[:, ::-1]
+    return pairs[np.argsort(pairs[:, 0])]
+
+
+def conv_likeness(probs, height: int, width: int, kernel_size: int = 3, radius: int | None = None) -> dict:
+    """The convolution-likeness of one layer's heads (module docstring: shift profile, assignment, score).
+
+    Args:
+        probs: ``(heads, N, N)`` attention probabilities (rows: queries, columns: keys, ``N = height * width``,
+            pixels row-major), a tensor or array; a leading batch axis of 1 is accepted.
+        height, width: the grid.
+        kernel_size: ``K``, odd, >= 1: the convolution compared with (``K^2`` grid shifts).
+        radius: ``r``, the largest shift the profile covers in each axis (``None``: ``K - 1``, twice the
+            kernel's reach, so that a head centred just outside the grid is seen); ``r >= (K - 1) / 2``.
+
+    Returns:
+        ``shift_profile`` ``(heads, 2r+1, 2r+1)`` (index ``[h, r + d_row, r + d_col]``); ``shifts`` ``(heads, 2)``
+        each head's most-attended shift ``(d_row, d_col)``; ``concentration`` ``(heads,)`` its mass there;
+        ``assignment`` ``(min(heads, K^2), 2)`` of ``(head, grid index)`` pairs, grid index ``a * K + c`` for the
+        shift ``(a - p, c - p)`` (:func:`satconv.theory.kernel_shifts` order); ``assigned_mass`` ``(min(heads, K^2),)``;
+        ``score`` (float in [0, 1]); ``heads_short`` (``max(0, K^2 - heads)``); ``queries`` (interior queries
+        averaged over); ``kernel_size``, ``radius``.
+
+    Raises:
+        ValueError: a bad shape, an even or non-positive ``K``, a radius below ``(K - 1) / 2``, or a grid with no
+            interior query for that radius.
+    """
+    p = torch.as_tensor(probs).detach().to("cpu", torch.float64)
+    if p.dim() == 4 and p.shape[0] == 1:
+        p = p[0]
+    n = height * width
+    if p.dim() != 3 or p.shape[1:] != (n, n):
+        raise ValueError(f"probs must be (heads, N, N) with N = {height} * {width} = {n}, got {tuple(p.shape)}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+    half = (kernel_size - 1) // 2
+    radius = kernel_size - 1 if radius is None else radius
+    if radius < half:
+        raise ValueError(f"radius must be >= (kernel_size - 1) / 2 = {half}, got {radius}")
+    rows, cols = range(radius, height - radius), range(radius, width - radius)
+    if not rows or not cols:
+        raise ValueError(f"a {height}x{width} grid has no query whose radius-{radius} neighbourhood lies inside it; "
+                         f"lower radius or kernel_size")
+    heads, side = p.shape[0], 2 * radius + 1
+    grid = p.view(heads, height, width, height, width)  # [h, q_row, q_col, k_row, k_col]
+    qr = torch.tensor(list(rows))[:, None]
+    qc = torch.tensor(list(cols))[None, :]
+    profile = torch.empty(heads, side, side, dtype=torch.float64)
+    for dr, dc in itertools.product(range(-radius, radius + 1), repeat=2):
+        profile[:, dr + radius, dc + radius] = grid[:, qr, qc, qr + dr, qc + dc].mean(dim=(1, 2))
+    profile = profile.numpy()
+    flat = profile.reshape(heads, -1)
+    best = flat.argmax(1)
+    shifts = np.stack([best // side - radius, best % side - radius], axis=1)
+    taps = [(a - half + radius) * side + (c - half + radius) for a in range(kernel_size) for c in range(kernel_size)]
+    on_grid = flat[:, taps]  # (heads, K^2): mass of each head on each grid shift
+    pairs = max_assignment(on_grid)
+    assigned = on_grid[pairs[:, 0], pairs[:, 1]]
+    return {"shift_profile": profile, "shifts": shifts, "concentration": flat[np.arange(heads), best],
+            "assignment": pairs, "assigned_mass": assigned, "score": float(assigned.sum() / kernel_size ** 2),
+            "heads_short": max(0, kernel_size ** 2 - heads), "queries": len(rows) * len(cols),
+            "kernel_size": kernel_size, "radius": radius}
+
+
+def conv_likeness_per_image(probs, height: int, width: int, kernel_size: int = 3, radius: int | None = None) -> dict:
+    """Content-based attention: the score of the attention averaged over images (the paper's Fig. 6 protocol)
+    and of each image's own attention, and their spread.
+
+    Args:
+        probs: ``(images, heads, N, N)`` probabilities of one layer for a batch of images.
+        height, width, kernel_size, radius: as in :func:`conv_likeness`.
+
+    Returns:
+        ``mean_attention``: :func:`conv_likeness` of the image-averaged probabilities; ``per_image``: ``(images,)``
+        the score of each image; ``per_image_mean`` and ``per_image_std`` (population) of those scores.  A layer
+        can be convolution-like on average while each image's attention is not (``per_image_mean`` well below
+        the averaged score).
+    """
+    p = torch.as_tensor(probs).detach().to("cpu", torch.float64)
+    if p.dim() != 4:
+        raise ValueError(f"probs must be (images, heads, N, N), got {tuple(p.shape)}")
+    per_image = np.array([conv_likeness(p[i], height, width, kernel_size, radius)["score"] for i in range(len(p))])
+    return {"mean_attention": conv_likeness(p.mean(0), height, width, kernel_size, radius), "per_image": per_image,
+            "per_image_mean": float(per_image.mean()), "per_image_std": float(per_image.std())}
+

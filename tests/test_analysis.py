@@ -1,0 +1,129 @@
+"""satconv.analysis: the convolution-likeness score against cases with known answers."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from satconv.analysis import conv_likeness, conv_likeness_per_image, max_assignment
+from satconv.theory import attention_from_conv, kernel_shifts
+
+
+def brute_force_best(mass):
+    """The largest total of a one-to-one matching, by enumerating every matching (small sizes only)."""
+    n, m = mass.shape
+    if n <= m:
+        return max(sum(mass[i, j] for i, j in enumerate(cols)) for cols in itertools.permutations(range(m), n))
+    return max(sum(mass[i, j] for j, i in enumerate(rows)) for rows in itertools.permutations(range(n), m))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (4, 6), (6, 4), (5, 5), (2, 7)])
+def test_max_assignment_matches_brute_force(shape):
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(5):
+        mass = rng.random(shape)
+        mass[rng.random(shape) < 0.3] = 0.5  # ties
+        pairs = max_assignment(mass)
+        assert len(pairs) == min(shape)
+        assert len(set(pairs[:, 0])) == len(pairs) and len(set(pairs[:, 1])) == len(pairs)
+        assert math.isclose(mass[pairs[:, 0], pairs[:, 1]].sum(), brute_force_best(mass), rel_tol=1e-12)
+
+
+def test_max_assignment_refuses_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        max_assignment(np.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        max_assignment(np.array([[np.nan]]))
+
+
+def one_hot_heads(shifts, height, width):
+    """(heads, N, N): head h puts all its mass on key q + shifts[h] (clamped into the image at borders)."""
+    n = height * width
+    probs = torch.zeros(len(shifts), n, n, dtype=torch.float64)
+    for h, (dr, dc) in enumerate(shifts):
+        for r, c in itertools.product(range(height), range(width)):
+            kr, kc = min(max(r + dr, 0), height - 1), min(max(c + dc, 0), width - 1)
+            probs[h, r * width + c, kr * width + kc] = 1.0
+    return probs
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_a_convolution_scores_one_and_the_heads_order_does_not_matter(k):
+    shifts = [tuple(int(v) for v in s) for s in kernel_shifts(k)]
+    probs = one_hot_heads(shifts, 11, 12)
+    out = conv_likeness(probs, 11, 12, kernel_size=k)
+    assert out["score"] == 1.0 and out["heads_short"] == 0
+    assert [tuple(s) for s in out["shifts"]] == shifts and (out["concentration"] == 1).all()
+    assert out["assignment"].tolist() == [[h, h] for h in range(k * k)]
+    perm = torch.randperm(k * k, generator=torch.Generator().manual_seed(0))
+    permuted = conv_likeness(probs[perm], 11, 12, kernel_size=k)
+    assert permuted["score"] == 1.0
+    assert [tuple(s) for s in permuted["shifts"]] == [shifts[i] for i in perm.tolist()]
+
+
+def test_uniform_attention_scores_one_over_n():
+    out = conv_likeness(torch.full((9, 64, 64), 1 / 64, dtype=torch.float64), 8, 8)
+    assert math.isclose(out["score"], 1 / 64, rel_tol=1e-12)
+    assert np.allclose(out["shift_profile"], 1 / 64) and out["queries"] == 16  # radius 2: rows/cols 2..5
+
+
+def test_all_heads_on_one_shift_score_one_over_k_squared():
+    out = conv_likeness(one_hot_heads([(0, 1)] * 9, 9, 9), 9, 9)
+    assert math.isclose(out["score"], 1 / 9, rel_tol=1e-12)
+    assert (out["shifts"] == [0, 1]).all()
+
+
+def test_fewer_heads_than_grid_shifts_are_said_and_count_zero():
+    out = conv_likeness(one_hot_heads([(0, 0), (1, 1), (-1, 0)], 7, 7), 7, 7)
+    assert out["heads_short"] == 6 and math.isclose(out["score"], 3 / 9, rel_tol=1e-12)
+    more = conv_likeness(one_hot_heads([tuple(int(v) for v in s) for s in kernel_shifts(3)] + [(2, 2)] * 3, 7, 7), 7, 7)
+    assert more["score"] == 1.0 and more["heads_short"] == 0 and len(more["assignment"]) == 9
+
+
+def test_a_head_centred_off_the_grid_is_seen_by_the_profile():
+    out = conv_likeness(one_hot_heads([(2, -2)], 9, 9), 9, 9)
+    assert out["shifts"].tolist() == [[2, -2]] and out["concentration"][0] == 1.0 and out["score"] == 0.0
+
+
+def test_the_theorem_construction_approaches_one_at_its_rate():
+    """The quadratic layer of Theorem 1 leaks ~4 e^-alpha of each interior query's mass to the four nearest
+    neighbours of its shift: 1 - score follows that rate as alpha grows."""
+    conv = torch.nn.Conv2d(2, 3, 3).double()
+    gaps = {}
+    for alpha in (1.0, 3.0, 6.0, 10.0):
+        layer = attention_from_conv(conv, alpha).double().eval()
+        with torch.no_grad():
+            probs = layer.attention_probs(12, 12)
+        gaps[alpha] = 1 - conv_likeness(probs, 12, 12)["score"]
+    assert gaps[1.0] > gaps[3.0] > gaps[6.0] > gaps[10.0] > 0
+    for alpha in (6.0, 10.0):
+        assert gaps[alpha] == pytest.approx(4 * math.exp(-alpha), rel=0.02)
+
+
+def test_per_image_scores_and_their_mean_attention():
+    """Images whose heads attend to different shifts: each image is a perfect convolution, their average is not."""
+    shifts = [tuple(int(v) for v in s) for s in kernel_shifts(3)]
+    a = one_hot_heads(shifts, 7, 7)
+    b = one_hot_heads(shifts[1:] + shifts[:1], 7, 7)  # the same shifts, other heads
+    c = one_hot_heads([(0, 0)] * 9, 7, 7)
+    out = conv_likeness_per_image(torch.stack([a, b, c]), 7, 7)
+    assert out["per_image"].tolist() == pytest.approx([1.0, 1.0, 1 / 9])
+    assert out["per_image_mean"] == pytest.approx((2 + 1 / 9) / 3)
+    assert out["per_image_std"] == pytest.approx(np.std([1.0, 1.0, 1 / 9]))
+    assert 0 < out["mean_attention"]["score"] < 1
+    with pytest.raises(ValueError, match="images, heads"):
+        conv_likeness_per_image(a, 7, 7)
+
+
+def test_bad_arguments_are_refused():
+    probs = torch.full((9, 16, 16), 1 / 16)
+    with pytest.raises(ValueError, match="heads, N, N"):
+        conv_likeness(probs, 4, 5)
+    with pytest.raises(ValueError, match="odd"):
+        conv_likeness(probs, 4, 4, kernel_size=2)
+    with pytest.raises(ValueError, match="radius must be"):
+        conv_likeness(probs, 4, 4, kernel_size=3, radius=0)
+    with pytest.raises(ValueError, match="no query"):
+        conv_likeness(probs, 4, 4, kernel_size=3, radius=2)
+    assert conv_likeness(probs[None], 4, 4, radius=1)["queries"] == 4  # a leading batch axis of 1
