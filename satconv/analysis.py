@@ -30,7 +30,7 @@ import itertools
 import numpy as np
 import torch
 
-__all__ = ["conv_likeness", "conv_likeness_per_image", "max_assignment"]
+__all__ = ["conv_likeness", "conv_likeness_per_image", "max_assignment", "quadratic_snapshot_scores"]
 
 
 def max_assignment(mass: np.ndarray) -> np.ndarray:
@@ -168,3 +168,39 @@ def conv_likeness_per_image(probs, height: int, width: int, kernel_size: int = 3
     return {"mean_attention": conv_likeness(p.mean(0), height, width, kernel_size, radius), "per_image": per_image,
             "per_image_mean": float(per_image.mean()), "per_image_std": float(per_image.std())}
 
+
+
+def quadratic_snapshot_scores(snapshots, side: int, kernel_size: int = 3) -> np.ndarray:
+    """The score of every quadratic layer at every snapshot of a run (the position-only attention of
+    eq. (9) depends on the parameters alone, so the snapshots hold all of it).
+
+    Args:
+        snapshots: :func:`satconv.viz.load_snapshots` of a quadratic run: dicts with ``centers`` ``(L, H, 2)``,
+            ``spreads`` ``(L, H)`` or ``(L, H, 2, 2)`` and ``heads`` ``(L,)`` (pruned layers NaN-padded).
+        side: the layers' square grid side (``N = side^2``).
+        kernel_size: ``K`` of :func:`conv_likeness`.
+
+    Returns:
+        ``(epochs, L)`` scores, from a float64 :class:`~satconv.attention.quadratic.QuadraticAttention` loaded with
+        each layer's parameters.
+
+    Raises:
+        ValueError: a snapshot without quadratic parameters.
+    """
+    from .attention.quadratic import QuadraticAttention
+
+    out = []
+    for snap in snapshots:
+        if snap.get("centers") is None:
+            raise ValueError(f"the snapshot of epoch {snap.get('epoch')} holds no quadratic attention parameters")
+        heads = snap.get("heads")
+        row = []
+        for layer_index, (mu, s) in enumerate(zip(snap["centers"], snap["spreads"])):
+            h = int(heads[layer_index]) if heads is not None else len(mu)
+            layer = QuadraticAttention(1, h, isotropic=np.ndim(s) == 1).double().eval()
+            with torch.no_grad():
+                layer.attention_centers.copy_(torch.as_tensor(np.asarray(mu[:h]), dtype=torch.float64))
+                layer.attention_spreads.copy_(torch.as_tensor(np.asarray(s[:h]), dtype=torch.float64))
+                row.append(conv_likeness(layer.attention_probs(side, side), side, side, kernel_size)["score"])
+        out.append(row)
+    return np.array(out)

@@ -127,3 +127,22 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="no query"):
         conv_likeness(probs, 4, 4, kernel_size=3, radius=2)
     assert conv_likeness(probs[None], 4, 4, radius=1)["queries"] == 4  # a leading batch axis of 1
+
+
+def test_quadratic_snapshot_scores_follow_the_parameters():
+    """Snapshots of the theorem's construction (sharp heads on the grid) score near 1; random centres, broad
+    heads, score low; a pruned (NaN-padded) layer is read with its own head count."""
+    from satconv.analysis import quadratic_snapshot_scores
+    grid = kernel_shifts(3).numpy()
+    sharp = {"epoch": 2, "centers": np.stack([grid, grid]), "spreads": np.full((2, 9), math.sqrt(2 * 10.0)),
+             "heads": np.array([9, 9])}
+    broad = {"epoch": 1, "centers": np.random.default_rng(0).normal(0, 2, (2, 9, 2)), "spreads": np.full((2, 9), 0.3),
+             "heads": np.array([9, 9])}
+    padded = dict(sharp, centers=sharp["centers"].copy(), spreads=sharp["spreads"].copy(), heads=np.array([9, 8]))
+    padded["centers"][1, 8], padded["spreads"][1, 8] = np.nan, np.nan
+    scores = quadratic_snapshot_scores([broad, sharp, padded], side=10)
+    assert scores.shape == (3, 2)
+    assert (scores[0] < 0.3).all() and scores[1] == pytest.approx([1 - 4 * math.exp(-10)] * 2, rel=1e-3)
+    assert scores[2, 0] == scores[1, 0] and scores[2, 1] == pytest.approx(8 / 9 * scores[1, 1], rel=1e-9)
+    with pytest.raises(ValueError, match="no quadratic"):
+        quadratic_snapshot_scores([{"epoch": 0, "centers": None}], side=10)
