@@ -470,3 +470,17 @@ def test_load_snapshots_of_a_pruned_run_pads_missing_heads_with_nan(tmp_path):
     assert np.isnan(snap["centre_probs"][1, 2]).all() and snap["centre_probs"].dtype == np.float32
     with pytest.raises(ValueError, match="beyond the head axis"):
         viz.runs.stack_heads([np.zeros((2, 2)), np.zeros((2, 3))])
+
+
+def test_gaussian_figures_of_a_pruned_run_skip_the_missing_heads():
+    """NaN-padded heads (a pruned layer, from load_snapshots) get NaN maps, are never degenerate, and the
+    figure draws the other heads; the present heads' maps are those of the unpadded layer."""
+    from satconv.viz.gaussian import degenerate_heads, quadratic_center_maps
+    centers = np.array([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [1.0, 1.0], [np.nan, np.nan]]])
+    spreads = np.array([[1.0, 1.0, 1e-4], [1.0, 1.0, np.nan]])
+    maps = quadratic_center_maps(centers, spreads, side=7)
+    assert maps.shape == (2, 3, 7, 7) and np.isnan(maps[1, 2]).all() and not np.isnan(maps[1, :2]).any()
+    np.testing.assert_allclose(maps[1, :2], quadratic_center_maps(centers[1:, :2], spreads[1:, :2], side=7)[0])
+    assert degenerate_heads(centers, spreads).tolist() == [[False, False, True], [False, False, False]]
+    fig = viz.plot_gaussian_heads({"epoch": 3, "centers": centers, "spreads": spreads}, side=7)
+    plt.close(fig)

@@ -116,27 +116,29 @@ def quadratic_center_maps(centers, spreads, side: int = 16) -> np.ndarray:
         side: square grid side.
 
     Returns:
-        ``(L, H, side, side)``.
+        ``(L, H, side, side)``; a head a layer lacks (pruned: NaN parameters, :func:`load_snapshots`) is all NaN.
     """
     from ..attention.quadratic import QuadraticAttention
 
     centers, spreads = quadratic_parameters((centers, spreads))
     q = query_index((side // 2, side // 2), side, side)
-    maps = []
-    for mu, s in zip(centers, spreads):
-        layer = QuadraticAttention(1, mu.shape[0], isotropic=s.ndim == 1).double().eval()
+    maps = np.full((*centers.shape[:2], side, side), np.nan)
+    for i, (mu, s) in enumerate(zip(centers, spreads)):
+        present = ~np.isnan(mu).any(axis=1)
+        layer = QuadraticAttention(1, int(present.sum()), isotropic=s.ndim == 1).double().eval()
         with torch.no_grad():
-            layer.attention_centers.copy_(torch.from_numpy(mu))
-            layer.attention_spreads.copy_(torch.from_numpy(s))
-            maps.append(layer.attention_probs(side, side)[0, :, q, :].reshape(-1, side, side).numpy())
-    return np.stack(maps)
+            layer.attention_centers.copy_(torch.from_numpy(mu[present]))
+            layer.attention_spreads.copy_(torch.from_numpy(s[present]))
+            maps[i, present] = layer.attention_probs(side, side)[0, :, q, :].reshape(-1, side, side).numpy()
+    return maps
 
 
 def _draw_heads(ax, maps: np.ndarray, levels, title: str | None = None) -> None:
     """All heads' mass contours (colour ``C{h}``) on one square grid, with the query as a red dot."""
     side = maps.shape[-1]
     for h, m in enumerate(maps):
-        gaussian_mass_contours(ax, m, levels, color=f"C{h % 10}")
+        if not np.isnan(m).all():  # a pruned head (load_snapshots pads it with NaN) draws nothing
+            gaussian_mass_contours(ax, m, levels, color=f"C{h % 10}")
     ax.set_xlim(-0.5, side - 0.5)
     ax.set_ylim(side - 0.5, -0.5)  # row 0 on top, as in imshow
     ax.set_xticks(np.arange(side) - 0.5)
@@ -269,14 +271,16 @@ def plot_center_trajectories(snapshots: Sequence, layer: int, panel_size: tuple 
 
 
 def degenerate_heads(centers, spreads, cond_threshold: float = 1000.0, eig_threshold: float = 1e-5) -> np.ndarray:
-    """``(L, H)`` bool: heads :meth:`QuadraticAttention.degenerate_heads` calls degenerate (paper App., pruning)."""
+    """``(L, H)`` bool: heads :meth:`QuadraticAttention.degenerate_heads` calls degenerate (paper App., pruning);
+    a head a layer lacks (pruned: NaN parameters, :func:`load_snapshots`) is ``False``."""
     from ..attention.quadratic import QuadraticAttention
 
     centers, spreads = quadratic_parameters((centers, spreads))
-    out = []
-    for mu, s in zip(centers, spreads):
-        layer = QuadraticAttention(1, mu.shape[0], isotropic=s.ndim == 1).double()
+    out = np.zeros(centers.shape[:2], dtype=bool)
+    for i, (mu, s) in enumerate(zip(centers, spreads)):
+        present = ~np.isnan(mu).any(axis=1)
+        layer = QuadraticAttention(1, int(present.sum()), isotropic=s.ndim == 1).double()
         with torch.no_grad():
-            layer.attention_spreads.copy_(torch.from_numpy(s))
-        out.append(layer.degenerate_heads(cond_threshold, eig_threshold).numpy())
-    return np.stack(out)
+            layer.attention_spreads.copy_(torch.from_numpy(s[present]))
+        out[i, present] = layer.degenerate_heads(cond_threshold, eig_threshold).numpy()
+    return out
