@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,10 +72,6 @@ class Routes:
         ``fused_forward``, ``fused_backward``); the fast paths on."""
         return cls(fast=True, dense=train.attention_route, shared=train.shared_route,
                    fused_forward=train.fused_forward, fused_backward=train.fused_backward)
-
-    def explicit(self) -> "Routes":
-        """These routes with the fast paths off (the explicit eq. (2) product)."""
-        return replace(self, fast=False)
 
     def __str__(self) -> str:
         if not self.fast:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..config import REPO_ROOT, from_dict, load, override
-from ..evaluation import find_runs
+from ..evaluation import find_runs, read_metrics, read_run_info
 from .common import to_numpy
 
 
@@ -100,10 +100,9 @@ def run_info(run_dir, kind: str) -> dict:
         Values a run does not record are ``None``.
     """
     run_dir = Path(run_dir)
-    text = lambda f: (run_dir / f).read_text() if (run_dir / f).is_file() else ""  # noqa: E731
-    info = json.loads(text("run.json") or "{}")
-    raw = yaml.safe_load(text("config.yaml")) or {}
-    metrics = [json.loads(line) for line in text("metrics.jsonl").splitlines() if line.strip()]
+    info, metrics = read_run_info(run_dir), read_metrics(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    raw = (yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None) or {}
     train = raw.get("train", {})
     name = raw.get("name", run_dir.name)
     full = REPO_ROOT / "configs" / f"{name}.yaml"
