@@ -383,8 +383,8 @@ html_table(["config", "data, seed", "batch", "epoch s", "whole-epoch img/s", "mo
 
 # %% [markdown]
 # The input pipeline keeps the GPU fed: augmentation parameters travel through pinned memory with
-# non-blocking copies (`satconv.data.host_to_device`), and a CUDA test checks that an epoch never makes
-# the host wait for the GPU.
+# non-blocking copies (`satconv.augmentation.host_to_device`), and a CUDA test checks that an epoch
+# never makes the host wait for the GPU.
 #
 # ## Not shown
 #

@@ -108,11 +108,13 @@ run_dir = result.run_dir
 # %%
 metrics = read_metrics(run_dir)
 epochs = [m["epoch"] for m in metrics]
+validated = [m for m in metrics if m.get("val_acc") is not None]  # none when data.val_size=0
 fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(12, 3.2))
 ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
-ax_loss.plot(epochs, [m["val_loss"] for m in metrics], "o-", label="validation")
 ax_acc.plot(epochs, [m["train_acc"] for m in metrics], "o-", label="train")
-ax_acc.plot(epochs, [m["val_acc"] for m in metrics], "o-", label="validation")
+if validated:
+    ax_loss.plot([m["epoch"] for m in validated], [m["val_loss"] for m in validated], "o-", label="validation")
+    ax_acc.plot([m["epoch"] for m in validated], [m["val_acc"] for m in validated], "o-", label="validation")
 tested = [m for m in metrics if m.get("test_acc") is not None]
 ax_acc.plot([m["epoch"] for m in tested], [m["test_acc"] for m in tested], "s--", label="test")
 ax_lr.plot(epochs, [m["lr"] for m in metrics], "o-")
@@ -163,7 +165,8 @@ print(f"{steps_per_epoch} steps of {cfg.train.batch_size} per epoch; images: "
 # ## Final numbers
 #
 # The model is selected on the validation split (held out of the training set); the test set is
-# only reported.
+# only reported. A run with `data.val_size=0` has no validation split, hence no selection: it
+# reports the final weights only.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -173,7 +176,38 @@ rows = ["| weights | epoch | validation accuracy | test accuracy |", "|---|---|-
 for name, label in (("final", "final"), ("best", "best on validation")):
     r = result.results.get(name)
     if r:
-        rows.append(f"| {label} | {r['epoch']} | {r['val_acc']:.2%} | {r['test_acc']:.2%} |")
+        val = "none (no validation split)" if r["val_acc"] is None else f"{r['val_acc']:.2%}"
+        rows.append(f"| {label} | {r['epoch']} | {val} | {r['test_acc']:.2%} |")
 display(Markdown(
     f"**{cfg.name}**, seed {cfg.train.seed}, {len(metrics)} of {cfg.train.epochs} epochs, on "
     f"{run_info['data']['description']} ({run_info['device']}).\n\n" + "\n".join(rows)))
+
+# %% [markdown]
+# ## This run's attention
+#
+# For a model with attention, the run keeps an *atlas* (`atlas.pt`): every layer's and head's
+# attention for a few test images and query pixels. The figure shows the first atlas image and its
+# centre query pixel (marked): a row per layer, a column per head, each panel the head's attention
+# over the key pixels on its own colour scale. Under it, the convolution-likeness score of each
+# layer (1: the layer is a $3 \times 3$ convolution in the sense of the paper's theorem; the
+# *Visualising the attention* chapter defines it and compares the runs).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the maps and scores of a trained model depend on the machine's arithmetic)
+from satconv import viz
+from satconv.analysis import atlas_conv_likeness
+
+if (run_dir / "atlas.pt").is_file():
+    atlas = viz.load_atlas(run_dir)
+    height, width = atlas["grid"][0]
+    viz.attention_grid(viz.atlas_maps(atlas, "probs", image=0, query=0), height, width,
+                       query=viz.atlas_query(atlas, 0), image=atlas["images"][0],
+                       suptitle=f"{cfg.name}, seed {cfg.train.seed}: test image {int(atlas['test_index'][0])}, "
+                                "centre query")
+    plt.show()
+    scores = atlas_conv_likeness(atlas)
+    estimate = "" if scores[0]["queries"] == "all" else f" (estimated from {scores[0]['queries']} query pixels)"
+    print("convolution-likeness per layer:", ", ".join(f"{s['score']:.2f}" for s in scores) + estimate)
+else:
+    print("no atlas: the network has no attention layers, or train.atlas_images is 0")

@@ -30,7 +30,8 @@ import itertools
 import numpy as np
 import torch
 
-__all__ = ["conv_likeness", "conv_likeness_per_image", "max_assignment", "quadratic_snapshot_scores"]
+__all__ = ["shift_profile", "score_profile", "conv_likeness", "conv_likeness_per_image", "atlas_conv_likeness",
+           "max_assignment", "quadratic_snapshot_scores"]
 
 
 def max_assignment(mass: np.ndarray) -> np.ndarray:
@@ -87,53 +88,72 @@ def max_assignment(mass: np.ndarray) -> np.ndarray:
     return pairs[np.argsort(pairs[:, 0])]
 
 
-def conv_likeness(probs, height: int, width: int, kernel_size: int = 3, radius: int | None = None) -> dict:
-    """The convolution-likeness of one layer's heads (module docstring: shift profile, assignment, score).
+def shift_profile(probs, height: int, width: int, radius: int, queries=None) -> tuple[np.ndarray, int]:
+    """Each head's mass on each relative shift, ``m_h(delta)`` of the module docstring, averaged over queries.
 
     Args:
         probs: ``(heads, N, N)`` attention probabilities (rows: queries, columns: keys, ``N = height * width``,
-            pixels row-major), a tensor or array; a leading batch axis of 1 is accepted.
+            pixels row-major), or ``(heads, Q, N)`` rows for the flat query pixels ``queries`` only (an atlas's
+            ``probs``); a tensor or array; a leading batch axis of 1 is accepted.
         height, width: the grid.
-        kernel_size: ``K``, odd, >= 1: the convolution compared with (``K^2`` grid shifts).
-        radius: ``r``, the largest shift the profile covers in each axis (``None``: ``K - 1``, twice the
-            kernel's reach, so that a head centred just outside the grid is seen); ``r >= (K - 1) / 2``.
+        radius: ``r >= 0``, the largest shift in each axis.
+        queries: ``None`` (all ``N`` rows given) or ``(Q,)`` flat indices of the given rows.
 
     Returns:
-        ``shift_profile`` ``(heads, 2r+1, 2r+1)`` (index ``[h, r + d_row, r + d_col]``); ``shifts`` ``(heads, 2)``
-        each head's most-attended shift ``(d_row, d_col)``; ``concentration`` ``(heads,)`` its mass there;
-        ``assignment`` ``(min(heads, K^2), 2)`` of ``(head, grid index)`` pairs, grid index ``a * K + c`` for the
-        shift ``(a - p, c - p)`` (:func:`satconv.theory.kernel_shifts` order); ``assigned_mass`` ``(min(heads, K^2),)``;
-        ``score`` (float in [0, 1]); ``heads_short`` (``max(0, K^2 - heads)``); ``queries`` (interior queries
-        averaged over); ``kernel_size``, ``radius``.
+        ``(profile, count)``: ``profile`` ``(heads, 2r+1, 2r+1)`` float64, index ``[h, r + d_row, r + d_col]``,
+        averaged over the ``count`` given queries that are interior (their ``(2r+1) x (2r+1)`` neighbourhood
+        inside the grid).
 
     Raises:
-        ValueError: a bad shape, an even or non-positive ``K``, a radius below ``(K - 1) / 2``, or a grid with no
-            interior query for that radius.
+        ValueError: a bad shape, a negative radius, or no interior query among those given.
     """
     p = torch.as_tensor(probs).detach().to("cpu", torch.float64)
     if p.dim() == 4 and p.shape[0] == 1:
         p = p[0]
     n = height * width
-    if p.dim() != 3 or p.shape[1:] != (n, n):
-        raise ValueError(f"probs must be (heads, N, N) with N = {height} * {width} = {n}, got {tuple(p.shape)}")
+    q = torch.arange(n) if queries is None else torch.as_tensor(queries).long().flatten()
+    if p.dim() != 3 or p.shape[1:] != (len(q), n):
+        raise ValueError(f"probs must be (heads, {'N' if queries is None else 'Q'}, N) with N = {height} * {width} "
+                         f"= {n}{'' if queries is None else f', Q = {len(q)}'}, got {tuple(p.shape)}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    row, col = q // width, q % width
+    inside = (row >= radius) & (row < height - radius) & (col >= radius) & (col < width - radius)
+    if not inside.any():
+        raise ValueError(f"no query (of those given) of the {height}x{width} grid has its radius-{radius} "
+                         f"neighbourhood inside it; lower radius or kernel_size")
+    rows, qr, qc = p[:, inside].view(p.shape[0], -1, height, width), row[inside], col[inside]
+    side = 2 * radius + 1
+    profile = torch.empty(p.shape[0], side, side, dtype=torch.float64)
+    picks = torch.arange(len(qr))
+    for dr, dc in itertools.product(range(-radius, radius + 1), repeat=2):
+        profile[:, dr + radius, dc + radius] = rows[:, picks, qr + dr, qc + dc].mean(dim=1)
+    return profile.numpy(), int(inside.sum())
+
+
+def score_profile(profile, kernel_size: int = 3) -> dict:
+    """Shifts, concentration, assignment and score (module docstring) of a shift profile.
+
+    Args:
+        profile: ``(heads, 2r+1, 2r+1)`` from :func:`shift_profile`.
+        kernel_size: ``K``, odd, >= 1, with ``(K - 1) / 2 <= r``.
+
+    Returns:
+        ``shifts`` ``(heads, 2)`` each head's most-attended shift ``(d_row, d_col)``; ``concentration`` ``(heads,)``
+        its mass there; ``assignment`` ``(min(heads, K^2), 2)`` of ``(head, grid index)`` pairs, grid index
+        ``a * K + c`` for the shift ``(a - p, c - p)`` (:func:`satconv.theory.kernel_shifts` order);
+        ``assigned_mass`` ``(min(heads, K^2),)``; ``score`` (float in [0, 1]); ``heads_short``
+        (``max(0, K^2 - heads)``); ``kernel_size``; ``radius``.
+    """
+    profile = np.asarray(profile, dtype=np.float64)
+    if profile.ndim != 3 or profile.shape[1] != profile.shape[2] or profile.shape[1] % 2 == 0:
+        raise ValueError(f"profile must be (heads, 2r+1, 2r+1), got {profile.shape}")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-    half = (kernel_size - 1) // 2
-    radius = kernel_size - 1 if radius is None else radius
+    heads, side = profile.shape[:2]
+    radius, half = side // 2, (kernel_size - 1) // 2
     if radius < half:
         raise ValueError(f"radius must be >= (kernel_size - 1) / 2 = {half}, got {radius}")
-    rows, cols = range(radius, height - radius), range(radius, width - radius)
-    if not rows or not cols:
-        raise ValueError(f"a {height}x{width} grid has no query whose radius-{radius} neighbourhood lies inside it; "
-                         f"lower radius or kernel_size")
-    heads, side = p.shape[0], 2 * radius + 1
-    grid = p.view(heads, height, width, height, width)  # [h, q_row, q_col, k_row, k_col]
-    qr = torch.tensor(list(rows))[:, None]
-    qc = torch.tensor(list(cols))[None, :]
-    profile = torch.empty(heads, side, side, dtype=torch.float64)
-    for dr, dc in itertools.product(range(-radius, radius + 1), repeat=2):
-        profile[:, dr + radius, dc + radius] = grid[:, qr, qc, qr + dr, qc + dc].mean(dim=(1, 2))
-    profile = profile.numpy()
     flat = profile.reshape(heads, -1)
     best = flat.argmax(1)
     shifts = np.stack([best // side - radius, best % side - radius], axis=1)
@@ -141,10 +161,40 @@ def conv_likeness(probs, height: int, width: int, kernel_size: int = 3, radius: 
     on_grid = flat[:, taps]  # (heads, K^2): mass of each head on each grid shift
     pairs = max_assignment(on_grid)
     assigned = on_grid[pairs[:, 0], pairs[:, 1]]
-    return {"shift_profile": profile, "shifts": shifts, "concentration": flat[np.arange(heads), best],
-            "assignment": pairs, "assigned_mass": assigned, "score": float(assigned.sum() / kernel_size ** 2),
-            "heads_short": max(0, kernel_size ** 2 - heads), "queries": len(rows) * len(cols),
-            "kernel_size": kernel_size, "radius": radius}
+    return {"shifts": shifts, "concentration": flat[np.arange(heads), best], "assignment": pairs,
+            "assigned_mass": assigned, "score": float(assigned.sum() / kernel_size ** 2),
+            "heads_short": max(0, kernel_size ** 2 - heads), "kernel_size": kernel_size, "radius": radius}
+
+
+def conv_likeness(probs, height: int, width: int, kernel_size: int = 3, radius: int | None = None,
+                  queries=None) -> dict:
+    """The convolution-likeness of one layer's heads (module docstring): :func:`score_profile` of
+    :func:`shift_profile`.
+
+    Args:
+        probs: ``(heads, N, N)`` attention probabilities, or ``(heads, Q, N)`` with ``queries`` (as in
+            :func:`shift_profile`).
+        height, width: the grid.
+        kernel_size: ``K``, odd, >= 1: the convolution compared with (``K^2`` grid shifts).
+        radius: ``r``, the largest shift the profile covers in each axis (``None``: ``K - 1``, twice the
+            kernel's reach, so that a head centred just outside the grid is seen); ``r >= (K - 1) / 2``.
+        queries: ``None`` or the flat query pixels of the rows of ``probs``.
+
+    Returns:
+        :func:`score_profile`'s dict plus ``shift_profile`` ``(heads, 2r+1, 2r+1)`` and ``queries`` (how many
+        interior queries it averages).
+
+    Raises:
+        ValueError: a bad shape, an even or non-positive ``K``, a radius below ``(K - 1) / 2``, or no interior
+            query for that radius.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+    radius = kernel_size - 1 if radius is None else radius
+    if radius < (kernel_size - 1) // 2:
+        raise ValueError(f"radius must be >= (kernel_size - 1) / 2 = {(kernel_size - 1) // 2}, got {radius}")
+    profile, count = shift_profile(probs, height, width, radius, queries)
+    return {"shift_profile": profile, "queries": count, **score_profile(profile, kernel_size)}
 
 
 def conv_likeness_per_image(probs, height: int, width: int, kernel_size: int = 3, radius: int | None = None) -> dict:
@@ -168,6 +218,40 @@ def conv_likeness_per_image(probs, height: int, width: int, kernel_size: int = 3
     return {"mean_attention": conv_likeness(p.mean(0), height, width, kernel_size, radius), "per_image": per_image,
             "per_image_mean": float(per_image.mean()), "per_image_std": float(per_image.std())}
 
+
+
+def atlas_conv_likeness(atlas: dict, kernel_size: int = 3) -> list[dict]:
+    """The score of every layer of a trained run, from its atlas (:func:`satconv.atlas.build_atlas`).
+
+    An atlas with ``shift_profile`` holds each layer's profile over all interior queries, per image for a
+    content-based layer; an older atlas holds only the rows of its few query pixels (``probs``,
+    ``query_index``), and the profile is then averaged over those of them that are interior: an estimate.
+
+    Args:
+        atlas: :func:`satconv.atlas.load_atlas` of a run.
+        kernel_size: ``K`` of :func:`score_profile`.
+
+    Returns:
+        Per layer a dict: ``score`` (the attention averaged over the atlas's images, the paper's Fig. 6
+        protocol; for an input-independent layer, its one attention), ``per_image`` (``(A,)`` scores, ``None``
+        for an input-independent layer), ``images`` (``A``), ``queries`` (``"all"``, or how many interior atlas
+        queries), ``input_independent``, and the :func:`score_profile` dict of the averaged profile as ``detail``.
+    """
+    out = []
+    for layer, independent in enumerate(atlas["input_independent"]):
+        if "shift_profile" in atlas:
+            profiles, queries = atlas["shift_profile"][layer].double().numpy(), "all"
+        else:
+            (h, w), probs = atlas["grid"][layer], atlas["probs"][layer]
+            radius = min(kernel_size - 1, (min(h, w) - 1) // 2)
+            rows = probs[:1] if independent else probs  # (A, heads, Q, N)
+            found = [shift_profile(p, h, w, radius, atlas["query_index"][layer]) for p in rows]
+            profiles, queries = np.stack([f[0] for f in found]), found[0][1]
+        detail = score_profile(profiles.mean(0), kernel_size)
+        per_image = None if independent else np.array([score_profile(p, kernel_size)["score"] for p in profiles])
+        out.append({"score": detail["score"], "per_image": per_image, "images": len(profiles), "queries": queries,
+                    "input_independent": bool(independent), "detail": detail})
+    return out
 
 
 def quadratic_snapshot_scores(snapshots, side: int, kernel_size: int = 3) -> np.ndarray:

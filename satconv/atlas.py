@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DataBundle, normalize
+from .analysis import shift_profile
+from .augmentation import normalize
+from .data import DataBundle
 
 #: parameter-name fragments recorded by :func:`attention_snapshot`
 SNAPSHOT_NAMES = ("attention_centers", "attention_spreads", "embedding")
@@ -74,7 +76,7 @@ def _atlas_images(labels: torch.Tensor, count: int) -> list[int]:
 
 @torch.no_grad()
 def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, queries: int, device,
-                average_over: int = 100, chunk: int = 10) -> dict | None:
+                average_over: int = 100, chunk: int = 10, profile_radius: int = 2) -> dict | None:
     """Attention probabilities of every layer and head for fixed test images and query pixels.
 
     Returns ``None`` for networks without attention, else a dict of:
@@ -84,7 +86,13 @@ def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, quer
         ``centre_mean``: per layer ``(heads, N)`` float16, the centre query averaged over the first
         ``average_over`` test images (the paper's Fig. 6 protocol);
         ``query_mean``: per layer ``(I, heads, N)`` float16, the map averaged over all queries ([Re] ``viz``);
-        ``input_independent``: per layer bool.
+        ``input_independent``: per layer bool;
+        ``shift_profile``: per layer ``(A, heads, 2R+1, 2R+1)`` float32 (``R`` = ``profile_radius``, 2: the
+        radius of :func:`satconv.analysis.conv_likeness` for ``K = 3``; less on a grid too small for it, one
+        with an interior query), :func:`satconv.analysis.shift_profile`
+        over *all* interior queries of each of the first ``average_over`` test images (``A`` of them; 1 for an
+        input-independent layer): the convolution-likeness of every head, per image and, averaged, of the
+        Fig. 6 protocol (the profile is linear in the probabilities).
     """
     model.eval()
     test = data.test
@@ -108,14 +116,20 @@ def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, quer
         atlas["query_mean"].append(full.mean(-2).half().cpu())  # (I, heads, N)
         atlas["input_independent"].append(p.shape[0] == 1)
     n_avg = min(average_over, len(test))
-    sums = None
+    sums, profiles = None, [[] for _ in probs]
     for start in range(0, n_avg, chunk):
         xs = normalize(test.images[start:min(n_avg, start + chunk)].to(device), mean, std)
         _, probs = model(xs, return_attention=True)
         centre = [p[:, :, _query_pixels(*_grid(p.shape[-1]), 1)[0]].float().expand(len(xs), -1, -1).sum(0)
                   for p in probs]  # per layer (heads, N)
         sums = centre if sums is None else [a + b for a, b in zip(sums, centre)]
+        for layer, p in enumerate(probs):
+            if not (atlas["input_independent"][layer] and profiles[layer]):  # an input-independent layer once
+                grid = _grid(p.shape[-1])
+                radius = min(profile_radius, (min(grid) - 1) // 2)  # a small grid: the largest with a query inside
+                profiles[layer] += [torch.from_numpy(shift_profile(one, *grid, radius)[0]) for one in p]
     atlas["centre_mean"] = [(s / n_avg).half().cpu() for s in sums]
+    atlas["shift_profile"] = [torch.stack(layer).float() for layer in profiles]
     return atlas
 
 

@@ -6,8 +6,8 @@
     python -m satconv.campaign install [--out book/runs] [--replace] ARCHIVE.tar.gz   (on the laptop)
 
 A SPEC is ``config:seed:epochs[:key=value,key=value]`` (``configs/<config>.yaml``), the run
-``<config>_e<epochs>_s<seed>``: papermill executes ``chapters/train.ipynb`` into ``<out>/<name>.ipynb``, the
-run directory ``<out>/<name>/``, logging to ``<out>/<name>.log``.  Every spec (config, seed, epochs,
+``<config>_e<epochs>_s<seed>``, with the spec's own overrides appended (:func:`override_slug`): papermill
+executes ``chapters/train.ipynb`` into ``<out>/<name>.ipynb``, the run directory ``<out>/<name>/``, logging to ``<out>/<name>.log``.  Every spec (config, seed, epochs,
 overrides) and ``--data`` is checked before anything starts; one run at a time, one runner per ``--out``.
 A completed run is skipped; a directory holding a checkpoint resumes.  A finished run loses its
 checkpoints (``atlas.pt`` and ``snapshots/`` stay) and its notebook's jupytext metadata, and its page
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -60,12 +61,30 @@ class Spec:
 
     @property
     def name(self) -> str:
-        """``<config>_e<epochs>_s<seed>``: the run's notebook, log and directory name."""
-        return f"{self.config}_e{self.epochs}_s{self.seed}"
+        """``<config>_e<epochs>_s<seed>[_<overrides>]``: the run's notebook, log and directory name.
+
+        A spec's own overrides are part of the name (``data.val_size=0`` gives ``..._val_size-0``), so that a
+        variant never lands in the folder of the plain run; overrides too long for a name give ``_x<hash>``.
+        """
+        return f"{self.config}_e{self.epochs}_s{self.seed}" + (f"_{override_slug(self.extra)}" if self.extra else "")
 
     def overrides(self, common: str = "") -> list[str]:
         """The run's dotted overrides: ``common``, then seed and epochs, then the spec's own."""
         return [*common.split(), f"train.seed={self.seed}", f"train.epochs={self.epochs}", *self.extra]
+
+
+def override_slug(overrides: tuple[str, ...] | list[str], max_len: int = 40) -> str:
+    """A file-name part for dotted ``key=value`` overrides: each as ``<last key part>-<value>``, joined by ``_``,
+    characters other than letters, digits, ``_``, ``.`` and ``-`` replaced by ``-``; longer than ``max_len``:
+    ``x`` and 10 hex digits of their SHA-1 (stable across machines)."""
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parts.append(re.sub(r"[^A-Za-z0-9_.-]", "-", f"{key.rpartition('.')[2]}-{value}"))
+    slug = "_".join(parts)
+    if len(slug) > max_len:
+        slug = "x" + hashlib.sha1(",".join(overrides).encode()).hexdigest()[:10]
+    return slug
 
 
 def parse_spec(text: str) -> Spec:

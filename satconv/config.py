@@ -11,55 +11,23 @@ A config file has up to five top-level sections, each a frozen dataclass below::
 Every field has a default (the paper's recipe, arXiv 1911.03584 App. B and epfml/attention-cnn),
 so a config only states what differs.  :func:`load` refuses unknown keys, wrong types and
 impossible values with a :class:`ConfigError` that names the file, the dotted key path, the bad
-value and what is allowed.  :func:`override` applies ``--set a.b=value`` overrides and
-:func:`apply_profile` applies named overlays such as ``quick``.
+value and what is allowed (the generic type checks and field constraints live in
+:mod:`satconv.config_types`; the cross-field checks of this schema live here).  :func:`override`
+applies ``--set a.b=value`` overrides and :func:`apply_profile` applies named overlays such as ``quick``.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
+from .config_types import ConfigError, build, check, non_negative, odd_positive, positive, probability, type_name
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names file, key path, value and what is allowed."""
-
-    def __init__(self, source: str, key: str, value: Any, allowed: str):
-        self.source, self.key, self.value, self.allowed = source, key, value, allowed
-        super().__init__(f"{source}: {key}: got {value!r}; {allowed}")
-
-
-def _check(pred, allowed: str):
-    """Field metadata: a predicate over the (already type-checked) value and a phrase for errors."""
-    return {"check": pred, "allowed": allowed}
-
-
-def positive(**kw):
-    """A dataclass field whose value must be finite and > 0 (``kw``: as for :func:`dataclasses.field`)."""
-    return field(metadata=_check(lambda v: math.isfinite(v) and v > 0, "must be > 0"), **kw)
-
-
-def non_negative(**kw):
-    """A dataclass field whose value must be finite and >= 0."""
-    return field(metadata=_check(lambda v: math.isfinite(v) and v >= 0, "must be >= 0"), **kw)
-
-
-def probability(**kw):
-    """A dataclass field whose value must lie in [0, 1)."""
-    return field(metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"), **kw)
-
-
-def odd_positive(**kw):
-    """A dataclass field whose value must be a positive odd integer."""
-    return field(metadata=_check(lambda v: v > 0 and v % 2 == 1, "must be a positive odd integer"), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +135,7 @@ class AugmentConfig:
     flip: bool = True  # random horizontal flip
     rotation: float = non_negative(default=0.0)  # max degrees of random rotation ([Re] ResNet: 5)
     color_jitter: Optional[tuple[float, float, float, float]] = None  # brightness, contrast, saturation, hue
-    color_jitter_p: float = field(default=0.8, metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    color_jitter_p: float = field(default=0.8, metadata=check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
 
 
 @dataclass(frozen=True)
@@ -237,7 +205,7 @@ class TrainConfig:
     out_dir: Optional[str] = None  # null: runs/<name>
     # a run directory whose final weights (last.pt, model state only) initialise the model; the optimizer and
     # the schedule start afresh (epfml/attention-cnn --load_checkpoint_file). Relative paths: as resolve_path
-    init_from: Optional[str] = field(default=None, metadata=_check(lambda v: v.strip() != "",
+    init_from: Optional[str] = field(default=None, metadata=check(lambda v: v.strip() != "",
                                                                    "must be a run directory path or null"))
     # remove the degenerate Gaussian heads (Sigma^-1 with condition number > 1000 or largest eigenvalue < 1e-5)
     # of the initial model, after init_from is loaded (epfml/attention-cnn --prune_degenerated_heads; satconv.prune)
@@ -260,95 +228,8 @@ class ExperimentConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversion from plain YAML data to the dataclasses, with precise errors.
+# Validation of plain YAML data into the dataclasses (satconv.config_types), with cross-field checks.
 # ---------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
-    if is_dataclass(tp):
-        return f"a mapping with keys {', '.join(f.name for f in fields(tp))}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _convert(tp, value, source: str, key: str):
-    """Convert ``value`` to type ``tp`` or raise :class:`ConfigError` naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, source, key)
-    if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        raise ConfigError(source, key, value, f"allowed: {_type_name(tp)}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(source, key, value, f"expected {_type_name(tp)}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(source, key, value, f"expected {_type_name(tp)}")
-        return tuple(_convert(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if is_dataclass(tp):
-        return _build(tp, value, source, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        # PyYAML reads "1e-4" (no dot) as a string; float() of a huge integer overflows
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (ValueError, OverflowError):
-                number = math.inf if isinstance(value, int) else None
-        if number is not None:
-            if not math.isfinite(number):  # .inf, .nan, "inf", 1e999: no field of the schema takes them
-                raise ConfigError(source, key, value, "expected a finite number (not inf or nan)")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(source, key, value, f"expected {_type_name(tp)}")
-
-
-def _build(cls, data, source: str, prefix: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(source, prefix or "<top level>", data, f"expected {_type_name(cls)}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in known:
-            raise ConfigError(source, key, value, f"unknown key; allowed keys here: {', '.join(known)}")
-        converted = _convert(hints[name], value, source, key)
-        meta = known[name].metadata
-        if converted is not None and "check" in meta and not meta["check"](converted):
-            raise ConfigError(source, key, value, meta["allowed"])
-        kwargs[name] = converted
-    obj = cls(**kwargs)
-    _validate(obj, data, source, prefix)
-    return obj
-
-
 def _validate(obj, data: dict, source: str, prefix: str) -> None:
     """Cross-field checks that a single field's type cannot express."""
     p = (prefix + ".") if prefix else ""
@@ -417,7 +298,7 @@ def _validate(obj, data: dict, source: str, prefix: str) -> None:
 
 def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
     """Validate a plain mapping (as read from YAML) into an :class:`ExperimentConfig`."""
-    return _build(ExperimentConfig, data, source, "")
+    return build(ExperimentConfig, data, source, "", _validate)
 
 
 def to_dict(cfg) -> dict:
@@ -583,7 +464,7 @@ def config_keys(cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, 
             rows += config_keys(tp, key + ".")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, _type_name(tp), default))
+            rows.append((key, type_name(tp), default))
     return rows
 
 

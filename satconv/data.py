@@ -1,4 +1,4 @@
-"""Data: CIFAR-10, image folders and a synthetic set, decoded once into uint8 tensors; GPU-side augmentation.
+"""Data: CIFAR-10, image folders and a synthetic set, decoded once into uint8 tensors and split.
 
 Sources (``data.source`` of :class:`satconv.config.DataConfig`):
 
@@ -10,17 +10,13 @@ Sources (``data.source`` of :class:`satconv.config.DataConfig`):
 Decoded images are cached as one ``.pt`` file of uint8 tensors whose name carries a hash of the
 source's file list, sizes and modification times, so a changed source gets a new cache entry.
 The validation split is held out of the training set (stratified, seeded by ``data.split_seed``);
-the test set is never touched by it.  :class:`DeviceLoader` keeps the uint8 images on the training
-device and runs the paper's augmentation (random crop after 4-pixel zero padding, horizontal flip),
-the [Re]'s ResNet extras (rotation, colour jitter) and normalisation there, batched.  All random
-numbers come from CPU generators, so CPU and GPU draw the same augmentations and a run can be
-resumed exactly.
+the test set is never touched by it.  Batching and augmentation on the training device are
+:mod:`satconv.augmentation`'s job.
 """
 from __future__ import annotations
 
 import colorsys
 import hashlib
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -28,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .config import AugmentConfig, DataConfig, ExperimentConfig, resolve_path
+from .config import DataConfig, ExperimentConfig, resolve_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -399,212 +394,5 @@ def load_data(cfg: ExperimentConfig) -> DataBundle:
                       None if root is None else str(root), cache)
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation and loading on the device
-# ---------------------------------------------------------------------------------------------
-def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` moved to ``device`` without making the host wait for the device.
-
-    Copying pageable CPU memory to a GPU is synchronous: ``.to("cuda")`` returns only once the
-    device's queue has drained, so a few random numbers moved that way per batch stall the pipeline
-    at every training step (the GPU idles while the host prepares the next step).  Pinned memory
-    copied with ``non_blocking=True`` is enqueued instead; PyTorch's caching host allocator keeps the
-    pinned block until the copy has run, so ``t`` may be freed or reused at once.
-
-    Args:
-        t: any tensor (CPU tensors are pinned for a CUDA ``device``; anything else is a plain ``.to``).
-        device: the target device.
-
-    Returns:
-        ``t`` on ``device``, same shape, dtype and values.
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def channel_stats(values, device) -> torch.Tensor:
-    """Per-channel constants as the ``(1, C, 1, 1)`` float32 tensor :func:`normalize` broadcasts.
-
-    Args:
-        values: ``C`` numbers, or a tensor of them.
-        device: where the tensor is needed (moved there without a host wait, :func:`host_to_device`).
-    """
-    if isinstance(values, torch.Tensor) and values.device == torch.device(device):
-        return values.to(torch.float32).view(1, -1, 1, 1)
-    return host_to_device(torch.as_tensor(values, dtype=torch.float32).view(1, -1, 1, 1), device)
-
-
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """``(x / 255 - mean) / std`` per channel, in float32.
-
-    Args:
-        x: ``(B, 3, H, W)`` uint8, or float on the same 0..255 scale.
-        mean, std: 3 values each, for pixel values in [0, 1]; or :func:`channel_stats` tensors already
-            on ``x``'s device (as :class:`DeviceLoader` keeps them: nothing is copied per batch).
-    """
-    return (x.float() / 255 - channel_stats(mean, x.device)) / channel_stats(std, x.device)
-
-
-def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """torchvision ``RandomCrop(size, padding, fill=0)`` + ``RandomHorizontalFlip()``, batched.
-
-    Args:
-        x: ``(B, C, H, W)`` any dtype (uint8 here).
-        padding: zero padding on each side before the crop (0: no crop).
-        flip: flip each image horizontally with probability 1/2.
-        g: CPU generator for the offsets and coins.
-
-    Returns:
-        ``(B, C, H, W)``, same dtype.
-    """
-    b, c, h, w = x.shape
-    if padding > 0:
-        off = host_to_device(torch.randint(0, 2 * padding + 1, (b, 2), generator=g), x.device)
-        xp = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
-        rows = off[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
-        cols = off[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
-        bi = torch.arange(b, device=x.device).view(b, 1, 1)
-        x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
-    if flip:
-        coin = host_to_device(torch.rand(b, generator=g) < 0.5, x.device).view(b, 1, 1, 1)
-        x = torch.where(coin, x.flip(-1), x)
-    return x.contiguous()
-
-
-def random_rotation(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
-    """torchvision ``RandomRotation(degrees)`` (nearest, fill 0), batched; ``x: (B, C, H, W)`` float."""
-    b = x.shape[0]
-    angle = host_to_device((torch.rand(b, generator=g) * 2 - 1) * math.radians(degrees), x.device)
-    cos, sin = angle.cos(), angle.sin()
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, H, W)
-
-
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
-    dc = delta.clamp_min(1e-12)
-    h = torch.where(maxc == r, (g - b) / dc, torch.where(maxc == g, 2 + (b - r) / dc, 4 + (r - g) / dc))
-    h = torch.where(delta > 0, (h / 6) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], 1)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rgb_to_hsv`."""
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6)
-    f = h * 6 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
-                                                      (v, p, q))], 0)  # (6, B, 3, H, W)
-    return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1))[0]
-
-
-def color_jitter(x: torch.Tensor, jitter, p: float, g: torch.Generator) -> torch.Tensor:
-    """``RandomApply([ColorJitter(b, c, s, h)], p)``, batched, in a fixed order (brightness, contrast,
-    saturation, hue; torchvision shuffles the order per image).
-
-    Args:
-        x: ``(B, 3, H, W)`` float RGB in [0, 1].
-        jitter: ``(brightness, contrast, saturation, hue)`` as in torchvision.
-    """
-    b = x.shape[0]
-    bright, contrast, sat, hue = jitter
-    apply = host_to_device(torch.rand(b, generator=g) < p, x.device).view(b, 1, 1, 1)
-
-    def factor(amount):
-        return host_to_device((1 - amount + 2 * amount * torch.rand(b, generator=g)).clamp_min(0),
-                              x.device).view(b, 1, 1, 1)
-
-    y = x
-    if bright > 0:
-        y = (y * factor(bright)).clamp(0, 1)
-    if contrast > 0:
-        f = factor(contrast)
-        y = (f * y + (1 - f) * _gray(y).mean((2, 3), keepdim=True)).clamp(0, 1)
-    if sat > 0:
-        f = factor(sat)
-        y = (f * y + (1 - f) * _gray(y)).clamp(0, 1)
-    if hue > 0:
-        shift = host_to_device((torch.rand(b, generator=g) * 2 - 1) * hue, x.device).view(b, 1, 1)
-        hsv = rgb_to_hsv(y)
-        y = hsv_to_rgb(torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1))
-    return torch.where(apply, y, x)
-
-
-def augment(x: torch.Tensor, aug: AugmentConfig, mean, std, g: torch.Generator) -> torch.Tensor:
-    """The training transform: crop + flip (uint8), rotation, colour jitter, then normalisation.
-
-    Args:
-        x: ``(B, 3, H, W)`` uint8 on any device.
-        aug: the augmentation config.
-        mean, std: per-channel normalisation (of pixel values in [0, 1]).
-        g: CPU generator; all randomness comes from it.
-
-    Returns:
-        ``(B, 3, H, W)`` float32, normalised.
-    """
-    x = random_crop_flip(x, aug.crop_padding, aug.flip, g)
-    if aug.rotation == 0 and aug.color_jitter is None:
-        return normalize(x, mean, std)
-    y = x.float() / 255
-    if aug.rotation > 0:
-        y = random_rotation(y, aug.rotation, g)
-    if aug.color_jitter is not None:
-        y = color_jitter(y, aug.color_jitter, aug.color_jitter_p, g)
-    return normalize(y * 255, mean, std)
-
-
-class DeviceLoader:
-    """Batches of one split, gathered from uint8 images held on a device.
-
-    Args:
-        split: the images and labels (on ``storage`` device).
-        batch_size: images per batch; the last batch may be smaller.
-        device: where batches are produced (the model's device).
-        mean, std: normalisation.
-        augment: the training augmentation, or ``None`` (evaluation).
-    """
-
-    def __init__(self, split: Split, batch_size: int, device, mean, std, augment: AugmentConfig | None = None):
-        self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
-        self.mean, self.std, self.augment = tuple(mean), tuple(std), augment
-        # on the device once, not copied at every batch
-        self._stats = (channel_stats(self.mean, self.device), channel_stats(self.std, self.device))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.split) / self.batch_size)
-
-    def batch(self, idx: torch.Tensor, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``(b, 3, H, W)`` float (augmented when configured, needs ``g``) and labels ``(b,)``."""
-        idx = host_to_device(idx, self.split.images.device)
-        x = host_to_device(self.split.images[idx], self.device)
-        y = host_to_device(self.split.labels[idx], self.device)
-        if self.augment is None:
-            return normalize(x, *self._stats), y
-        return augment(x, self.augment, *self._stats, g), y
-
-    def __iter__(self):
-        """Sequential, unaugmented batches (evaluation)."""
-        n = len(self.split)
-        for start in range(0, n, self.batch_size):
-            yield self.batch(torch.arange(start, min(start + self.batch_size, n), device=self.split.images.device))
-
-
 __all__ = ["DataError", "Split", "DataBundle", "load_data", "resolve_root", "cache_dir_for", "load_image_folder",
-           "load_cifar10", "synthetic_images", "stratified_split", "normalize", "random_crop_flip",
-           "random_rotation", "color_jitter", "rgb_to_hsv", "hsv_to_rgb", "augment", "DeviceLoader", "host_to_device",
-           "channel_stats",
-           "CIFAR10_CLASSES"]
+           "load_cifar10", "synthetic_images", "stratified_split", "CIFAR10_CLASSES"]

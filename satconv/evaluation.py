@@ -19,11 +19,13 @@ import yaml
 from torch import nn
 
 from .attention.routes import Routes, set_routes
+from .augmentation import DeviceLoader
+from .checkpoints import load_checkpoint
 from .config import ConfigError, ExperimentConfig, from_dict
-from .data import DeviceLoader, load_data
+from .data import load_data
 from .experiment import resolve_config
 from .prune import fit_heads_to_state
-from .rundir import CorruptFile, load_checkpoint, read_json, run_status
+from .rundir import CorruptFile, read_json, run_status
 from .schedule import default_device
 from .steps import evaluate_model
 

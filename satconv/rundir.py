@@ -1,4 +1,4 @@
-"""The run directory's safety machinery: one writer, whole files, readable checkpoints, honest status.
+"""The run directory's safety machinery: one writer, whole files, honest status, clean stops.
 
 :mod:`satconv.train` writes a run directory through this module:
 
@@ -10,13 +10,12 @@
   renamed over it: a reader sees the old or the new file, never half of one.  A failed or interrupted
   write removes its temporary file; :func:`remove_temp_files` removes those of killed processes;
   :func:`append_text` appends a line, or nothing.  A full disk raises :class:`DiskFull`.
-- :class:`Checkpoints`: ``last.pt`` and the checkpoint before it, ``last.prev.pt``.  A new checkpoint is
-  written whole before the rotation; :meth:`Checkpoints.load` falls back to the previous checkpoint,
-  with a warning, when the newest one is truncated or garbage (:func:`load_checkpoint` checks the zip
-  archive's CRCs, which ``torch.load`` does not).
 - :func:`run_status`: ``run.json``'s status, where ``running`` without a live lock owner reads ``died``.
 - :class:`StopSignals`: SIGINT and SIGTERM ask a run to stop at its next step boundary
   (:class:`Interrupted` reports which signal).
+
+Readable checkpoints (``last.pt`` and ``last.prev.pt``, checked on load) are the job of
+:mod:`satconv.checkpoints`.
 """
 from __future__ import annotations
 
@@ -32,7 +31,6 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -152,7 +150,7 @@ def atomic_write(path: str | Path, data: bytes, before_replace: Callable[[], Non
         path: the file to (re)place.
         data: its whole new content.
         before_replace: called once the temporary file is complete, just before the rename
-            (:class:`Checkpoints` rotates there).
+            (:class:`satconv.checkpoints.Checkpoints` rotates there).
 
     Raises:
         DiskFull: no space or quota; ``path`` is unchanged.  Any failure or interruption (also a
@@ -397,116 +395,6 @@ def run_status(run_dir: str | Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-def _load_failure(exc: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` failed, without its advice to load with weights_only=False."""
-    text = str(exc)
-    if "weights_only" in text or "Weights only" in text:
-        return "it holds objects other than tensors and plain data (not a satconv checkpoint)"
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"torch.load failed ({type(exc).__name__}{': ' + first[:200] if first else ''})"
-
-
-def load_checkpoint(path: str | Path, keys=()) -> dict:
-    """``torch.load(path, weights_only=True)`` onto the CPU, after checking the file is whole.
-
-    Args:
-        path: a ``.pt`` file written by :func:`save_torch`.
-        keys: keys the loaded dict must have.
-
-    Raises:
-        CorruptFile: empty, truncated, a CRC mismatch inside, garbage, or not a dict with ``keys``.
-        FileNotFoundError: no such file.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise CorruptFile(path, "it is empty (0 bytes)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except Exception as exc:  # any way the archive fails to read means the file is not whole
-        reason = ("truncated or not a PyTorch checkpoint (no complete zip archive)"
-                  if isinstance(exc, zipfile.BadZipFile) else f"its zip archive is damaged ({type(exc).__name__})")
-        raise CorruptFile(path, f"{reason}, {size} bytes") from None
-    if bad is not None:
-        raise CorruptFile(path, f"damaged: {bad} inside it fails its CRC check")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CorruptFile(path, _load_failure(exc)) from None
-    if not isinstance(obj, dict):
-        raise CorruptFile(path, f"it holds a {type(obj).__name__}, not a satconv checkpoint")
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise CorruptFile(path, f"not a satconv checkpoint of this kind (no {', '.join(missing)})")
-    return obj
-
-
-class Checkpoints:
-    """The newest full training state ``<stem>.pt`` and the one before it, ``<stem>.prev.pt``.
-
-    :meth:`save` writes the new checkpoint whole (temporary file, fsync) and only then renames the newest
-    to the previous and the new one to the newest; the newest is rotated only when it is known good
-    (written or loaded here), so an unreadable one never displaces a good previous one.
-
-    Args:
-        run_dir: the run directory.
-        stem: file name stem (``"last"``).
-    """
-
-    def __init__(self, run_dir: str | Path, stem: str = "last"):
-        self.dir = Path(run_dir)
-        self.newest = self.dir / f"{stem}.pt"
-        self.previous = self.dir / f"{stem}.prev.pt"
-        self._newest_good = False
-
-    def save(self, obj) -> None:
-        """Write ``obj`` as the newest checkpoint, keeping the current newest as the previous one.
-
-        Raises:
-            DiskFull: the new checkpoint did not fit; both existing files are unchanged.
-        """
-        def rotate():
-            if self._newest_good and self.newest.is_file():
-                os.replace(self.newest, self.previous)
-
-        atomic_write(self.newest, torch_bytes(obj), before_replace=rotate)
-        self._newest_good = True
-
-    def load(self, keys=()) -> tuple[dict, Path] | None:
-        """The newest readable checkpoint and its path; ``None`` when there is none at all.
-
-        An unreadable newest checkpoint is reported with a warning naming it, and the previous one is
-        loaded (the newest is then left to be overwritten by the next :meth:`save`).
-
-        Raises:
-            CorruptFile: checkpoints exist but none is readable (the message names each and why).
-        """
-        problems = []
-        for path in (self.newest, self.previous):
-            if not path.is_file():
-                continue
-            try:
-                ck = load_checkpoint(path, keys)
-            except CorruptFile as exc:
-                problems.append(exc)
-                continue
-            if path == self.previous:
-                why = str(problems[0]) if problems else f"{self.newest} is missing (a rotation was cut short)"
-                log.warning("%s; resuming from the previous checkpoint %s", why, path.name)
-            self._newest_good = path == self.newest
-            return ck, path
-        if not problems:
-            return None
-        more = "".join(f"; so is {p.path.name}: {p.reason}" for p in problems[1:])
-        raise CorruptFile(problems[0].path, problems[0].reason + more,
-                          f"no readable checkpoint is left in {self.dir}; move the unreadable file(s) away to "
-                          f"start afresh, or choose another output directory (--out)")
-
-
-# ---------------------------------------------------------------------------------------------
 # SIGINT and SIGTERM
 # ---------------------------------------------------------------------------------------------
 class StopSignals:
@@ -547,4 +435,4 @@ class StopSignals:
 __all__ = ["RunDirError", "RunDirBusy", "DiskFull", "CorruptFile", "BadRunDir", "Interrupted", "signal_name",
            "prepare_run_dir", "atomic_write", "torch_bytes", "save_torch", "write_text",
            "append_text", "remove_temp_files", "RunLock", "lock_holder", "read_json", "run_status",
-           "load_checkpoint", "Checkpoints", "StopSignals", "LOCK_NAME", "TEMP_PATTERN"]
+           "StopSignals", "LOCK_NAME", "TEMP_PATTERN"]

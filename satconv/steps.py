@@ -22,7 +22,7 @@ from torch import nn
 from .config import TrainConfig
 
 if TYPE_CHECKING:
-    from .data import DeviceLoader
+    from .augmentation import DeviceLoader
 
 #: the exceptions a CUDA (or CPU) allocation failure raises
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)

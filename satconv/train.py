@@ -8,17 +8,14 @@ held out of the training set, never on the test set.
 
 A run directory (``runs/<name>/`` by default) holds::
 
-    config.yaml        the resolved config
-    run.json           provenance (versions, device, git commit, data), the network's trainable parameter
-                       count (after any pruning) and the final results
-    metrics.jsonl      one line per epoch (see METRIC_KEYS; test_* every train.test_every epochs)
     last.pt            the full training state, written atomically (every checkpoint_every epochs,
                        at the end, and on Ctrl-C or SIGTERM)
     last.prev.pt       the checkpoint before it (resumed from when last.pt is unreadable)
     .lock              the lock of the process writing the directory (satconv.rundir.RunLock)
-    best.pt            the weights with the best validation accuracy
-    snapshots/epoch_XXXX.pt   per-epoch attention parameters and centre-query attention
-    atlas.pt           attention probabilities of every layer for fixed test images (float16)
+
+and the run's records, written by :class:`satconv.records.RunRecords`: ``config.yaml``, ``run.json``
+(provenance, status, trainable parameter count, final results), ``metrics.jsonl`` (one line per epoch, see
+METRIC_KEYS; test_* every train.test_every epochs), ``best.pt``, ``snapshots/epoch_XXXX.pt``, ``atlas.pt``.
 
 ``train.init_from`` starts a run from another run's final weights (its ``last.pt``; the optimizer and the
 schedule start afresh) and ``train.prune_degenerate_heads`` then removes the degenerate Gaussian heads
@@ -33,10 +30,8 @@ directory; files are replaced whole; ``run.json``'s status ends ``completed``, `
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,21 +39,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
-from . import __version__
 from .config import ExperimentConfig, flatten, to_dict
-from .atlas import ATLAS_MAX_BYTES, attention_snapshot, build_atlas
 from .attention.routes import Routes, set_routes
-from .data import DeviceLoader, load_data, normalize
-from .rundir import (Checkpoints, CorruptFile, DiskFull, Interrupted, RunDirError, RunLock, StopSignals, append_text,
-                     prepare_run_dir, read_json, remove_temp_files, save_torch, signal_name, write_text)
-from .models.common import count_parameters
+from .augmentation import DeviceLoader
+from .checkpoints import Checkpoints
+from .data import load_data
+from .records import RunRecords
+from .rundir import (CorruptFile, DiskFull, Interrupted, RunLock, StopSignals, prepare_run_dir, remove_temp_files,
+                     signal_name)  # CorruptFile: re-exported (train() raises it; tests catch it here)
 from .schedule import default_device, derived_seed, lr_at, rng_state, seed_all, set_rng_state
 from .warmstart import initialise, read_init_weights
 from .evaluation import evaluate, load_model, read_metrics, read_run_config  # noqa: F401 (the book imports them here)
 from .experiment import resolve_config, run_dir_for
-from .provenance import device_name, git_commit, source_digest, utc_now
+from .provenance import device_name
 from .steps import (OOM_ERRORS, CapturedStep, compiled, evaluate_model, make_optimizer, set_group_lr,
                     training_step)
 
@@ -189,9 +183,7 @@ class _Run:
         self.stop = StopSignals()
         self.saved: tuple[int, int] | None = None  # (epoch, step) of the newest good checkpoint on disk
         self.phase = "train"
-        self.snapshot_image = None
-        if len(self.data.test):
-            self.snapshot_image = normalize(self.data.test.images[:1].to(device), mean, std)
+        self.records = RunRecords(run_dir, cfg, device, self.data)  # run.json, metrics.jsonl, best.pt, atlas.pt
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self) -> dict:
@@ -224,9 +216,6 @@ class _Run:
                                             f"{self.checkpoints.newest} (epoch {epoch + 1}, step {self.step}); "
                                             f"run again to resume")
 
-    def _save_best(self, state: dict) -> None:
-        save_torch({"model": state, **self.best, "config": to_dict(self.cfg)}, self.dir / "best.pt")
-
     def resume(self) -> bool:
         """Restore ``last.pt`` (``last.prev.pt`` when it is unreadable) if present; rewrite metrics.jsonl and
         best.pt to match it."""
@@ -247,8 +236,8 @@ class _Run:
         self.saved = (self.epoch, self.step)
         if self.best is not None:
             self.best_state = ck["best_model"] if ck["best_model"] is not None else ck["model"]
-            self._save_best(self.best_state)
-        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+            self.records.save_best(self.best_state, self.best)
+        self.records.write_metrics(self.metrics)
         log.info("resumed %s from %s at epoch %d, step %d", self.dir, path.name, self.epoch, self.step)
         return True
 
@@ -349,10 +338,10 @@ class _Run:
         if row["val_acc"] is not None and (self.best is None or row["val_acc"] > self.best["val_acc"]):
             self.best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            self._save_best(self.best_state)
+            self.records.save_best(self.best_state, self.best)
         if t.snapshot_attention:
-            self._snapshot(epoch + 1)
-        append_text(self.dir / "metrics.jsonl", json.dumps(row) + "\n")
+            self.records.save_snapshot(self.model, epoch + 1)
+        self.records.append_metrics(row)
         self.epoch, self.step_in_epoch, self.aug_state = epoch + 1, 0, None
         self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "lr": s["lr"]}
         if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
@@ -361,12 +350,6 @@ class _Run:
         log.info("epoch %d/%d  %s", epoch + 1, t.epochs,
                  "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
         return row
-
-    def _snapshot(self, epoch: int) -> None:
-        snap = attention_snapshot(self.model, self.snapshot_image)
-        if snap["params"] or snap["centre_probs"]:
-            (self.dir / "snapshots").mkdir(exist_ok=True)
-            save_torch({"epoch": epoch, **snap}, self.dir / "snapshots" / f"epoch_{epoch:04d}.pt")
 
     def fit(self, stop_after_steps: int | None = None, save_on_stop: bool = True) -> RunResult:
         """Train (resuming from the run directory's checkpoint) to the end or to ``stop_after_steps``.
@@ -377,33 +360,24 @@ class _Run:
         """
         t = self.cfg.train
         remove_temp_files(self.dir)
-        try:
-            previous = (read_json(self.dir / "run.json") or {}).get("status")
-        except CorruptFile:
-            previous = "unreadable"  # _write_run_json warns and writes it anew
-        if previous == "running":  # and this process holds the lock: the attempt that wrote it was killed
-            previous = "died"
-            log.info("%s: the previous attempt died while running", self.dir)
+        previous = self.records.previous_status()  # "died": this process holds the lock, so that attempt was killed
         try:
             resumed = self.resume()
         except DiskFull as exc:  # rewriting best.pt or metrics.jsonl
             raise self._disk_full(exc) from exc
         if not resumed:  # a fresh start: drop what an attempt that never checkpointed left behind
-            for stale in ("metrics.jsonl", "best.pt", "atlas.pt", "run.json"):
-                (self.dir / stale).unlink(missing_ok=True)
-            for stale in (self.dir / "snapshots").glob("epoch_*.pt"):
-                stale.unlink()
+            self.records.clear()
         bar = None
         try:
             with self.stop:
-                write_text(self.dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+                self.records.write_config()
                 self._write_run_json(resumed, status="running", previous=previous)
                 if self.epoch < t.epochs and _progress_enabled(self.progress):
                     from tqdm.auto import tqdm
                     bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
                 if not resumed and t.snapshot_attention:
                     self.phase = "eval"
-                    self._snapshot(0)
+                    self.records.save_snapshot(self.model, 0)
                     self.phase = "train"
                 for epoch in range(self.epoch, t.epochs):
                     if self.interrupted:  # the signal came during the last epoch's evaluation or checkpoint
@@ -454,14 +428,11 @@ class _Run:
 
     def _record_end(self, status: str, **extra) -> None:
         """Write the final status into run.json; a failure to do so (a full disk) is logged, not raised."""
-        try:
-            self._write_run_json(True, status=status, **extra)
-        except (RunDirError, OSError) as exc:
-            log.warning("could not record status %r in %s: %s", status, self.dir / "run.json", exc)
+        self.records.record_end(status, self.model, self.epoch, self.step, self.init_record, **extra)
 
     def _finish(self) -> dict:
         """Final and best-on-validation numbers, the atlas, run.json."""
-        t, last = self.cfg.train, self.metrics[-1]
+        last = self.metrics[-1]
         self.phase = "eval"
         results = {"final": {"epoch": last["epoch"], "val_loss": last["val_loss"], "val_acc": last["val_acc"],
                              "test_loss": last.get("test_loss"), "test_acc": last.get("test_acc")}}
@@ -473,52 +444,14 @@ class _Run:
                 model.load_state_dict(self.best_state)
                 loss, acc = evaluate_model(model, self.test_loader, self.bf16)
                 results["best"] = {**self.best, "test_loss": loss, "test_acc": acc}
-        atlas_path = self.dir / "atlas.pt"
-        if t.atlas_images > 0 and t.atlas_queries > 0 and not atlas_path.is_file():
-            atlas = build_atlas(self.model, self.data, self.cfg.data.mean, self.cfg.data.std, t.atlas_images,
-                                t.atlas_queries, self.device)
-            if atlas is not None:
-                save_torch(atlas, atlas_path)
-                size = atlas_path.stat().st_size
-                if size > ATLAS_MAX_BYTES:
-                    log.warning("atlas.pt is %.1f MB (> %.0f MB): lower train.atlas_images or train.atlas_queries",
-                                size / 2 ** 20, ATLAS_MAX_BYTES / 2 ** 20)
+        self.records.write_atlas(self.model)
         self.phase = "train"
         self._write_run_json(True, status="completed", results=results)
         return results
 
-    def _write_run_json(self, resumed: bool, status: str, results: dict | None = None, previous: str | None = None,
-                        **extra) -> None:
-        """run.json with ``status``; ``previous``: the status an attempt being resumed ended with (``died``
-        for a killed one); ``extra``: ``error`` or ``signal`` of the end."""
-        path = self.dir / "run.json"
-        try:
-            info = read_json(path) or {}
-        except CorruptFile as exc:
-            log.warning("%s; it is written anew", exc)
-            info = {}
-        if not info:
-            info = {"satconv": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                    "device": device_name(self.device), "git_commit": git_commit(),
-                    "satconv_source": source_digest(), "seed": self.cfg.train.seed,
-                    "data": self.data.info(), "start_time": utc_now(), "resumes": []}
-        elif resumed and status == "running":
-            info.setdefault("resumes", []).append({"time": utc_now(), "epoch": self.epoch, "step": self.step,
-                                                   "previous_status": previous, "device": device_name(self.device),
-                                                   "torch": torch.__version__, "satconv_source": source_digest()})
-        info["status"] = status
-        info["parameters"] = count_parameters(self.model)  # after any pruning: the network this run trains
-        if self.init_record is not None:
-            info["init"] = self.init_record
-        for key in ("end_time", "error", "signal"):  # of an earlier attempt's end
-            info.pop(key, None)
-        info.update(extra)
-        if status != "running":
-            info["end_time"] = utc_now()
-        if results is not None:
-            info["results"] = results
-            info["atlas"] = (self.dir / "atlas.pt").is_file()
-        write_text(path, json.dumps(info, indent=2) + "\n")
+    def _write_run_json(self, resumed: bool, status: str, **kw) -> None:
+        """:meth:`RunRecords.write_run_json` with where the run stands; ``kw``: results, previous, error, signal."""
+        self.records.write_run_json(status, self.model, self.epoch, self.step, self.init_record, resumed=resumed, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,5 +497,5 @@ def train(cfg: ExperimentConfig | str | Path, out_dir: str | Path | None = None,
 
 __all__ = ["train", "evaluate", "read_metrics", "load_model", "read_run_config", "lr_at", "resolve_config",
            "run_dir_for", "config_diff", "RunResult", "NonFiniteLoss", "OutOfMemory", "METRIC_KEYS",
-           "RESUME_FREE_KEYS", "RESUME_KEYS"]
+           "RESUME_FREE_KEYS", "RESUME_KEYS", "CorruptFile"]
 

@@ -14,10 +14,11 @@ import math
 import torch
 from torch import nn
 
+from .augmentation import DeviceLoader
 from .config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
-from .data import DeviceLoader
 from .prune import fit_heads_to_state, head_conditioning, head_counts, prune_degenerate_heads, quadratic_layers
-from .rundir import Checkpoints, CorruptFile
+from .checkpoints import Checkpoints
+from .rundir import CorruptFile
 from .steps import evaluate_model
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def read_init_weights(cfg: ExperimentConfig) -> tuple[dict, dict]:
     """The final weights of the run directory ``train.init_from`` names (epfml/attention-cnn ``restore_checkpoint``).
 
     The path resolves like other config paths (:func:`~satconv.config.resolve_path`: the current directory,
-    else the repository root).  Its ``last.pt`` is read by :class:`~satconv.rundir.Checkpoints` (an unreadable
+    else the repository root).  Its ``last.pt`` is read by :class:`~satconv.checkpoints.Checkpoints` (an unreadable
     one falls back to ``last.prev.pt`` with a warning); the run must have finished all its epochs, and its
     model section must equal ``cfg.model`` except for :data:`INIT_FREE_MODEL_KEYS`.
 

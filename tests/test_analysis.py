@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from satconv.analysis import conv_likeness, conv_likeness_per_image, max_assignment
+from satconv.analysis import (atlas_conv_likeness, conv_likeness, conv_likeness_per_image, max_assignment, score_profile,
+                              shift_profile)
 from satconv.theory import attention_from_conv, kernel_shifts
 
 
@@ -146,3 +147,90 @@ def test_quadratic_snapshot_scores_follow_the_parameters():
     assert scores[2, 0] == scores[1, 0] and scores[2, 1] == pytest.approx(8 / 9 * scores[1, 1], rel=1e-9)
     with pytest.raises(ValueError, match="no quadratic"):
         quadratic_snapshot_scores([{"epoch": 0, "centers": None}], side=10)
+
+
+def test_a_subset_of_queries_gives_their_own_profile():
+    """Rows for a few query pixels only (an atlas's probs): the profile is the mean over those of them that are
+    interior, the same as the full matrix restricted to them; border queries are left out."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 64, 64, dtype=torch.float64) * 3, -1)
+    queries = torch.tensor([0, 9, 27, 36, 63])  # 0 and 63 are corners; 9, 27, 36 are interior for r = 1
+    part, count = shift_profile(probs[:, queries], 8, 8, 1, queries)
+    assert count == 3
+    expected = np.zeros((4, 3, 3))
+    for q in (9, 27, 36):
+        r, c = divmod(q, 8)
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                expected[:, dr + 1, dc + 1] += probs[:, q, (r + dr) * 8 + c + dc].numpy() / 3
+    np.testing.assert_allclose(part, expected, rtol=0, atol=1e-15)
+    full, n = shift_profile(probs, 8, 8, 1)
+    assert n == 36 and not np.allclose(full, part)
+    assert conv_likeness(probs[:, queries], 8, 8, queries=queries, radius=1)["score"] == pytest.approx(
+        score_profile(part)["score"], abs=1e-15)
+    with pytest.raises(ValueError, match=r"heads, Q, N"):
+        shift_profile(probs[:, queries], 8, 8, 1, queries[:4])
+    with pytest.raises(ValueError, match="no query"):
+        shift_profile(probs[:, :1], 8, 8, 1, queries[:1])
+    with pytest.raises(ValueError, match=r"\(heads, 2r\+1, 2r\+1\)"):
+        score_profile(np.zeros((9, 4, 4)))
+
+
+def test_the_atlas_keeps_every_images_shift_profile_over_all_queries():
+    """build_atlas records, per layer, the shift profile over all interior queries of each of the first
+    ``average_over`` test images (content-based layer) or once (input-independent layer); the profile of the
+    image-averaged attention (Fig. 6) is their mean, since the profile is linear in the probabilities."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from satconv.atlas import build_atlas
+
+    side, heads = 6, 3
+    torch.manual_seed(1)
+    logits = torch.randn(heads, side * side, side * side, dtype=torch.float64)
+
+    def layer_probs(x):  # content-based: the images' mean value scales the logits
+        return torch.softmax(logits * (1 + x.mean(dim=(1, 2, 3)))[:, None, None, None], -1)
+
+    class Fake(nn.Module):
+        def forward(self, x, return_attention=False):
+            fixed = torch.softmax(logits[None] * 2, -1)  # input-independent: batch axis of 1
+            return x.mean(dim=(1, 2, 3))[:, None].expand(-1, 2), [layer_probs(x.double()), fixed]
+
+    images = torch.randint(0, 256, (7, 3, side, side), dtype=torch.uint8)
+    class Split(SimpleNamespace):
+        def __len__(self):
+            return len(self.images)
+
+    test = Split(images=images, labels=torch.tensor([0, 1, 0, 1, 0, 1, 0]), index=torch.arange(7))
+    atlas = build_atlas(Fake(), SimpleNamespace(test=test, classes=["a", "b"]), (0.5,) * 3, (0.25,) * 3, 2, 2,
+                        "cpu", average_over=5, chunk=2)
+    content, fixed = atlas["shift_profile"]
+    assert content.shape == (5, heads, 5, 5) and fixed.shape == (1, heads, 5, 5) and content.dtype == torch.float32
+    x = (images[:5].double() / 255 - 0.5) / 0.25
+    per_image = layer_probs(x)
+    for i in range(5):
+        np.testing.assert_allclose(content[i].numpy(), shift_profile(per_image[i], side, side, 2)[0], atol=1e-6)
+    np.testing.assert_allclose(content.double().mean(0).numpy(), shift_profile(per_image.mean(0), side, side, 2)[0],
+                               atol=1e-6)
+    np.testing.assert_allclose(fixed[0].numpy(), shift_profile(torch.softmax(logits * 2, -1), side, side, 2)[0],
+                               atol=1e-6)
+    small = build_atlas(Fake(), SimpleNamespace(test=test, classes=["a", "b"]), (0.5,) * 3, (0.25,) * 3, 1, 1, "cpu",
+                        average_over=2, profile_radius=9)
+    assert small["shift_profile"][0].shape == (2, heads, 5, 5)  # capped at the 6x6 grid's largest radius, 2
+
+    scores = atlas_conv_likeness(atlas)
+    assert [s["input_independent"] for s in scores] == [False, True] and scores[1]["per_image"] is None
+    assert scores[0]["score"] == pytest.approx(conv_likeness(per_image.mean(0), side, side)["score"], abs=1e-6)
+    np.testing.assert_allclose(scores[0]["per_image"], [conv_likeness(p, side, side)["score"] for p in per_image],
+                               atol=1e-6)
+    assert (scores[0]["images"], scores[0]["queries"], scores[1]["images"]) == (5, "all", 1)
+    older = {k: v for k, v in atlas.items() if k != "shift_profile"}  # an atlas written before the profiles
+    estimate = atlas_conv_likeness(older)
+    q = atlas["query_index"][0]
+    interior = [int(v) for v in q if 2 <= v // side < side - 2 and 2 <= v % side < side - 2]
+    assert estimate[0]["queries"] == len(interior) > 0 and estimate[0]["images"] == 2
+    two = layer_probs((images[:2].double() / 255 - 0.5) / 0.25)
+    assert estimate[0]["score"] == pytest.approx(
+        conv_likeness(two.mean(0)[:, q], side, side, queries=q)["score"], abs=2e-3)  # float16 rows

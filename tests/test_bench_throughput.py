@@ -81,7 +81,7 @@ def test_epoch_timing_compares_a_whole_epoch_with_the_model_alone(capsys):
     # the row names its data set by the label results carry, and the run's seed
     assert row["data"] == "synthetic shapes (generated)" and row["data_root"] is None
     assert row["seed"] == cfg.train.seed and row["epochs"] == 2
-    from satconv.train import source_digest
+    from satconv.provenance import source_digest
     assert row["satconv_source"] == source_digest()  # which code ran, as bench rows record it
     with pytest.raises(ValueError, match="epochs must be >= 2"):
         epoch_timing(cfg, device="cpu", epochs=1, model_only_img_s=1.0)

@@ -1,6 +1,7 @@
 """satconv.campaign: spec checks, a real papermill run on the CPU (skipped and tidied on the second
 call), stopping a run by signal, status lines, pack (no checkpoints, locks or temporary files; size cap)
 and install (round trip, no overwrite without --replace, no unsafe members)."""
+import hashlib
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from satconv import campaign
-from satconv.campaign import CampaignError, Spec, main, parse_spec, validate
+from satconv.campaign import CampaignError, Spec, main, override_slug, parse_spec, validate
 from satconv.config import REPO_ROOT
 from satconv.rundir import RunLock
 
@@ -25,10 +26,23 @@ from satconv.rundir import RunLock
 def test_parse_spec():
     spec = parse_spec("paper_quadratic:42:300:train.compile_mode=reduce-overhead,train.lr=0.2")
     assert spec == Spec("paper_quadratic", 42, 300, ("train.compile_mode=reduce-overhead", "train.lr=0.2"))
-    assert spec.name == "paper_quadratic_e300_s42"
+    assert spec.name == "paper_quadratic_e300_s42_compile_mode-reduce-overhead_lr-0.2"
     assert spec.overrides("train.precision=bf16") == ["train.precision=bf16", "train.seed=42", "train.epochs=300",
                                                       "train.compile_mode=reduce-overhead", "train.lr=0.2"]
     assert parse_spec("paper_resnet18:0:1") == Spec("paper_resnet18", 0, 1)
+    assert parse_spec("paper_resnet18:0:1").name == "paper_resnet18_e1_s0"
+
+
+def test_a_variant_never_shares_the_plain_runs_folder():
+    """A spec's own overrides name its run: ``data.val_size=0`` must not land in (or be skipped as) the
+    folder of the plain run of the same config, seed and schedule."""
+    plain, variant = parse_spec("paper_resnet18:42:300"), parse_spec("paper_resnet18:42:300:data.val_size=0")
+    assert (plain.name, variant.name) == ("paper_resnet18_e300_s42", "paper_resnet18_e300_s42_val_size-0")
+    assert override_slug(["train.init_from=runs/gpu/a b", "model.x.y=1"]) == "init_from-runs-gpu-a-b_y-1"
+    long = ["train.init_from=runs/gpu/paper_quadratic_anisotropic_e300_s42", "train.lr=0.01"]
+    expected = "x" + hashlib.sha1(",".join(long).encode()).hexdigest()[:10]
+    assert override_slug(long) == expected and len(expected) == 11
+    assert override_slug(long) != override_slug(long[:1])
 
 
 @pytest.mark.parametrize("text, says", [
@@ -53,8 +67,8 @@ def test_validate_checks_everything_before_anything_starts(tmp_path, capsys):
         validate(["paper_resnet18:1:1", "paper_resnet18:2:1:train.no_such_key=1"], "synthetic")
     with pytest.raises(CampaignError, match="must be > 0"):
         validate(["paper_resnet18:1:1"], "synthetic", common="train.lr=-1")
-    with pytest.raises(CampaignError, match="are both the run paper_resnet18_e1_s1"):
-        validate(["paper_resnet18:1:1", "paper_resnet18:1:1:train.lr=0.2"], "synthetic")
+    with pytest.raises(CampaignError, match="are both the run paper_resnet18_e1_s1_lr-0.2"):
+        validate(["paper_resnet18:1:1:train.lr=0.2", "paper_resnet18:1:1:train.lr=0.2"], "synthetic")
     with pytest.raises(CampaignError, match="no such directory"):
         validate(["paper_resnet18:1:1"], str(tmp_path / "missing"))
     out = tmp_path / "runs"
@@ -97,16 +111,19 @@ def _campaign(*args, timeout):
 @pytest.mark.slow
 def test_run_end_to_end_then_skip(tmp_path):
     """papermill executes chapters/train.ipynb twice (quick profile, generated images; ~30-50 s on 2 CPUs):
-    a run that fails inside the notebook, then one that completes; a second call skips the latter."""
+    a run that fails inside the notebook, then one that completes without a validation split (data.val_size=0,
+    the paper's protocol); a second call skips the latter."""
     out = tmp_path / "runs"
     args = ["run", "--profile", "quick", "--data", "synthetic", "--overrides", "", "--out", str(out)]
-    done = _campaign(*args, "paper_resnet18:1:1:data.val_size=100000", "paper_quadratic:3:1", timeout=150)
+    done = _campaign(*args, "paper_resnet18:1:1:data.val_size=100000", "paper_quadratic:3:1:data.val_size=0",
+                     timeout=150)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "[1/2] paper_resnet18_e1_s1: FAILED" in done.stdout and "going on with the next spec" in done.stdout
-    assert "data.val_size=100000 must be smaller" in (out / "paper_resnet18_e1_s1.log").read_text()
-    assert "[2/2] paper_quadratic_e1_s3: starting" in done.stdout and "done after" in done.stdout
-    assert "1 of 2 runs fine; FAILED or not run: paper_resnet18_e1_s1" in done.stdout
-    run_dir, nb_path = out / "paper_quadratic_e1_s3", out / "paper_quadratic_e1_s3.ipynb"
+    assert "[1/2] paper_resnet18_e1_s1_val_size-100000: FAILED" in done.stdout
+    assert "going on with the next spec" in done.stdout
+    assert "data.val_size=100000 must be smaller" in (out / "paper_resnet18_e1_s1_val_size-100000.log").read_text()
+    assert "[2/2] paper_quadratic_e1_s3_val_size-0: starting" in done.stdout and "done after" in done.stdout
+    assert "1 of 2 runs fine; FAILED or not run: paper_resnet18_e1_s1_val_size-100000" in done.stdout
+    run_dir, nb_path = out / "paper_quadratic_e1_s3_val_size-0", out / "paper_quadratic_e1_s3_val_size-0.ipynb"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
     assert sorted(p.name for p in run_dir.glob("*.pt")) == ["atlas.pt"]  # last/best/last.prev.pt removed
     assert sorted(p.name for p in (run_dir / "snapshots").glob("*.pt")) == ["epoch_0000.pt", "epoch_0001.pt"]
@@ -115,10 +132,16 @@ def test_run_end_to_end_then_skip(tmp_path):
     nb = json.loads(nb_path.read_text())
     assert "jupytext" not in nb["metadata"] and not nb["metadata"]["papermill"]["exception"]
     assert nb["metadata"]["papermill"]["parameters"]["output_dir"] == str(run_dir)
-    assert "".join(nb["cells"][0]["source"]).startswith("# Run: paper_quadratic, seed 3, 1 epochs")
-    assert "Executing notebook" in (out / "paper_quadratic_e1_s3.log").read_text()
+    sizes = json.loads((run_dir / "run.json").read_text())["data"]["sizes"]
+    assert sizes["val"] == 0 and sizes["train"] > 0
+    assert "".join(nb["cells"][0]["source"]).split("\n")[0] == (
+        f"# Run: paper_quadratic, seed 3, 1 epochs (config: 300), all {sizes['train']:,} training images")
+    shown = "".join("".join(o.get("data", {}).get("text/markdown", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "| final | 1 | none (no validation split) |" in shown  # no best-on-validation row either
+    assert "best on validation" not in shown
+    assert "Executing notebook" in (out / "paper_quadratic_e1_s3_val_size-0.log").read_text()
     before = nb_path.stat().st_mtime_ns
-    again = _campaign(*args, "paper_quadratic:3:1", timeout=60)
+    again = _campaign(*args, "paper_quadratic:3:1:data.val_size=0", timeout=60)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "completed earlier, skipped" in again.stdout and "starting" not in again.stdout
     assert nb_path.stat().st_mtime_ns == before  # already tidied: left as it was

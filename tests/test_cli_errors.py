@@ -14,6 +14,7 @@ from satconv import config as C
 from satconv.bench import cli as bench_cli
 from satconv.bench import throughput
 from satconv.config import REPO_ROOT, config_keys
+from satconv.config_types import non_negative, positive
 from tests.test_cli import QUADRATIC, exit_code
 
 BINARY = bytes(range(128, 256)) + b"\x00\x01model: {}\n"  # no UTF-8 text: 0x80 cannot start a character
@@ -130,7 +131,7 @@ def test_every_number_list_must_be_finite(key, n):
 
 
 def test_positive_and_non_negative_fields_refuse_infinity_themselves():
-    for f in (C.positive(default=1.0), C.non_negative(default=1.0)):
+    for f in (positive(default=1.0), non_negative(default=1.0)):
         check = f.metadata["check"]
         assert check(1.0) and not check(float("inf")) and not check(float("nan"))
 

@@ -1,4 +1,5 @@
-"""satconv.data: image folders and their cache, data errors, splits, on-device augmentation."""
+"""satconv.data: image folders and their cache, data errors, splits; satconv.augmentation: on-device
+augmentation and batches."""
 import colorsys
 import hashlib
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from satconv import augmentation as A
 from satconv import data as D
 from satconv.config import AugmentConfig
 from tests.helpers import CLASSES, make_image_folder, tiny_config
@@ -138,7 +140,7 @@ def test_synthetic_subsets_and_seed():
 def test_crop_and_flip_keep_shape_dtype_and_really_move_pixels():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 3, 6, 5), dtype=torch.uint8)
-    flipped = D.random_crop_flip(x, padding=0, flip=True, g=g)
+    flipped = A.random_crop_flip(x, padding=0, flip=True, g=g)
     assert flipped.shape == x.shape and flipped.dtype == torch.uint8
     xn, fn = x.numpy(), flipped.numpy()
     mirror = [np.array_equal(fn[i], xn[i][:, :, ::-1]) for i in range(64)]
@@ -147,7 +149,7 @@ def test_crop_and_flip_keep_shape_dtype_and_really_move_pixels():
     assert 10 < sum(m and not s for m, s in zip(mirror, same)) < 54  # about half really flipped
 
     p = 2
-    cropped = D.random_crop_flip(x, padding=p, flip=False, g=g).numpy()
+    cropped = A.random_crop_flip(x, padding=p, flip=False, g=g).numpy()
     padded = np.pad(xn, ((0, 0), (0, 0), (p, p), (p, p)))
     offsets = []
     for i in range(64):
@@ -161,27 +163,27 @@ def test_crop_and_flip_keep_shape_dtype_and_really_move_pixels():
 def test_augment_normalises_and_extras_keep_shape():
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
-    plain = D.augment(x, AugmentConfig(crop_padding=0, flip=False), MEAN, STD, g)
+    plain = A.augment(x, AugmentConfig(crop_padding=0, flip=False), MEAN, STD, g)
     ref = (x.numpy().astype(np.float64) / 255 - np.array(MEAN)[:, None, None]) / np.array(STD)[:, None, None]
     assert plain.dtype == torch.float32 and np.abs(plain.numpy() - ref).max() < NORM_TOL
-    extras = D.augment(x, AugmentConfig(rotation=5.0, color_jitter=(0.4, 0.4, 0.4, 0.1)), MEAN, STD, g)
+    extras = A.augment(x, AugmentConfig(rotation=5.0, color_jitter=(0.4, 0.4, 0.4, 0.1)), MEAN, STD, g)
     assert extras.shape == x.shape and extras.dtype == torch.float32 and torch.isfinite(extras).all()
 
 
 def test_hsv_matches_colorsys():
     rgb = torch.rand(1, 3, 4, 4, dtype=torch.float32)
-    hsv = D.rgb_to_hsv(rgb)
+    hsv = A.rgb_to_hsv(rgb)
     for r in range(4):
         for c in range(4):
             ref = colorsys.rgb_to_hsv(*rgb[0, :, r, c].double().tolist())
             assert np.allclose(hsv[0, :, r, c].double().numpy(), ref, atol=HSV_TOL)
-    assert (D.hsv_to_rgb(hsv) - rgb).abs().max() < HSV_TOL
+    assert (A.hsv_to_rgb(hsv) - rgb).abs().max() < HSV_TOL
 
 
 def test_device_loader_eval_order():
     split = D.Split(torch.arange(10 * 3 * 2 * 2, dtype=torch.uint8).view(10, 3, 2, 2), torch.arange(10),
                     torch.arange(10))
-    loader = D.DeviceLoader(split, 4, "cpu", MEAN, STD)
+    loader = A.DeviceLoader(split, 4, "cpu", MEAN, STD)
     batches = list(loader)
     assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
     assert torch.cat([y for _, y in batches]).tolist() == list(range(10))
@@ -206,12 +208,12 @@ def test_device_loader_never_makes_the_host_wait_for_the_gpu():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        xg, yg = D.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD, AugmentConfig()).batch(
+        xg, yg = A.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD, AugmentConfig()).batch(
             idx_gpu, torch.Generator().manual_seed(3))
-        D.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD, extras).batch(idx_gpu, torch.Generator().manual_seed(4))
-        evals = list(D.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD))
+        A.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD, extras).batch(idx_gpu, torch.Generator().manual_seed(4))
+        evals = list(A.DeviceLoader(gpu_split, 16, "cuda", MEAN, STD))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    xc, yc = D.DeviceLoader(split, 16, "cpu", MEAN, STD, AugmentConfig()).batch(idx, torch.Generator().manual_seed(3))
+    xc, yc = A.DeviceLoader(split, 16, "cpu", MEAN, STD, AugmentConfig()).batch(idx, torch.Generator().manual_seed(3))
     assert torch.equal(yg.cpu(), yc) and (xg.cpu() - xc).abs().max() < 1e-5
     assert len(evals) == 4 and torch.equal(torch.cat([y for _, y in evals]).cpu(), split.labels)

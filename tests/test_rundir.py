@@ -1,5 +1,6 @@
-"""satconv.rundir: one writer per run directory, whole files, readable checkpoints, stop signals; and
-``python -m satconv train`` killed with SIGKILL or SIGTERM at fixed points, then resumed bit for bit."""
+"""satconv.rundir and satconv.checkpoints: one writer per run directory, whole files, readable checkpoints,
+stop signals; and ``python -m satconv train`` killed with SIGKILL or SIGTERM at fixed points, then resumed
+bit for bit."""
 import errno
 import json
 import logging
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from satconv import checkpoints as K
 from satconv import rundir as R
 from satconv import train as T
 from satconv.__main__ import main
@@ -242,39 +244,39 @@ def test_load_checkpoint_names_what_is_wrong_without_weights_only_advice(tmp_pat
     path = tmp_path / "last.pt"
     path.write_bytes(data)
     with pytest.raises(R.CorruptFile, match=f"{path} is unreadable: .*{reason}") as caught:
-        R.load_checkpoint(path)
+        K.load_checkpoint(path)
     assert "weights_only" not in str(caught.value) and caught.value.__cause__ is None
 
 
 def test_load_checkpoint_wants_the_named_keys(tmp_path):
     R.save_torch({"model": {}}, tmp_path / "best.pt")
-    assert R.load_checkpoint(tmp_path / "best.pt", keys=("model",)) == {"model": {}}
+    assert K.load_checkpoint(tmp_path / "best.pt", keys=("model",)) == {"model": {}}
     with pytest.raises(R.CorruptFile, match="not a satconv checkpoint of this kind \\(no epoch\\)"):
-        R.load_checkpoint(tmp_path / "best.pt", keys=("model", "epoch"))
+        K.load_checkpoint(tmp_path / "best.pt", keys=("model", "epoch"))
     R.save_torch([1, 2], tmp_path / "list.pt")
     with pytest.raises(R.CorruptFile, match="holds a list"):
-        R.load_checkpoint(tmp_path / "list.pt")
+        K.load_checkpoint(tmp_path / "list.pt")
 
 
 def test_checkpoints_rotate_and_fall_back_to_the_previous_one(tmp_path, caplog):
-    ck = R.Checkpoints(tmp_path)
+    ck = K.Checkpoints(tmp_path)
     assert ck.load() is None
     for epoch in (1, 2, 3):
         ck.save({"epoch": epoch})
-    assert R.load_checkpoint(ck.newest)["epoch"] == 3 and R.load_checkpoint(ck.previous)["epoch"] == 2
+    assert K.load_checkpoint(ck.newest)["epoch"] == 3 and K.load_checkpoint(ck.previous)["epoch"] == 2
     ck.newest.write_bytes(ck.newest.read_bytes()[:100])  # truncated
-    fresh = R.Checkpoints(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="satconv.rundir"):
+    fresh = K.Checkpoints(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="satconv.checkpoints"):
         obj, path = fresh.load(keys=("epoch",))
     assert obj == {"epoch": 2} and path == ck.previous
     assert f"{ck.newest} is unreadable: truncated" in caplog.text and "resuming from the previous checkpoint " \
         "last.prev.pt" in caplog.text
     fresh.save({"epoch": 3})  # the unreadable newest is replaced, not rotated over the good previous one
-    assert R.load_checkpoint(ck.previous)["epoch"] == 2 and R.load_checkpoint(ck.newest)["epoch"] == 3
+    assert K.load_checkpoint(ck.previous)["epoch"] == 2 and K.load_checkpoint(ck.newest)["epoch"] == 3
     ck.newest.unlink()  # a rotation cut short between its two renames
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="satconv.rundir"):
-        assert R.Checkpoints(tmp_path).load()[1] == ck.previous
+    with caplog.at_level(logging.WARNING, logger="satconv.checkpoints"):
+        assert K.Checkpoints(tmp_path).load()[1] == ck.previous
     assert "last.pt is missing" in caplog.text
 
 
@@ -283,18 +285,18 @@ def test_no_readable_checkpoint_is_an_error_naming_each_file(tmp_path):
     (tmp_path / "last.prev.pt").write_bytes(b"")
     with pytest.raises(R.CorruptFile, match="last.pt is unreadable: truncated .*; so is last.prev.pt: it is empty \\(0 bytes\\); "
                                             "no readable checkpoint is left in"):
-        R.Checkpoints(tmp_path).load()
+        K.Checkpoints(tmp_path).load()
 
 
 def test_checkpoint_that_does_not_fit_leaves_both_files(tmp_path, monkeypatch):
-    ck = R.Checkpoints(tmp_path)
+    ck = K.Checkpoints(tmp_path)
     ck.save({"epoch": 1})
     ck.save({"epoch": 2})
     fail_fsync_with(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(R.DiskFull):
         ck.save({"epoch": 3})
     monkeypatch.undo()
-    assert R.load_checkpoint(ck.newest)["epoch"] == 2 and R.load_checkpoint(ck.previous)["epoch"] == 1
+    assert K.load_checkpoint(ck.newest)["epoch"] == 2 and K.load_checkpoint(ck.previous)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
 
 

@@ -181,7 +181,7 @@ def test_snapshots_and_atlas(reference):
     assert s3["centre_probs"][0].shape == (2, 16)
 
     path = reference.run_dir / "atlas.pt"
-    assert path.stat().st_size < T.ATLAS_MAX_BYTES
+    assert path.stat().st_size < A.ATLAS_MAX_BYTES
     atlas = A.load_atlas(reference.run_dir)
     probs = atlas["probs"][0]
     assert probs.dtype == torch.float16 and probs.shape == (3, 2, 2, 16)  # (images, heads, queries, N)
@@ -438,7 +438,7 @@ def test_evaluation_records_no_autograd_graph():
 
 def test_source_digest_follows_the_file_contents(tmp_path):
     """Equal for equal sources wherever they lie, different when one byte changes; ignores non-Python files."""
-    from satconv.train import source_digest
+    from satconv.provenance import source_digest
     for root in (tmp_path / "a", tmp_path / "b"):
         (root / "sub").mkdir(parents=True)
         (root / "x.py").write_text("x = 1\n")

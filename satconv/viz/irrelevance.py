@@ -152,7 +152,7 @@ def run_query_irrelevance(run_dir, atlas: dict | None = None, margin: int = 3) -
     run_dir = Path(run_dir)
     atlas = atlas if atlas is not None else load_atlas(run_dir)
     if (run_dir / "best.pt").is_file() or (run_dir / "last.pt").is_file():
-        from ..data import normalize
+        from ..augmentation import normalize
         from ..evaluation import load_model
 
         model, _ = load_model(run_dir)

@@ -96,7 +96,8 @@ def run_info(run_dir, kind: str) -> dict:
         ``kind``; ``name`` (the config); ``data`` (``run.json``'s data description); ``epochs_run``
         (the last epoch in ``metrics.jsonl``); ``epochs_planned`` (the run's ``train.epochs``);
         ``epochs_full`` (``train.epochs`` of ``configs/<name>.yaml``, ``None`` without it);
-        ``seed``; ``device``; ``status``; ``test_acc`` (final weights, ``None`` when absent).
+        ``seed``; ``device``; ``status``; ``test_acc`` (final weights, ``None`` when absent); ``sizes``
+        (images per split, ``{"train": 45000, "val": 5000, "test": 10000}``; ``{}`` when not recorded).
         Values a run does not record are ``None``.
     """
     run_dir = Path(run_dir)
@@ -110,7 +111,8 @@ def run_info(run_dir, kind: str) -> dict:
             "epochs_run": metrics[-1].get("epoch") if metrics else None, "epochs_planned": train.get("epochs"),
             "epochs_full": load(full).train.epochs if full.is_file() else None,
             "seed": info.get("seed", train.get("seed")), "device": info.get("device"), "status": info.get("status"),
-            "test_acc": info.get("results", {}).get("final", {}).get("test_acc")}
+            "test_acc": info.get("results", {}).get("final", {}).get("test_acc"),
+            "sizes": info.get("data", {}).get("sizes", {})}
 
 
 def _epochs_text(info: dict) -> str:
@@ -138,9 +140,12 @@ def run_label(run_dir, kind: str) -> str:
 
 
 def run_title(run_dir) -> str:
-    """The title of a run's page: ``"paper_quadratic, seed 42, 30 epochs (config: 300)"``, read by :func:`run_info`."""
+    """The title of a run's page: ``"paper_quadratic, seed 42, 30 epochs (config: 300)"``, read by :func:`run_info`;
+    a run without a validation split adds ``", all 50,000 training images"``."""
     info = run_info(run_dir, "gpu")
-    return f"{info['name']}, seed {info['seed']}, {_epochs_text(info)}"
+    sizes = info["sizes"]
+    whole = f", all {sizes['train']:,} training images" if sizes.get("val") == 0 and "train" in sizes else ""
+    return f"{info['name']}, seed {info['seed']}, {_epochs_text(info)}{whole}"
 
 
 def retitle_run_page(notebook, run_dir) -> str:
