@@ -321,6 +321,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def key_diff(old: dict, new: dict, free=(), prefix: str = "") -> list[str]:
+    """``"<prefix><key>: old -> new"`` for every dotted key outside ``free`` in which the nested plain dicts
+    ``old`` and ``new`` (sections of :func:`to_dict`) differ, sorted by key; a key one side lacks is ``None``
+    there."""
+    old, new = flatten(old), flatten(new)
+    return [f"{prefix}{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in free and old.get(k) != new.get(k)]
+
+
 def resolve_path(path: str | Path) -> Path:
     """Resolve a path given relative to the current directory or, failing that, the repository root."""
     p = Path(path).expanduser()

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from .config import ExperimentConfig, flatten, to_dict
+from .config import ExperimentConfig, flatten, key_diff, to_dict
 from .attention.routes import Routes, set_routes
 from .augmentation import DeviceLoader
 from .checkpoints import Checkpoints
@@ -108,8 +108,7 @@ def config_diff(old: dict, cfg: ExperimentConfig, free=RESUME_FREE_KEYS) -> list
     old, new = flatten(old), flatten(to_dict(cfg))
     defaults = flatten(to_dict(ExperimentConfig()))
     old.update({k: defaults[k] for k in new if k not in old and k in defaults})
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in free and old.get(k) != new.get(k)]
+    return key_diff(old, new, free)
 
 
 def _progress_enabled(progress: bool) -> bool:

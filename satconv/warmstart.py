@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .augmentation import DeviceLoader
-from .config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
+from .config import ConfigError, ExperimentConfig, key_diff, resolve_path, to_dict
 from .prune import fit_heads_to_state, head_conditioning, head_counts, prune_degenerate_heads, quadratic_layers
 from .checkpoints import Checkpoints
 from .rundir import CorruptFile
@@ -66,9 +66,7 @@ def read_init_weights(cfg: ExperimentConfig) -> tuple[dict, dict]:
     if ck["epoch"] < total:
         raise refuse(f"{path} holds epoch {ck['epoch']} of {total}: that run has not finished; finish it (run its "
                      f"config again to resume) before starting from its final weights")
-    old, new = flatten(old_model), flatten(to_dict(cfg.model))
-    diff = [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in INIT_FREE_MODEL_KEYS and old.get(k) != new.get(k)]
+    diff = key_diff(old_model, to_dict(cfg.model), INIT_FREE_MODEL_KEYS, prefix="model.")
     if diff:
         raise refuse(f"the model of {path} differs from this config's ({'; '.join(diff)}); its weights do not fit")
     return ck["model"], {"from": str(where), "weights": path.name, "epoch": int(ck["epoch"])}
