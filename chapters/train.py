@@ -74,9 +74,10 @@ cfg = resolve_config(resolve_path(config), sets, profile or None)
 # inductor's notice that it split a softmax reduction is about its own kernel choice, not this run
 warnings.filterwarnings("ignore", message="Online softmax is disabled")
 print(f"experiment {cfg.name}: {cfg.description.strip() or '(no description)'}")
-print(f"model {cfg.model.arch} / {cfg.model.attention.kind}, {count_parameters(build_model(cfg)):,} parameters")
-print(f"data {cfg.data.source}; {cfg.train.epochs} epochs of batch {cfg.train.batch_size}, "
-      f"lr {cfg.train.lr}, {cfg.train.schedule} schedule, seed {cfg.train.seed}, precision {cfg.train.precision}")
+attention = "" if cfg.model.arch.startswith("resnet") else f" / {cfg.model.attention.kind} attention"
+print(f"model {cfg.model.arch}{attention}, {count_parameters(build_model(cfg)):,} parameters")
+print(f"{cfg.train.epochs} epochs of batch {cfg.train.batch_size}, lr {cfg.train.lr}, {cfg.train.schedule} schedule, "
+      f"seed {cfg.train.seed}, precision {cfg.train.precision}")
 
 # %% [markdown]
 # Where this notebook ran. The GPU pages of the book record their machine here.
@@ -157,9 +158,9 @@ axes[0].set_title("first epochs")
 axes[1].set_title("whole run")
 axes[1].legend()
 plt.show()
-sizes = json.loads((run_dir / "run.json").read_text())["data"].get("sizes", {})
-print(f"{steps_per_epoch} steps of {cfg.train.batch_size} per epoch; images: "
-      + ", ".join(f"{split} {n:,}" for split, n in sizes.items()))
+data_info = json.loads((run_dir / "run.json").read_text())["data"]
+print(f"{steps_per_epoch} steps of {cfg.train.batch_size} per epoch; {data_info['description']}: "
+      + ", ".join(f"{split} {n:,}" for split, n in data_info.get("sizes", {}).items()) + " images")
 
 # %% [markdown]
 # ## Final numbers
