@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["shift_profile", "score_profile", "conv_likeness", "conv_likeness_per_image", "atlas_conv_likeness",
-           "max_assignment", "quadratic_snapshot_scores"]
+           "snapshot_conv_likeness", "max_assignment", "quadratic_snapshot_scores"]
 
 
 def max_assignment(mass: np.ndarray) -> np.ndarray:
@@ -252,6 +252,45 @@ def atlas_conv_likeness(atlas: dict, kernel_size: int = 3) -> list[dict]:
         out.append({"score": detail["score"], "per_image": per_image, "images": len(profiles), "queries": queries,
                     "input_independent": bool(independent), "detail": detail})
     return out
+
+
+def snapshot_conv_likeness(snapshots, height: int, width: int, kernel_size: int = 3) -> tuple[np.ndarray, object]:
+    """The score of every layer at every snapshot of a run, for any attention (the snapshots' image).
+
+    A snapshot with ``shift_profile`` (:func:`satconv.atlas.attention_snapshot`) holds each layer's profile over
+    all interior queries; an older one holds only the centre query's attention (``centre_probs``, the pixel
+    ``(height // 2, width // 2)``), and the score is then estimated from that one query (NaN-padded heads of a
+    pruned layer dropped).
+
+    Args:
+        snapshots: :func:`satconv.viz.load_snapshots` of a run.
+        height, width: the layers' grid.
+        kernel_size: ``K`` of :func:`score_profile`.
+
+    Returns:
+        ``(scores, queries)``: ``(epochs, L)`` scores, and ``"all"``, or ``1`` when any snapshot gave only its
+        centre query.
+
+    Raises:
+        ValueError: a snapshot with neither record.
+    """
+    rows, queries = [], "all"
+    centre = (height // 2) * width + width // 2
+    radius = min(kernel_size - 1, (min(height, width) - 1) // 2)
+    for snap in snapshots:
+        if snap.get("shift_profile") is not None:
+            rows.append([score_profile(p, kernel_size)["score"] for p in snap["shift_profile"]])
+        elif snap.get("centre_probs") is not None:
+            queries, row = 1, []
+            for layer in np.asarray(snap["centre_probs"], dtype=np.float64):  # (H, N)
+                layer = layer[~np.isnan(layer).any(axis=1)]
+                row.append(score_profile(shift_profile(layer[:, None, :], height, width, radius, [centre])[0],
+                                         kernel_size)["score"])
+            rows.append(row)
+        else:
+            raise ValueError(f"the snapshot of epoch {snap.get('epoch')} holds neither shift profiles nor the centre "
+                             f"query's attention")
+    return np.array(rows), queries
 
 
 def quadratic_snapshot_scores(snapshots, side: int, kernel_size: int = 3) -> np.ndarray:

@@ -217,7 +217,7 @@ def test_the_atlas_keeps_every_images_shift_profile_over_all_queries():
     np.testing.assert_allclose(fixed[0].numpy(), shift_profile(torch.softmax(logits * 2, -1), side, side, 2)[0],
                                atol=1e-6)
     small = build_atlas(Fake(), SimpleNamespace(test=test, classes=["a", "b"]), (0.5,) * 3, (0.25,) * 3, 1, 1, "cpu",
-                        average_over=2, profile_radius=9)
+                        average_over=2, profile_radius_max=9)
     assert small["shift_profile"][0].shape == (2, heads, 5, 5)  # capped at the 6x6 grid's largest radius, 2
 
     scores = atlas_conv_likeness(atlas)
@@ -234,3 +234,40 @@ def test_the_atlas_keeps_every_images_shift_profile_over_all_queries():
     two = layer_probs((images[:2].double() / 255 - 0.5) / 0.25)
     assert estimate[0]["score"] == pytest.approx(
         conv_likeness(two.mean(0)[:, q], side, side, queries=q)["score"], abs=2e-3)  # float16 rows
+
+
+def test_snapshots_score_every_epoch_from_their_profiles_or_the_centre_query():
+    """attention_snapshot stores each layer's profile over all interior queries; snapshot_conv_likeness scores
+    it, and for an older snapshot estimates the score from the centre query's attention alone (a pruned layer's
+    NaN-padded heads dropped)."""
+    from torch import nn
+
+    from satconv.analysis import snapshot_conv_likeness
+    from satconv.atlas import attention_snapshot
+
+    side, heads = 7, 9
+    torch.manual_seed(2)
+    probs = torch.softmax(torch.randn(1, heads, side * side, side * side, dtype=torch.float64) * 4, -1)
+
+    class Fake(nn.Module):
+        def forward(self, x, return_attention=False):
+            return x.mean(dim=(1, 2, 3))[:, None], [probs, probs ** 2 / (probs ** 2).sum(-1, keepdim=True)]
+
+    snap = attention_snapshot(Fake(), torch.zeros(1, 3, 14, 14))
+    assert [tuple(p.shape) for p in snap["shift_profile"]] == [(heads, 5, 5)] * 2
+    np.testing.assert_allclose(snap["shift_profile"][0].numpy(), shift_profile(probs[0], side, side, 2)[0], atol=1e-6)
+    centre = (side // 2) * side + side // 2
+    stored = {"epoch": 3, "shift_profile": [p.double().numpy() for p in snap["shift_profile"]]}
+    older = {"epoch": 3, "centre_probs": torch.stack([p.float() for p in snap["centre_probs"]]).numpy()}
+    scores, queries = snapshot_conv_likeness([stored], side, side)
+    assert queries == "all" and scores.shape == (1, 2)
+    assert scores[0, 0] == pytest.approx(conv_likeness(probs[0], side, side)["score"], abs=1e-6)
+    estimate, queries = snapshot_conv_likeness([stored, older], side, side)
+    assert queries == 1 and estimate.shape == (2, 2)
+    assert estimate[1, 0] == pytest.approx(
+        conv_likeness(probs[0][:, [centre]], side, side, queries=[centre])["score"], abs=1e-3)  # float16 rows
+    padded = dict(older, centre_probs=np.concatenate([older["centre_probs"],
+                                                      np.full((2, 1, side * side), np.nan, np.float32)], axis=1))
+    np.testing.assert_allclose(snapshot_conv_likeness([padded], side, side)[0], estimate[1:], atol=1e-12)
+    with pytest.raises(ValueError, match="epoch 3 holds neither"):
+        snapshot_conv_likeness([{"epoch": 3}], side, side)

@@ -242,7 +242,9 @@ def load_snapshots(run_dir) -> list[dict]:
         of the quadratic layers (``None`` for other mechanisms); ``heads (L,)`` int, the heads of each
         quadratic layer (``None`` for other mechanisms); ``centre_probs (L, H, N)`` float32, each layer's
         attention of the centre query for one test image (``None`` when absent, or when the layers'
-        grids differ); ``params``: the raw parameter dict.
+        grids differ); ``shift_profile``: per layer ``(H_l, 2R+1, 2R+1)`` float64 arrays, each layer's
+        :func:`satconv.analysis.shift_profile` over all interior queries of that image (``None`` in snapshots
+        written before they held it); ``params``: the raw parameter dict.
     """
     out = []
     for path in sorted((Path(run_dir) / "snapshots").glob("epoch_*.pt")):
@@ -254,7 +256,9 @@ def load_snapshots(run_dir) -> list[dict]:
         same_grid = len({tuple(p.shape[1:]) for p in probs}) == 1
         out.append({"epoch": int(snap["epoch"]), "centers": stack_heads(centers), "spreads": stack_heads(spreads),
                     "heads": np.array([len(c) for c in centers]) if centers else None,
-                    "centre_probs": stack_heads(probs) if same_grid else None, "params": params})
+                    "centre_probs": stack_heads(probs) if same_grid else None,
+                    "shift_profile": [p.double().numpy() for p in snap.get("shift_profile") or []] or None,
+                    "params": params})
     return out
 
 
