@@ -1,0 +1,118 @@
+"""satconv.distributed: the world torchrun describes, the split of a global batch over ranks, and the
+collectives, run for real on two CPU processes (gloo); data parallelism over those pieces trains the same
+weights as one process at the same global batch."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from satconv.distributed import (SINGLE, DistributedError, World, any_rank, barrier, batch_rows, check_divisible,
+                                 gather_objects, start, stop, sum_over_ranks, world_from_env)
+
+
+def test_world_from_env():
+    assert world_from_env({}) is SINGLE and world_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is SINGLE
+    w = world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert (w.rank, w.size, w.local_rank, w.main, w.parallel) == (3, 4, 1, False, True)
+    assert world_from_env({"WORLD_SIZE": "2", "RANK": "0"}) == World(0, 2, 0)  # LOCAL_RANK defaults to RANK
+    with pytest.raises(DistributedError, match="RANK is not set"):
+        world_from_env({"WORLD_SIZE": "2"})
+    with pytest.raises(DistributedError, match="'x' is not a non-negative integer"):
+        world_from_env({"WORLD_SIZE": "x"})
+    with pytest.raises(DistributedError, match="need 0 <= rank < size"):
+        world_from_env({"WORLD_SIZE": "2", "RANK": "2"})
+
+
+def test_the_ranks_split_a_global_batch_into_its_rows_in_order():
+    for size in (1, 2, 4, 5):
+        parts = [list(range(100))[batch_rows(100, World(r, size))] for r in range(size)]
+        assert sum(parts, []) == list(range(100)) and len({len(p) for p in parts}) == 1
+    assert check_divisible(100, World(1, 4)) == 25
+    with pytest.raises(DistributedError, match=r"train.batch_size=100 does not split evenly over 3 processes.*"
+                                               r"train.batch_size=99 or 102"):
+        check_divisible(100, World(0, 3))
+    with pytest.raises(DistributedError, match="does not split evenly over 8"):
+        batch_rows(100, World(0, 8))
+
+
+def test_one_process_needs_no_group():
+    assert start(SINGLE, torch.device("cpu")) is False
+    assert sum_over_ranks([1, 2.5], SINGLE) == [1.0, 2.5] and any_rank(True, SINGLE) and not any_rank(0, SINGLE)
+    assert gather_objects({"a": 1}, SINGLE) == [{"a": 1}]
+    barrier(SINGLE)
+    stop()  # no group: nothing to leave
+
+
+# --- two real processes -------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(3)]
+
+
+def _sgd_steps(model: nn.Module, world: World) -> dict:
+    """Three SGD steps (momentum, weight decay) on this rank's rows of the same global batches."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-3)
+    for x, y in _batches():
+        rows = batch_rows(len(x), world)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    world = world_from_env()
+    try:
+        assert start(world, torch.device("cpu"))
+        sums = sum_over_ranks([rank + 1, 0.5], world)
+        anyone = (any_rank(rank == 1, world), any_rank(False, world))
+        gathered = gather_objects({"rank": rank}, world)
+        barrier(world)
+        model = DistributedDataParallel(_model())  # averages the ranks' gradients
+        weights = {k.removeprefix("module."): v for k, v in _sgd_steps(model, world).items()}
+        queue.put((rank, sums, anyone, gathered, weights))
+    finally:
+        stop()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_weights_of_one_at_the_same_global_batch():
+    """Each of two ranks trains on its half of every global batch with DistributedDataParallel; the weights
+    after three SGD steps equal those of one process on the whole batches (float64, to round-off)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, queue)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    single = _sgd_steps(_model(), SINGLE)
+    for rank, sums, anyone, gathered, weights in results:
+        assert sums == [3.0, 1.0] and anyone == (True, False)
+        assert gathered == [{"rank": 0}, {"rank": 1}]
+        for k, v in single.items():
+            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-12)
+    assert not dist.is_initialized()
