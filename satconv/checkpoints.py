@@ -3,6 +3,8 @@
 - :func:`load_checkpoint`: ``torch.load(weights_only=True)`` after checking the file's zip archive is whole
   (its CRCs, which ``torch.load`` does not check); a damaged file raises
   :class:`~satconv.rundir.CorruptFile` saying what is wrong with it.
+- :func:`config_diff`: whether a checkpoint's config lets a run resume from it (:data:`RESUME_FREE_KEYS` may
+  change, nothing else).
 - :class:`Checkpoints`: ``last.pt`` and the checkpoint before it, ``last.prev.pt``.  A new checkpoint is
   written whole (:func:`satconv.rundir.atomic_write`) before the rotation; :meth:`Checkpoints.load` falls
   back to the previous checkpoint, with a warning, when the newest one is truncated or garbage.
@@ -16,9 +18,29 @@ from pathlib import Path
 
 import torch
 
+from .config import ExperimentConfig, flatten, key_diff, to_dict
 from .rundir import CorruptFile, atomic_write, torch_bytes
 
 log = logging.getLogger(__name__)
+
+#: config keys that may change between a run and its resumption (they do not affect the numbers)
+RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
+                    "train.compile", "train.compile_mode", "train.channels_last", "train.step_graph",
+                    "train.fused_forward", "train.fused_backward", "train.snapshot_attention", "train.atlas_images",
+                    "train.atlas_queries", "train.eval_batch_size", "data.root", "data.cache_dir",
+                    "data.device_resident"}
+#: keys a resumable checkpoint (last.pt) must have
+RESUME_KEYS = ("format", "config", "model", "optimizer", "epoch", "step", "rng")
+
+
+def config_diff(old: dict, cfg: ExperimentConfig, free=RESUME_FREE_KEYS) -> list[str]:
+    """``"key: old -> new"`` for every dotted key outside ``free`` in which the plain config ``old``
+    (as :func:`~satconv.config.to_dict` writes it) and ``cfg`` differ.  A key that ``old`` lacks (a config
+    written before the key existed) counts as having its default value."""
+    old, new = flatten(old), flatten(to_dict(cfg))
+    defaults = flatten(to_dict(ExperimentConfig()))
+    old.update({k: defaults[k] for k in new if k not in old and k in defaults})
+    return key_diff(old, new, free)
 
 
 def _load_failure(exc: Exception) -> str:
@@ -128,4 +150,4 @@ class Checkpoints:
                           f"start afresh, or choose another output directory (--out)")
 
 
-__all__ = ["load_checkpoint", "Checkpoints"]
+__all__ = ["load_checkpoint", "Checkpoints", "config_diff", "RESUME_FREE_KEYS", "RESUME_KEYS"]

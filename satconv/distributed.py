@@ -18,9 +18,12 @@ a no-op: the single-process path stays exactly what it was.
 """
 from __future__ import annotations
 
+import inspect
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Callable, ContextManager, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -161,6 +164,72 @@ def gather_objects(obj, world: World) -> list:
     return out
 
 
+def wrap_model(model: torch.nn.Module, world: World, device: torch.device, step_graph: bool = False):
+    """The module that trains ``model`` in ``world``: ``model`` itself in one process; otherwise its BatchNorm
+    layers made :class:`torch.nn.SyncBatchNorm` (statistics of the global batch) and the whole wrapped in
+    :class:`~torch.nn.parallel.DistributedDataParallel` (gradients averaged over the ranks).
+
+    Returns:
+        ``(model, trainer)``: the (converted) bare model, for evaluation, snapshots and checkpoints, and the
+        module whose forward the training step calls.
+
+    Raises:
+        DistributedError: ``train.step_graph`` (a CUDA graph of the whole step cannot hold the all-reduce yet;
+            set ``train.step_graph=false``), or a BatchNorm model on the CPU (``SyncBatchNorm`` runs on CUDA only).
+    """
+    if not world.parallel:
+        return model, model
+    if step_graph and device.type == "cuda":
+        raise DistributedError("train.step_graph=true cannot run on several processes (its CUDA graph would have "
+                               "to hold the gradients' all-reduce); add --set train.step_graph=false")
+    batch_norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    if any(isinstance(m, batch_norms) for m in model.modules()):
+        if device.type != "cuda":
+            raise DistributedError("a model with BatchNorm trains on several processes only on CUDA (SyncBatchNorm "
+                                   "keeps the global batch's statistics, and runs on CUDA only); use one process")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # no buffer broadcast before each forward: the buffers are position caches that a layer may create lazily
+    # (rank 0 alone runs the snapshots' forward passes, so the ranks' buffer lists may differ) and SyncBatchNorm's
+    # running statistics, already those of the global batch on every rank
+    # (newer torch versions name the switch forward_sync_buffers; both still broadcast the buffers once, at the start)
+    named = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          **{"forward_sync_buffers" if named else "broadcast_buffers": False})
+
+
+@contextmanager
+def main_rank_opens(world: World, prepare: Callable[[], Path], lock: Callable[[Path], ContextManager]):
+    """Rank 0 prepares the run directory (``prepare() -> Path``) and holds ``lock(path)`` for the block; the
+    other ranks wait for it and get the same path.  A failure on rank 0 (a busy or bad directory) is raised
+    there and reported on the other ranks as :class:`DistributedError`, so that no rank waits forever.
+
+    Yields:
+        The run directory.
+    """
+    if not world.parallel:
+        path = prepare()
+        with lock(path):
+            yield path
+        return
+    with ExitStack() as stack:
+        error, path = None, None
+        if world.main:
+            try:
+                path = prepare()
+                stack.enter_context(lock(path))
+            except Exception as exc:  # shared with the other ranks below, then raised here
+                error = exc
+        failed = any_rank(error is not None, world)
+        path = gather_objects(None if path is None else str(path), world)[0]
+        if error is not None:
+            raise error
+        if failed:
+            raise DistributedError("rank 0 could not open the run directory (its error says why)")
+        yield Path(path)
+
+
 def barrier(world: World) -> None:
     """Wait until every rank gets here (rank 0 has written a checkpoint the others will read)."""
     if world.parallel:
@@ -168,4 +237,4 @@ def barrier(world: World) -> None:
 
 
 __all__ = ["World", "SINGLE", "DistributedError", "world_from_env", "start", "stop", "check_divisible",
-           "batch_rows", "sum_over_ranks", "any_rank", "gather_objects", "barrier"]
+           "batch_rows", "sum_over_ranks", "any_rank", "gather_objects", "wrap_model", "main_rank_opens", "barrier"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +38,26 @@ log = logging.getLogger(__name__)
 
 #: files a fresh start removes (what an attempt that never checkpointed left behind), with ``snapshots/epoch_*.pt``
 STALE_FILES = ("metrics.jsonl", "best.pt", "atlas.pt", "run.json")
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns.
+
+    Args:
+        run_dir: the run directory.
+        config: the resolved config.
+        metrics: one dict per finished epoch (as in ``metrics.jsonl``).
+        results: ``{"final": {...}, "best": {...}}`` test/val numbers of the last and the best
+            (validation) weights; empty when the run stopped early.
+        completed: all epochs ran.
+    """
+
+    run_dir: Path
+    config: ExperimentConfig
+    metrics: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+    completed: bool = False
 
 
 class RunRecords:
@@ -171,4 +192,43 @@ class RunRecords:
             log.warning("could not record status %r in %s: %s", status, self.run_json, exc)
 
 
-__all__ = ["RunRecords", "STALE_FILES"]
+__all__ = ["RunRecords", "MutedRecords", "RunResult", "STALE_FILES"]
+
+
+class MutedRecords(RunRecords):
+    """The records of a rank other than 0 in a data-parallel run (:mod:`satconv.distributed`): rank 0 writes
+    every file, so each writer here does nothing and :meth:`previous_status` is ``None``."""
+
+    def previous_status(self) -> str | None:
+        """``None``: rank 0 reads ``run.json``."""
+        return None
+
+    def clear(self) -> None:
+        """Nothing: rank 0 clears the directory."""
+
+    def write_config(self) -> None:
+        """Nothing: rank 0 writes ``config.yaml``."""
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Nothing: rank 0 writes ``metrics.jsonl``."""
+
+    def append_metrics(self, row: dict) -> None:
+        """Nothing: rank 0 appends to ``metrics.jsonl``."""
+
+    def save_best(self, state: dict, best: dict) -> None:
+        """Nothing: rank 0 writes ``best.pt``."""
+
+    def save_snapshot(self, model: nn.Module, epoch: int) -> None:
+        """Nothing: rank 0 writes the snapshots."""
+
+    def write_atlas(self, model: nn.Module) -> None:
+        """Nothing: rank 0 writes ``atlas.pt``."""
+
+    def write_run_json(self, status: str, model: nn.Module, epoch: int, step: int, init_record: dict | None, *,
+                       resumed: bool = True, results: dict | None = None, previous: str | None = None,
+                       **extra) -> None:
+        """Nothing: rank 0 writes ``run.json``."""
+
+    def record_end(self, status: str, model: nn.Module, epoch: int, step: int, init_record: dict | None,
+                   **extra) -> None:
+        """Nothing: rank 0 records the end."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .distributed import SINGLE, World, sum_over_ranks
 
 if TYPE_CHECKING:
     from .augmentation import DeviceLoader
@@ -171,13 +172,16 @@ class _GraphSteps(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -> tuple[float, float]:
+def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False,
+                   world: World = SINGLE) -> tuple[float, float]:
     """Mean cross-entropy (no label smoothing) and accuracy over a loader, in eval mode.
 
     Args:
         model: ``(B, 3, H, W) -> (B, classes)``; its train/eval mode is restored afterwards.
         loader: unaugmented batches.
         bf16: autocast to bfloat16 (CUDA).
+        world: in a data-parallel run (:mod:`satconv.distributed`) rank ``r`` of ``N`` evaluates the batches
+            ``r, r + N, ...`` and the sums are added over the ranks: every rank returns the whole split's numbers.
     """
     was_training = model.training
     model.eval()
@@ -186,14 +190,17 @@ def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False) -
     correct = torch.zeros((), dtype=torch.int64, device=device)
     # no autograd graph: without this the running sums would keep every batch's graph alive (B5)
     with torch.inference_mode():
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
+            if i % world.size != world.rank:
+                continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
     n = max(1, len(loader.split))
-    return loss.item() / n, correct.item() / n
+    total_loss, total_correct = sum_over_ranks([loss.item(), correct.item()], world, device)
+    return total_loss / n, total_correct / n
 
 
 

@@ -32,20 +32,23 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .config import ExperimentConfig, flatten, key_diff, to_dict
+from .config import ExperimentConfig, to_dict
 from .attention.routes import Routes, set_routes
 from .augmentation import DeviceLoader
-from .checkpoints import Checkpoints
+from .checkpoints import RESUME_KEYS, Checkpoints, config_diff
 from .data import load_data
-from .records import RunRecords
+from . import distributed
+from .distributed import (SINGLE, World, any_rank, barrier, batch_rows, check_divisible, gather_objects,
+                          sum_over_ranks, wrap_model)
+from .records import MutedRecords, RunRecords, RunResult
 from .rundir import (CorruptFile, DiskFull, Interrupted, RunLock, StopSignals, prepare_run_dir, remove_temp_files,
                      signal_name)  # CorruptFile: re-exported (train() raises it; tests catch it here)
 from .schedule import default_device, derived_seed, lr_at, rng_state, seed_all, set_rng_state
@@ -60,16 +63,6 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s",
                "epoch_time_s")
-#: config keys that may change between a run and its resumption (they do not affect the numbers)
-RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
-                    "train.compile", "train.compile_mode", "train.channels_last", "train.step_graph",
-                    "train.fused_forward", "train.fused_backward", "train.snapshot_attention", "train.atlas_images",
-                    "train.atlas_queries", "train.eval_batch_size", "data.root", "data.cache_dir",
-                    "data.device_resident"}
-#: keys a resumable checkpoint (last.pt) must have
-RESUME_KEYS = ("format", "config", "model", "optimizer", "epoch", "step", "rng")
-
-
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or Inf; the last good checkpoint is kept."""
 
@@ -78,39 +71,9 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory; the message names the batch size to lower."""
 
 
-@dataclass
-class RunResult:
-    """What :func:`train` returns.
-
-    Args:
-        run_dir: the run directory.
-        config: the resolved config.
-        metrics: one dict per finished epoch (as in ``metrics.jsonl``).
-        results: ``{"final": {...}, "best": {...}}`` test/val numbers of the last and the best
-            (validation) weights; empty when the run stopped early.
-        completed: all epochs ran.
-    """
-
-    run_dir: Path
-    config: ExperimentConfig
-    metrics: list = field(default_factory=list)
-    results: dict = field(default_factory=dict)
-    completed: bool = False
-
-
 # ---------------------------------------------------------------------------------------------
 # Configuration, paths, small helpers
 # ---------------------------------------------------------------------------------------------
-def config_diff(old: dict, cfg: ExperimentConfig, free=RESUME_FREE_KEYS) -> list[str]:
-    """``"key: old -> new"`` for every dotted key outside ``free`` in which the plain config ``old``
-    (as :func:`~satconv.config.to_dict` writes it) and ``cfg`` differ.  A key that ``old`` lacks (a config
-    written before the key existed) counts as having its default value."""
-    old, new = flatten(old), flatten(to_dict(cfg))
-    defaults = flatten(to_dict(ExperimentConfig()))
-    old.update({k: defaults[k] for k in new if k not in old and k in defaults})
-    return key_diff(old, new, free)
-
-
 def _progress_enabled(progress: bool) -> bool:
     """Bars only for a terminal or a notebook kernel."""
     if not progress:
@@ -128,9 +91,10 @@ class _Run:
     """State of one training run; :meth:`fit` trains, resumes and writes the run directory."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool,
-                 model_factory: Callable | None):
-        self.cfg, self.dir, self.device, self.progress = cfg, run_dir, device, progress
+                 model_factory: Callable | None, world: World = SINGLE):
+        self.cfg, self.dir, self.device, self.progress, self.world = cfg, run_dir, device, progress, world
         t = cfg.train
+        check_divisible(t.batch_size, world)
         seed_all(t.seed)
         self.checkpoints = Checkpoints(run_dir)
         # train.init_from / prune_degenerate_heads: the model's shape may differ from the config's, so the run's
@@ -162,7 +126,12 @@ class _Run:
         self.channels_last = t.channels_last and self.cuda
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = compiled(self.model, t.compile_mode) if t.compile and self.cuda else self.model
+        # several processes (torchrun): SyncBatchNorm and DDP for the training step; evaluation takes the bare model
+        self.model, trainer = wrap_model(self.model, world, device, t.step_graph)
+        if world.parallel:  # dropout differs between ranks, reproducibly
+            torch.manual_seed(derived_seed(t.seed, world.rank, "rank"))
+        self.forward = compiled(trainer, t.compile_mode) if t.compile and self.cuda else trainer
+        self.evaluated = self.model if world.parallel else self.forward
         if self.cuda:
             torch.backends.cudnn.benchmark = True
         self.opt = make_optimizer(self.model, t, device)
@@ -182,7 +151,10 @@ class _Run:
         self.stop = StopSignals()
         self.saved: tuple[int, int] | None = None  # (epoch, step) of the newest good checkpoint on disk
         self.phase = "train"
-        self.records = RunRecords(run_dir, cfg, device, self.data)  # run.json, metrics.jsonl, best.pt, atlas.pt
+        # run.json, metrics.jsonl, best.pt, atlas.pt: written by rank 0 alone
+        self.records = (RunRecords if world.main else MutedRecords)(run_dir, cfg, device, self.data)
+        self.processes = {} if not world.parallel else {  # for run.json
+            "processes": {"world_size": world.size, "devices": gather_objects(device_name(device), world)}}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self) -> dict:
@@ -194,8 +166,14 @@ class _Run:
                 "init": self.init_record}
 
     def save_checkpoint(self) -> None:
-        """Write ``last.pt`` whole, keeping the one before as ``last.prev.pt``."""
-        self.checkpoints.save(self._checkpoint())
+        """Write ``last.pt`` whole, keeping the one before as ``last.prev.pt`` (rank 0, with every rank's random
+        state, in a data-parallel run; the others wait for it)."""
+        state = self._checkpoint()
+        if self.world.parallel:
+            state.update(world_size=self.world.size, rng_ranks=gather_objects(rng_state(), self.world))
+        if self.world.main:
+            self.checkpoints.save(state)
+        barrier(self.world)
         self.saved = (self.epoch, self.step)
 
     def _kept(self) -> str:
@@ -205,13 +183,18 @@ class _Run:
 
     @property
     def interrupted(self) -> bool:
-        """A SIGINT or SIGTERM asked the run to stop."""
+        """A SIGINT or SIGTERM asked the run to stop (this process; :meth:`halting` asks every rank)."""
         return self.stop.signum is not None
+
+    def halting(self) -> bool:
+        """A SIGINT or SIGTERM reached this process or, in a data-parallel run, any rank (a collective call)."""
+        return any_rank(self.interrupted, self.world, self.device) if self.world.parallel else self.interrupted
 
     def _interrupt(self, epoch: int) -> None:
         """Checkpoint where the run stands and raise :class:`Interrupted` naming the signal."""
         self.save_checkpoint()
-        raise Interrupted(self.stop.signum, f"stopped by {signal_name(self.stop.signum)}; checkpoint saved in "
+        signum = self.stop.signum if self.stop.signum is not None else signal.SIGTERM  # another rank's signal
+        raise Interrupted(signum, f"stopped by {signal_name(signum)}; checkpoint saved in "
                                             f"{self.checkpoints.newest} (epoch {epoch + 1}, step {self.step}); "
                                             f"run again to resume")
 
@@ -227,11 +210,16 @@ class _Run:
         if diff:
             raise ValueError(f"{self.dir} holds a checkpoint of a different config ({'; '.join(diff)}); "
                              f"resume with the same config, or choose another output directory (--out)")
+        if ck.get("world_size", 1) != self.world.size:
+            raise ValueError(f"{path} was written by {ck.get('world_size', 1)} process(es), this run has "
+                             f"{self.world.size}: resume with the same number (torchrun --nproc_per_node)")
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.epoch, self.step, self.step_in_epoch = ck["epoch"], ck["step"], ck["step_in_epoch"]
         self.sums, self.aug_state, self.metrics, self.best = ck["sums"], ck["aug_state"], ck["metrics"], ck["best"]
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng_ranks"][self.world.rank] if self.world.parallel else ck["rng"])
+        if not self.world.main:  # the epoch's sums so far are the whole world's, held by rank 0
+            self.sums.update(loss=0.0, correct=0, seen=0)
         self.saved = (self.epoch, self.step)
         if self.best is not None:
             self.best_state = ck["best_model"] if ck["best_model"] is not None else ck["model"]
@@ -283,39 +271,48 @@ class _Run:
         self.model.train()
         for b in range(self.step_in_epoch, self.steps_per_epoch):
             idx = perm[b * t.batch_size:(b + 1) * t.batch_size]
-            x, y = self.train_loader.batch(idx, g)
+            x, y = self.train_loader.batch(idx, g)  # the global batch, augmentation included, on every rank
+            if self.world.parallel:
+                rows = batch_rows(len(idx), self.world)
+                x, y = x[rows], y[rows]
             lr = lr_at(self.step, self.steps_per_epoch, t)
             loss, hits = self._train_step(x, y, lr)
             self.step += 1
-            loss_sum += loss.double() * len(idx)
+            loss_sum += loss.double() * len(y)
             correct += hits
-            seen += len(idx)
+            seen += len(y)
             bad |= ~torch.isfinite(loss)
             self.sums["lr"] = lr
             last_step = b + 1 == self.steps_per_epoch
             stop = stop_after_steps is not None and self.step == stop_after_steps
-            if self.step % sync_every == 0 or last_step or stop or self.interrupted:
-                self._check_finite(bad, epoch)
+            halt = False  # every rank decides at the same steps
+            if self.step % sync_every == 0 or last_step or stop or (self.interrupted and not self.world.parallel):
+                halt = self.halting()
+                self._check_finite(any_rank(bool(bad), self.world, dev) if self.world.parallel else bad, epoch)
                 if bar is not None:
                     elapsed = self.sums["time"] + time.perf_counter() - start
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                     img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if (stop or self.interrupted) and not last_step:
+            if (stop or halt) and not last_step:
                 self.step_in_epoch, self.aug_state = b + 1, g.get_state()
-                self.sums.update(loss=loss_sum.item(), correct=int(correct.item()), seen=seen,
-                                 time=self.sums["time"] + time.perf_counter() - start)
-                if self.interrupted:
+                self._add_sums(loss_sum, correct, seen, start)
+                if halt:
                     self._interrupt(epoch)
                 if save_on_stop:
                     self.save_checkpoint()
                 return False
         if self.cuda:
             torch.cuda.synchronize()
-        self.sums.update(loss=loss_sum.item(), correct=int(correct.item()), seen=seen,
-                         time=self.sums["time"] + time.perf_counter() - start)
+        self._add_sums(loss_sum, correct, seen, start)
         return True
+
+    def _add_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, start: float) -> None:
+        """The epoch's sums so far, added over the ranks of a data-parallel run (on every rank)."""
+        loss, hits, images = sum_over_ranks([loss_sum.item(), correct.item(), seen], self.world, self.device)
+        self.sums.update(loss=loss, correct=int(hits), seen=int(images),
+                         time=self.sums["time"] + time.perf_counter() - start)
 
     def _end_epoch(self, epoch: int, epoch_start: float) -> dict:
         t, s = self.cfg.train, self.sums
@@ -324,15 +321,18 @@ class _Run:
                "train_acc": s["correct"] / s["seen"], "val_loss": None, "val_acc": None,
                "images_per_s": s["seen"] / max(s["time"], 1e-9), "epoch_time_s": 0.0}
         if len(self.data.val):
-            row["val_loss"], row["val_acc"] = evaluate_model(self.forward, self.val_loader, self.bf16)
+            row["val_loss"], row["val_acc"] = evaluate_model(self.evaluated, self.val_loader, self.bf16, self.world)
             # a NaN gradient in the epoch's last step leaves a finite loss but broken weights
             self._check_finite(torch.tensor(not math.isfinite(row["val_loss"])), epoch)
         # a whole epoch: data, augmentation, training steps and validation (not the occasional test pass)
         row["epoch_time_s"] = time.perf_counter() - epoch_start
         if (epoch + 1) % t.test_every == 0 or epoch + 1 == t.epochs:
-            row["test_loss"], row["test_acc"] = evaluate_model(self.forward, self.test_loader, self.bf16)
+            row["test_loss"], row["test_acc"] = evaluate_model(self.evaluated, self.test_loader, self.bf16,
+                                                               self.world)
         if self.cuda:  # peak device memory so far (GiB), for the run report
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if self.world.parallel:
+            row["world_size"] = self.world.size
         self.metrics.append(row)
         if row["val_acc"] is not None and (self.best is None or row["val_acc"] > self.best["val_acc"]):
             self.best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
@@ -379,7 +379,7 @@ class _Run:
                     self.records.save_snapshot(self.model, 0)
                     self.phase = "train"
                 for epoch in range(self.epoch, t.epochs):
-                    if self.interrupted:  # the signal came during the last epoch's evaluation or checkpoint
+                    if self.halting():  # the signal came during the last epoch's evaluation or checkpoint
                         self._interrupt(epoch)
                     if bar is not None:
                         bar.set_description(f"epoch {epoch + 1}/{t.epochs}")
@@ -441,7 +441,7 @@ class _Run:
             else:
                 model = copy.deepcopy(self.model)
                 model.load_state_dict(self.best_state)
-                loss, acc = evaluate_model(model, self.test_loader, self.bf16)
+                loss, acc = evaluate_model(model, self.test_loader, self.bf16, self.world)
                 results["best"] = {**self.best, "test_loss": loss, "test_acc": acc}
         self.records.write_atlas(self.model)
         self.phase = "train"
@@ -450,7 +450,8 @@ class _Run:
 
     def _write_run_json(self, resumed: bool, status: str, **kw) -> None:
         """:meth:`RunRecords.write_run_json` with where the run stands; ``kw``: results, previous, error, signal."""
-        self.records.write_run_json(status, self.model, self.epoch, self.step, self.init_record, resumed=resumed, **kw)
+        self.records.write_run_json(status, self.model, self.epoch, self.step, self.init_record, resumed=resumed,
+                                    **self.processes, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,16 +486,30 @@ def train(cfg: ExperimentConfig | str | Path, out_dir: str | Path | None = None,
         DiskFull: a write found no space; the last good checkpoint is kept.
         NonFiniteLoss, OutOfMemory, DataError, ConfigError, ValueError.
         Interrupted (a KeyboardInterrupt) after checkpointing on SIGINT or SIGTERM; its ``signum`` says which.
+        DistributedError (a ValueError): under torchrun, a batch that does not split over the processes, or a
+            combination data parallelism cannot run (:func:`satconv.distributed.wrap_model`).
+
+    Started by ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1), it trains one model on N processes, the same
+    experiment as one process at the same global batch (:mod:`satconv.distributed`); rank 0 writes the run
+    directory and holds its lock, and a resumption needs the same N.
     """
     cfg = resolve_config(cfg, overrides, profile)
     device = torch.device(device) if device is not None else default_device()
-    run_dir = prepare_run_dir(run_dir_for(cfg, out_dir))
-    with RunLock(run_dir):
-        run = _Run(cfg, run_dir, device, progress, model_factory)
-        return run.fit(stop_after_steps, save_on_stop)
+    world = distributed.world_from_env()  # several processes under torchrun
+    if world.parallel and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    started = distributed.start(world, device)
+    try:
+        opened = distributed.main_rank_opens(world, lambda: prepare_run_dir(run_dir_for(cfg, out_dir)), RunLock)
+        with opened as run_dir:
+            run = _Run(cfg, run_dir, device, progress and world.main, model_factory, world)
+            return run.fit(stop_after_steps, save_on_stop)
+    finally:
+        if started:
+            distributed.stop()
 
 
 __all__ = ["train", "evaluate", "read_metrics", "load_model", "read_run_config", "lr_at", "resolve_config",
-           "run_dir_for", "config_diff", "RunResult", "NonFiniteLoss", "OutOfMemory", "METRIC_KEYS",
-           "RESUME_FREE_KEYS", "RESUME_KEYS", "CorruptFile"]
+           "run_dir_for", "RunResult", "NonFiniteLoss", "OutOfMemory", "METRIC_KEYS", "CorruptFile"]
 

@@ -1,7 +1,11 @@
 """satconv.distributed: the world torchrun describes, the split of a global batch over ranks, and the
 collectives, run for real on two CPU processes (gloo); data parallelism over those pieces trains the same
 weights as one process at the same global batch."""
+import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from satconv.config import REPO_ROOT
 from satconv.distributed import (SINGLE, DistributedError, World, any_rank, barrier, batch_rows, check_divisible,
                                  gather_objects, start, stop, sum_over_ranks, world_from_env)
 
@@ -77,8 +82,6 @@ def _sgd_steps(model: nn.Module, world: World) -> dict:
 
 
 def _worker(rank: int, port: int, queue) -> None:
-    import os
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     world = world_from_env()
@@ -89,7 +92,8 @@ def _worker(rank: int, port: int, queue) -> None:
         gathered = gather_objects({"rank": rank}, world)
         barrier(world)
         model = DistributedDataParallel(_model())  # averages the ranks' gradients
-        weights = {k.removeprefix("module."): v for k, v in _sgd_steps(model, world).items()}
+        # plain lists: a tensor sent through the queue lives in this process's shared memory, gone when it exits
+        weights = {k.removeprefix("module."): v.tolist() for k, v in _sgd_steps(model, world).items()}
         queue.put((rank, sums, anyone, gathered, weights))
     finally:
         stop()
@@ -114,5 +118,63 @@ def test_two_gloo_processes_train_the_weights_of_one_at_the_same_global_batch():
         assert sums == [3.0, 1.0] and anyone == (True, False)
         assert gathered == [{"rank": 0}, {"rank": 1}]
         for k, v in single.items():
-            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-12)
+            torch.testing.assert_close(torch.tensor(weights[k], dtype=torch.float64), v, rtol=0, atol=1e-12)
     assert not dist.is_initialized()
+
+
+# --- a whole run under torchrun -----------------------------------------------------------------------
+#: the quick profile on 8x8 synthetic images, no dropout (its draws differ between ranks by design), 2 epochs
+#: of 3 steps of 16 images
+RUN = ["--config", str(REPO_ROOT / "configs" / "paper_quadratic.yaml"), "--profile", "quick", "--no-progress",
+       "--device", "cpu"] + [a for kv in ("data.source=synthetic", "data.synthetic_train=64", "data.synthetic_test=32",
+                                          "data.val_size=16", "model.image_size=8", "train.batch_size=16",
+                                          "train.eval_batch_size=8", "train.epochs=2", "train.atlas_images=1",
+                                          "model.dropout=0", "model.attention.dropout=0", "train.test_every=1")
+                             for a in ("--set", kv)]
+
+
+def _train(out, processes: int, *extra, timeout=240):
+    if processes == 1:
+        cmd = [sys.executable, "-m", "satconv", "train", "--out", str(out), *RUN, *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+               str(_free_port()), "-m", "satconv", "train", "--out", str(out), *RUN, *extra]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_is_the_run_of_one(tmp_path):
+    """python -m satconv train under torchrun with 2 CPU processes (gloo) at the same global batch as one process:
+    the same epochs in metrics.jsonl, the numbers equal to 1e-6 (float32 sums in another order), the final weights
+    to 1e-5; rank 0 alone writes the directory, and run.json and metrics.jsonl say how many processes trained."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, n in ((one, 1), (two, 2)):
+        done = _train(out, n)
+        assert done.returncode == 0, done.stdout + done.stderr
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [r["epoch"] for r in rows[0]] == [r["epoch"] for r in rows[1]] == [1, 2]
+    for a, b in zip(*rows):
+        assert b["world_size"] == 2 and "world_size" not in a
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), key
+    wa, wb = (torch.load(d / "last.pt", weights_only=True) for d in (one, two))
+    assert wb["world_size"] == 2 and len(wb["rng_ranks"]) == 2
+    for k, v in wa["model"].items():
+        torch.testing.assert_close(wb["model"][k], v, rtol=1e-5, atol=1e-5)
+    info = json.loads((two / "run.json").read_text())
+    assert info["status"] == "completed" and info["processes"]["world_size"] == 2
+    assert len(info["processes"]["devices"]) == 2 and "processes" not in json.loads((one / "run.json").read_text())
+
+
+@pytest.mark.slow
+def test_torchrun_refuses_what_it_cannot_do(tmp_path):
+    """A global batch that does not split over the processes is refused before anything trains; so is resuming a
+    run with another number of processes."""
+    bad = _train(tmp_path / "odd", 2, "--set", "train.batch_size=15")
+    assert bad.returncode != 0 and "train.batch_size=15 does not split evenly over 2 processes" in bad.stderr
+    assert not (tmp_path / "odd" / "last.pt").exists()
+    done = _train(tmp_path / "run", 1)
+    assert done.returncode == 0, done.stderr
+    again = _train(tmp_path / "run", 2)
+    assert again.returncode != 0 and "resume with the same number" in again.stderr, again.stderr

@@ -18,6 +18,7 @@ from satconv import steps as S
 from satconv import rundir as R
 from satconv import provenance as P
 from satconv import atlas as A
+from satconv.checkpoints import config_diff
 from satconv.config import load, override
 from satconv.rundir import RunLock
 from tests.helpers import TinyNet, tiny_config
@@ -557,10 +558,10 @@ def test_config_diff_counts_keys_an_older_config_lacks_as_their_defaults():
     cfg = tiny_config()
     old = to_dict(cfg)
     del old["train"]["fused_forward"]
-    assert T.config_diff(old, cfg) == []
+    assert config_diff(old, cfg) == []
     del old["train"]["lr"]  # a key whose value differs from the default is still a difference
     cfg_lr = tiny_config("train.lr=0.5")
-    assert T.config_diff(old, cfg_lr) == ["train.lr: 0.1 -> 0.5"]
+    assert config_diff(old, cfg_lr) == ["train.lr: 0.1 -> 0.5"]
 
 
 def test_find_runs_lists_whole_run_directories_of_a_config_best_first(tmp_path):
