@@ -178,3 +178,53 @@ def test_torchrun_refuses_what_it_cannot_do(tmp_path):
     assert done.returncode == 0, done.stderr
     again = _train(tmp_path / "run", 2)
     assert again.returncode != 0 and "resume with the same number" in again.stderr, again.stderr
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun child (of ``parent``) whose environment says RANK=``rank``."""
+    for stat in __import__("pathlib").Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) != parent:
+                continue
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path):
+    """SIGKILL one rank mid-run: torchrun ends the job (non-zero); the same command then resumes from the last
+    checkpoint rank 0 wrote and completes every epoch, with the metrics of an uninterrupted run."""
+    import signal
+    import time
+
+    out, epochs = tmp_path / "run", ["--set", "train.epochs=40", "--set", "data.synthetic_train=32"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "satconv", "train", "--out", str(out), *RUN, *epochs]
+    job = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    victim = _rank_pid(job.pid, 1)
+    assert victim is not None and job.poll() is None, job.stdout.read() if job.poll() is not None else "no rank 1"
+    os.kill(victim, signal.SIGKILL)
+    assert job.wait(timeout=120) != 0
+    before = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert 0 < before < 40
+    again = _train(out, 2, *epochs, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 41))
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    whole = _train(tmp_path / "whole", 2, *epochs, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    reference = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, reference):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["epoch"], key)
