@@ -33,7 +33,8 @@
 # about CIFAR-10. The pages under *GPU results* are this notebook executed on real data.
 #
 # `overrides` takes any dotted config key, space-separated, for example
-# `train.epochs=30 train.precision=bf16 train.compile=true`.
+# `train.epochs=30 train.precision=bf16 train.compile=true`. `processes` trains the same experiment on
+# several processes (one per GPU) through `torchrun`, as the README's *Several GPUs* section describes.
 
 # %% tags=["parameters"]
 config = "configs/paper_quadratic.yaml"  # any file in configs/
@@ -42,6 +43,7 @@ data = "auto"  # "auto": the config's data on a GPU, "synthetic" on a CPU; "": t
 overrides = ""  # space-separated dotted overrides, written as in the example above this cell
 output_dir = ""  # "": runs/<config name> (or train.out_dir); a quick run goes to a fresh _build/train-quick/
 device = ""  # "": CUDA when available, else CPU
+processes = 1  # > 1: train on that many processes through torchrun, one per GPU (satconv.torchrun)
 
 # %%
 import json
@@ -58,6 +60,7 @@ import satconv
 from satconv.config import REPO_ROOT, resolve_path
 from satconv.models import build_model, count_parameters
 from satconv.provenance import device_name, git_commit, source_digest
+from satconv.torchrun import train_processes
 from satconv.train import lr_at, read_metrics, resolve_config, train
 
 on_gpu = torch.cuda.is_available() and device != "cpu"
@@ -100,7 +103,10 @@ print("device", device_name())
 if not output_dir and profile == "quick":  # a smoke run starts from scratch every time
     output_dir = REPO_ROOT / "_build" / "train-quick" / cfg.name
     shutil.rmtree(output_dir, ignore_errors=True)
-result = train(cfg, out_dir=output_dir or None, device=device or None)
+if processes > 1:  # the same experiment on several processes (README, "Several GPUs"); its output streams here
+    result = train_processes(config, sets, profile or None, output_dir or None, processes, device or None)
+else:
+    result = train(cfg, out_dir=output_dir or None, device=device or None)
 run_dir = result.run_dir
 
 # %% [markdown]
@@ -179,9 +185,12 @@ for name, label in (("final", "final"), ("best", "best on validation")):
     if r:
         val = "none (no validation split)" if r["val_acc"] is None else f"{r['val_acc']:.2%}"
         rows.append(f"| {label} | {r['epoch']} | {val} | {r['test_acc']:.2%} |")
+where = run_info["device"]
+if "processes" in run_info:  # a torchrun job: its ranks' devices
+    where = f"{run_info['processes']['world_size']} processes: " + ", ".join(run_info["processes"]["devices"])
 display(Markdown(
     f"**{cfg.name}**, seed {cfg.train.seed}, {len(metrics)} of {cfg.train.epochs} epochs, on "
-    f"{run_info['data']['description']} ({run_info['device']}).\n\n" + "\n".join(rows)))
+    f"{run_info['data']['description']} ({where}).\n\n" + "\n".join(rows)))
 
 # %% [markdown]
 # ## This run's attention

@@ -358,7 +358,8 @@ class _Run:
         ``completed``, ``stopped``, ``interrupted`` or ``failed`` (with the error).
         """
         t = self.cfg.train
-        remove_temp_files(self.dir)
+        if self.world.main:  # only rank 0 writes here: another rank would delete its files half-written
+            remove_temp_files(self.dir)
         previous = self.records.previous_status()  # "died": this process holds the lock, so that attempt was killed
         try:
             resumed = self.resume()

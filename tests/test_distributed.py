@@ -228,3 +228,23 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path):
     for a, b in zip(rows, reference):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["epoch"], key)
+
+
+@pytest.mark.slow
+def test_the_notebook_route_trains_on_two_processes(tmp_path, capsys):
+    """satconv.torchrun.train_processes (chapters/train.py's ``processes`` parameter) runs the torchrun job, relays
+    its output and returns the run as train() would; bad arguments are refused before anything starts."""
+    from satconv.distributed import DistributedError
+    from satconv.torchrun import torchrun_command, train_processes
+
+    sets = [RUN[i + 1] for i, flag in enumerate(RUN) if flag == "--set"]
+    config = str(REPO_ROOT / "configs" / "paper_quadratic.yaml")
+    result = train_processes(config, sets, "quick", tmp_path / "run", processes=2, device="cpu")
+    assert result.completed and result.run_dir == tmp_path / "run" and [m["epoch"] for m in result.metrics] == [1, 2]
+    assert result.results["final"]["test_acc"] is not None and result.config.train.epochs == 2
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["processes"]["world_size"] == 2
+    with pytest.raises(ValueError, match="at least 2"):
+        torchrun_command(config, sets, "quick", tmp_path / "x", processes=1)
+    with pytest.raises(DistributedError, match="does not split evenly over 3 processes"):
+        torchrun_command(config, sets, "quick", tmp_path / "x", processes=3)
+    assert not (tmp_path / "x").exists()
