@@ -7,8 +7,9 @@
 
 A SPEC is ``config:seed:epochs[:key=value,key=value]`` (``configs/<config>.yaml``), the run
 ``<config>_e<epochs>_s<seed>``, with the spec's own overrides appended (:func:`override_slug`): papermill
-executes ``chapters/train.ipynb`` into ``<out>/<name>.ipynb``, the run directory ``<out>/<name>/``, logging to ``<out>/<name>.log``.  Every spec (config, seed, epochs,
-overrides) and ``--data`` is checked before anything starts; one run at a time, one runner per ``--out``.
+executes ``chapters/train.ipynb`` into ``<out>/<name>.ipynb``, the run directory ``<out>/<name>/``, logging to
+``<out>/<name>.log``.  Every spec (config, seed, epochs, overrides) and ``--data`` is checked before anything
+starts; one run at a time, one runner per ``--out``; ``--processes N`` trains each run on N GPUs (torchrun).
 A completed run is skipped; a directory holding a checkpoint resumes.  A finished run loses its
 checkpoints (``atlas.pt`` and ``snapshots/`` stay) and its notebook's jupytext metadata, and its page
 gets the run's title.  SIGINT/SIGTERM go to the training kernel first (it checkpoints at its next step),
@@ -109,10 +110,12 @@ def parse_spec(text: str) -> Spec:
     return Spec(config, int(seed), int(epochs), extra)
 
 
-def validate(texts: list[str], data: str, common: str = "", profile: str = "") -> list[Spec]:
-    """Parse the specs and load each config with all its overrides and ``data`` as the notebook will;
-    raises :class:`CampaignError` at the first problem, so that nothing starts unless everything can."""
+def validate(texts: list[str], data: str, common: str = "", profile: str = "", processes: int = 1) -> list[Spec]:
+    """Parse the specs and load each config with all its overrides and ``data`` as the notebook will (its batch
+    split over ``processes``); raises :class:`CampaignError` at the first problem, so that nothing starts unless
+    everything can."""
     from .config import ConfigError, load
+    from .distributed import World, check_divisible
 
     import importlib.util
 
@@ -127,18 +130,24 @@ def validate(texts: list[str], data: str, common: str = "", profile: str = "") -
         if spec.name in seen:
             raise CampaignError(f"the specs {seen[spec.name]!r} and {text!r} are both the run {spec.name}")
         seen[spec.name] = text
+        if processes < 1:
+            raise CampaignError(f"--processes {processes}: need at least 1")
         try:
-            load(REPO_ROOT / "configs" / f"{spec.config}.yaml", spec.overrides(common) + sets, profile or None)
+            cfg = load(REPO_ROOT / "configs" / f"{spec.config}.yaml", spec.overrides(common) + sets, profile or None)
+            check_divisible(cfg.train.batch_size, World(0, processes))
         except (ConfigError, ValueError) as exc:
             raise CampaignError(f"spec {text!r}: {exc}") from None
     return specs
 
 
-def papermill_command(spec: Spec, out: Path, data: str, common: str = "", profile: str = "") -> list[str]:
-    """The papermill command of one run (to run in the repository root)."""
+def papermill_command(spec: Spec, out: Path, data: str, common: str = "", profile: str = "",
+                      processes: int = 1) -> list[str]:
+    """The papermill command of one run (to run in the repository root); ``processes`` > 1: the notebook trains
+    through torchrun on that many processes (one per GPU)."""
     return [sys.executable, "-m", "papermill", "--log-output", "chapters/train.ipynb", str(out / f"{spec.name}.ipynb"),
             "-k", "python3", "-p", "config", f"configs/{spec.config}.yaml", "-r", "profile", profile, "-r", "data",
-            data, "-r", "output_dir", str(out / spec.name), "-r", "overrides", " ".join(spec.overrides(common))]
+            data, "-r", "output_dir", str(out / spec.name), "-r", "overrides", " ".join(spec.overrides(common))] + (
+        ["-p", "processes", str(processes)] if processes > 1 else [])
 
 
 def run_state(out: Path, spec: Spec) -> str:
@@ -238,7 +247,7 @@ def _say(text: str) -> None:
 
 
 def run_campaign(specs: list[Spec], out: Path, data: str, common: str = "", profile: str = "",
-                 grace: float = 60.0, dry_run: bool = False, keep_checkpoints: bool = False) -> int:
+                 grace: float = 60.0, dry_run: bool = False, keep_checkpoints: bool = False, processes: int = 1) -> int:
     """Run the specs in order (module docstring); returns the exit code.  A SIGINT or SIGTERM raised as
     :class:`~satconv.rundir.Interrupted` (:func:`main`'s handlers) stops the current run and returns 128+signum."""
     from .rundir import CorruptFile, Interrupted, RunDirBusy, RunLock, run_status
@@ -264,10 +273,10 @@ def run_campaign(specs: list[Spec], out: Path, data: str, common: str = "", prof
                 continue
             if dry_run:
                 _say(f"{tag}: {'completed, would skip' if state == 'done' else state}: "
-                     f"{shlex.join(papermill_command(spec, out, data, common, profile))}")
+                     f"{shlex.join(papermill_command(spec, out, data, common, profile, processes))}")
                 continue
             if state != "done":
-                cmd = papermill_command(spec, out, data, common, profile)
+                cmd = papermill_command(spec, out, data, common, profile, processes)
                 _say(f"{tag}: {'resuming' if state == 'resume' else 'starting'}, log {log}")
                 start = time.monotonic()
                 with open(log, "ab") as fh:
@@ -420,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--overrides", default=DEFAULT_OVERRIDES, help=f"for every run (default: {DEFAULT_OVERRIDES})")
     r.add_argument("--profile", default="", help="'quick': CPU smoke runs only (default: as configured)")
     r.add_argument("--grace", type=float, default=60.0, help="seconds a stopped run gets to checkpoint")
+    r.add_argument("--processes", type=int, default=1,
+                   help="train each run on this many processes (GPUs) through torchrun (default: 1)")
     r.add_argument("--dry-run", action="store_true", help="check the specs and print the commands")
     r.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's last.pt (for a later spec's train.init_from=<out>/<name>)")
@@ -442,11 +453,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
 
             data = str(Path(a.data).resolve()) if a.data not in ("", "synthetic") else a.data
-            specs = validate(a.specs, data, a.overrides, a.profile)
+            specs = validate(a.specs, data, a.overrides, a.profile, a.processes)
             old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 return run_campaign(specs, a.out.resolve(), data, a.overrides, a.profile, a.grace, a.dry_run,
-                                    a.keep_checkpoints)
+                                    a.keep_checkpoints, a.processes)
             finally:
                 for sig, handler in old.items():
                     signal.signal(sig, handler)

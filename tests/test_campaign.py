@@ -92,6 +92,12 @@ def test_dry_run_prints_the_papermill_commands(tmp_path, capsys):
     assert lines[1].endswith("'train.precision=bf16 train.compile=true train.eval_batch_size=100 train.seed=1 "
                              "train.epochs=30 train.compile_mode=reduce-overhead'")
     assert not out.exists()
+    assert main(["run", "--data", str(images), "--out", str(out), "--dry-run", "--processes", "4",
+                 "paper_resnet18:42:300"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("train.seed=42 train.epochs=300' -p processes 4")
+    assert main(["run", "--data", str(images), "--out", str(out), "--dry-run", "--processes", "3",
+                 "paper_resnet18:42:300"]) == 2  # batch 100 does not split over 3 GPUs
+    assert "train.batch_size=100 does not split evenly over 3 processes" in capsys.readouterr().err
 
 
 def test_second_runner_on_the_same_folder_is_refused(tmp_path, capsys):
