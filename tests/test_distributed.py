@@ -248,3 +248,25 @@ def test_the_notebook_route_trains_on_two_processes(tmp_path, capsys):
     with pytest.raises(DistributedError, match="does not split evenly over 3 processes"):
         torchrun_command(config, sets, "quick", tmp_path / "x", processes=3)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_bench_ddp_times_the_step_on_each_number_of_processes(tmp_path):
+    """python -m satconv bench --ddp 1 2 on the CPU: one row per N with the global batch split over the ranks,
+    images/s from the slowest rank's median step, the efficiency against N = 1; a batch that does not split is
+    refused before any job starts.  (CPU ranks share two cores: the mechanics, not the speed.)"""
+    from satconv.bench.cli import bench_main
+
+    out = tmp_path / "ddp.jsonl"
+    args = ["--config", str(REPO_ROOT / "configs" / "paper_quadratic.yaml"), "--profile", "quick", "--device", "cpu",
+            "--set", "model.image_size=8", "--warmup", "1", "--repeats", "3", "--out", str(out)]
+    assert bench_main(["--ddp", "1", "2", "--batch", "16", *args]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["processes"], r["per_rank_batch"], len(r["devices"])) for r in rows] == [(1, 16, 1), (2, 8, 2)]
+    for r in rows:
+        assert r["img_s"] == pytest.approx(16 / r["step_s"]) and r["step_s"] > 0
+    assert rows[0]["efficiency"] == 1.0
+    assert rows[1]["efficiency"] == pytest.approx(rows[1]["img_s"] / (2 * rows[0]["img_s"]))
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["--ddp", "1", "3", "--batch", "16", *args])
+    assert exit_.value.code == 2 and len(out.read_text().splitlines()) == 2

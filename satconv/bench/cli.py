@@ -4,8 +4,8 @@
 side]) on stdout, also appended to ``--out`` (:func:`append_jsonl`).  Every argument is checked before
 anything is benchmarked (bad ones exit 2 with the usage).  Modes: plain rows
 (:func:`satconv.bench.throughput.bench_batch`), ``--sides`` (:func:`satconv.bench.throughput.scaling`),
-``--epoch`` (:func:`satconv.bench.throughput.epoch_timing`), ``--kernels``
-(:func:`satconv.bench.kernels.kernel_breakdown`) and ``--fused-launch``
+``--epoch`` (:func:`satconv.bench.throughput.epoch_timing`), ``--ddp`` (:func:`satconv.bench.ddp.ddp_scaling`),
+``--kernels`` (:func:`satconv.bench.kernels.kernel_breakdown`) and ``--fused-launch``
 (:func:`satconv.bench.fused_launch.fused_launch_sweep`).
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 from .. import config as cfgmod
 from ..config import ExperimentConfig
 from ..provenance import resolve_device
+from ..distributed import DistributedError
+from .ddp import ddp_scaling
 from .fused_launch import fused_launch_sweep
 from .harness import first_line, is_oom, step_graph_conflict
 from .kernels import kernel_breakdown
@@ -169,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-launch", action="store_true",
                    help="instead of timing models: time the fused softmax-dropout kernels at every launch shape "
                         "(rows per program x warps) on the configs' attention sizes (CUDA; --batch takes sizes)")
+    p.add_argument("--ddp", nargs="+", type=_positive_int, default=None, metavar="N",
+                   help="instead of the usual rows: the training step on N processes through torchrun (DDP), "
+                        "the global --batch split over them, for each N; images/s and the efficiency against N=1 "
+                        "(satconv.bench.ddp; one config, one batch size)")
     p.add_argument("--kernels", action="store_true",
                    help="instead of timing: profile 3 training steps and split their kernel time by category "
                         "(satconv.bench.kernels; --batch takes sizes, not 'max')")
@@ -233,6 +239,21 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
               repeats=args.repeats, channels_last=args.channels_last, measure_peak=not args.no_gemm_peak,
               train_only=args.train_only)
     status = 0
+    if args.ddp:
+        if len(args.config) != 1 or len(args.batch) != 1 or "max" in args.batch or args.sides or args.epoch \
+                or args.kernels or args.fused_launch or args.compile:
+            parser.error("--ddp takes one config, one batch size, and no --sides, --epoch, --kernels, "
+                         "--fused-launch or --compile")
+        try:
+            rows = ddp_scaling(args.config[0], args.ddp, args.batch[0], args.warmup, args.repeats, args.precision,
+                               device.type, args.set, args.profile)
+        except DistributedError as exc:
+            parser.error(str(exc))
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        if args.out is not None:
+            append_jsonl(args.out, rows)
+        return 0
     if args.fused_launch:
         if "max" in args.batch or args.sides or args.epoch or args.kernels:
             parser.error("--fused-launch takes fixed batch sizes and no --sides, --epoch or --kernels")
