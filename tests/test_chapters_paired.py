@@ -49,4 +49,4 @@ def test_papermill_sees_every_training_parameter():
     from papermill.inspection import inspect_notebook
 
     params = inspect_notebook(str(CHAPTERS / "train.ipynb"))
-    assert set(params) == {"config", "profile", "data", "overrides", "output_dir", "device"}
+    assert set(params) == {"config", "profile", "data", "overrides", "output_dir", "device", "processes"}
