@@ -128,6 +128,20 @@ def check_divisible(batch_size: int, world: World, key: str = "train.batch_size"
     return batch_size // world.size
 
 
+def check_last_batch(images: int, batch_size: int, world: World) -> None:
+    """Refuse an epoch of ``images`` whose shorter last batch (``images % batch_size``) does not split evenly over
+    the ranks (each rank's loss is the mean over an equal share: that is what makes DDP's average right).
+
+    Raises:
+        DistributedError: saying how many images the last batch holds.
+    """
+    last = images % batch_size
+    if world.parallel and last % world.size:
+        raise DistributedError(f"the epoch's last batch holds {last} images ({images} training images, "
+                               f"train.batch_size={batch_size}), which do not split evenly over {world.size} "
+                               f"processes; change data.val_size or train.batch_size so that they do")
+
+
 def batch_rows(rows: int, world: World) -> slice:
     """This rank's contiguous rows of a global batch of ``rows`` (``rows`` divisible by ``world.size``): rank
     ``r`` of ``N`` takes ``[r * rows / N, (r + 1) * rows / N)``, so that the ranks together hold every row once,
@@ -237,4 +251,5 @@ def barrier(world: World) -> None:
 
 
 __all__ = ["World", "SINGLE", "DistributedError", "world_from_env", "start", "stop", "check_divisible",
-           "batch_rows", "sum_over_ranks", "any_rank", "gather_objects", "wrap_model", "main_rank_opens", "barrier"]
+           "check_last_batch", "batch_rows", "sum_over_ranks", "any_rank", "gather_objects", "wrap_model",
+           "main_rank_opens", "barrier"]

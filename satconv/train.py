@@ -46,8 +46,8 @@ from .augmentation import DeviceLoader
 from .checkpoints import RESUME_KEYS, Checkpoints, config_diff
 from .data import load_data
 from . import distributed
-from .distributed import (SINGLE, World, any_rank, barrier, batch_rows, check_divisible, gather_objects,
-                          sum_over_ranks, wrap_model)
+from .distributed import (SINGLE, World, any_rank, barrier, batch_rows, check_divisible, check_last_batch,
+                          gather_objects, sum_over_ranks, wrap_model)
 from .records import MutedRecords, RunRecords, RunResult
 from .rundir import (CorruptFile, DiskFull, Interrupted, RunLock, StopSignals, prepare_run_dir, remove_temp_files,
                      signal_name)  # CorruptFile: re-exported (train() raises it; tests catch it here)
@@ -110,6 +110,7 @@ class _Run:
             raise ValueError(f"model.image_size={cfg.model.image_size} but the data's images are "
                              f"{data.image_size[0]}x{data.image_size[1]}")
         self.data = data.to(device if cfg.data.device_resident else "cpu")
+        check_last_batch(len(data.train), t.batch_size, world)
         if model_factory is None:
             from .models import build_model as model_factory
         self.model_factory = model_factory

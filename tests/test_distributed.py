@@ -169,11 +169,13 @@ def test_torchrun_with_two_processes_is_the_run_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_refuses_what_it_cannot_do(tmp_path):
-    """A global batch that does not split over the processes is refused before anything trains; so is resuming a
-    run with another number of processes."""
+    """A global batch that does not split over the processes is refused before anything trains, and so is an epoch
+    whose shorter last batch does not; so is resuming a run with another number of processes."""
     bad = _train(tmp_path / "odd", 2, "--set", "train.batch_size=15")
     assert bad.returncode != 0 and "train.batch_size=15 does not split evenly over 2 processes" in bad.stderr
     assert not (tmp_path / "odd" / "last.pt").exists()
+    short = _train(tmp_path / "short", 2, "--set", "data.synthetic_train=57")  # 41 images: a last batch of 9
+    assert short.returncode != 0 and "the epoch's last batch holds 9 images (41 training images" in short.stderr
     done = _train(tmp_path / "run", 1)
     assert done.returncode == 0, done.stderr
     again = _train(tmp_path / "run", 2)
@@ -270,3 +272,14 @@ def test_bench_ddp_times_the_step_on_each_number_of_processes(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         bench_main(["--ddp", "1", "3", "--batch", "16", *args])
     assert exit_.value.code == 2 and len(out.read_text().splitlines()) == 2
+
+
+def test_a_short_last_batch_must_split_too():
+    from satconv.distributed import check_last_batch
+
+    check_last_batch(45000, 100, World(0, 4))  # no short batch
+    check_last_batch(41, 16, World(0, 3))  # a last batch of 9
+    check_last_batch(41, 16, SINGLE)
+    with pytest.raises(DistributedError, match=r"last batch holds 9 images \(41 training images, "
+                                               r"train.batch_size=16\), which do not split evenly over 2"):
+        check_last_batch(41, 16, World(1, 2))
