@@ -274,21 +274,23 @@ if final_scores:
            xticklabels=[str(k + 1) for k in range(max(len(s) for s in final_scores.values()))])
     ax.legend(fontsize=7)
     plt.show()
-    lines = []
-    for label, scores in final_scores.items():
-        values = [s["score"] for s in scores]
-        top = int(np.argmax(values))
-        queries = scores[0]["queries"]
-        lines.append(f"- **{label}**: per layer {', '.join(figure(label, v) for v in values)}; highest in layer "
-                     f"{top + 1}; {sum(v > 1 / 9 for v in values)} of {len(values)} layers above the one-shared-shift "
-                     f"level 1/9" + ("" if queries == "all" else f" (estimated from {queries} interior query pixels)"))
-    if "quadratic" in final_scores:
-        gap = np.abs(np.array([s["score"] for s in final_scores["quadratic"]]) - conv_scores[-1]).max()
-        lines.append(f"- quadratic: the atlas's score and the exact score of the last snapshot differ by "
-                     f"{below(gap, 0.01)} in every layer")
-    display(Markdown("\n".join(lines)))
 else:
     print("no GPU run with attention is committed yet")
+
+# %%
+lines = []  # the bars, read (a cell of its own: the figure's cell holds the figure alone)
+for label, scores in final_scores.items():
+    values = [s["score"] for s in scores]
+    top = int(np.argmax(values))
+    queries = scores[0]["queries"]
+    lines.append(f"- **{label}**: per layer {', '.join(figure(label, v) for v in values)}; highest in layer "
+                 f"{top + 1}; {sum(v > 1 / 9 for v in values)} of {len(values)} layers above the one-shared-shift "
+                 f"level 1/9" + ("" if queries == "all" else f" (estimated from {queries} interior query pixels)"))
+if "quadratic" in final_scores:
+    gap = np.abs(np.array([s["score"] for s in final_scores["quadratic"]]) - conv_scores[-1]).max()
+    lines.append(f"- quadratic: the atlas's score and the exact score of the last snapshot differ by "
+                 f"{below(gap, 0.01)} in every layer")
+display(Markdown("\n".join(lines) or "no GPU run with attention is committed yet"))
 
 # %% [markdown]
 # The list under the figure reads the bars: per model, its scores, the layer where it is most
