@@ -30,7 +30,8 @@ import itertools
 import numpy as np
 import torch
 
-__all__ = ["shift_profile", "score_profile", "conv_likeness", "conv_likeness_per_image", "atlas_conv_likeness",
+__all__ = ["fitting_radius", "shift_profile", "score_profile", "conv_likeness", "conv_likeness_per_image",
+           "atlas_conv_likeness",
            "snapshot_conv_likeness", "max_assignment", "quadratic_snapshot_scores"]
 
 
@@ -86,6 +87,12 @@ def max_assignment(mass: np.ndarray) -> np.ndarray:
     if transposed:
         pairs = pairs[:, ::-1]
     return pairs[np.argsort(pairs[:, 0])]
+
+
+def fitting_radius(height: int, width: int, radius: int) -> int:
+    """``radius``, or less on a grid too small for it: the largest with an interior query, ``(min(h, w) - 1) // 2``
+    (the radius the atlases and snapshots store their profiles at, and the estimates from older ones use)."""
+    return min(radius, (min(height, width) - 1) // 2)
 
 
 def shift_profile(probs, height: int, width: int, radius: int, queries=None) -> tuple[np.ndarray, int]:
@@ -243,7 +250,7 @@ def atlas_conv_likeness(atlas: dict, kernel_size: int = 3) -> list[dict]:
             profiles, queries = atlas["shift_profile"][layer].double().numpy(), "all"
         else:
             (h, w), probs = atlas["grid"][layer], atlas["probs"][layer]
-            radius = min(kernel_size - 1, (min(h, w) - 1) // 2)
+            radius = fitting_radius(h, w, kernel_size - 1)
             rows = probs[:1] if independent else probs  # (A, heads, Q, N)
             found = [shift_profile(p, h, w, radius, atlas["query_index"][layer]) for p in rows]
             profiles, queries = np.stack([f[0] for f in found]), found[0][1]
@@ -276,7 +283,7 @@ def snapshot_conv_likeness(snapshots, height: int, width: int, kernel_size: int 
     """
     rows, queries = [], "all"
     centre = (height // 2) * width + width // 2
-    radius = min(kernel_size - 1, (min(height, width) - 1) // 2)
+    radius = fitting_radius(height, width, kernel_size - 1)
     for snap in snapshots:
         if snap.get("shift_profile") is not None:
             rows.append([score_profile(p, kernel_size)["score"] for p in snap["shift_profile"]])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .analysis import shift_profile
+from .analysis import fitting_radius, shift_profile
 from .augmentation import normalize
 from .data import DataBundle
 
@@ -24,6 +24,8 @@ from .data import DataBundle
 SNAPSHOT_NAMES = ("attention_centers", "attention_spreads", "embedding")
 #: largest atlas file the training loop writes without a warning
 ATLAS_MAX_BYTES = 5 * 2 ** 20
+#: the radius of the shift profiles atlases and snapshots store (that of conv_likeness for K = 3)
+PROFILE_RADIUS = 2
 
 
 def attention_snapshot(model: nn.Module, image: torch.Tensor | None = None) -> dict:
@@ -31,8 +33,8 @@ def attention_snapshot(model: nn.Module, image: torch.Tensor | None = None) -> d
     ``*attention_spreads*`` or ``*embedding*`` (float32; float16 above 4096 elements) and, given a
     normalised ``image: (1, 3, H, W)``, each layer's attention of the centre query ``(heads, N)`` float16
     (``centre_probs``) and its :func:`satconv.analysis.shift_profile` over all interior queries
-    ``(heads, 2R+1, 2R+1)`` float32 (``shift_profile``, ``R`` as in :func:`build_atlas`): the layer's
-    convolution-likeness at that epoch."""
+    ``(heads, 2R+1, 2R+1)`` float32 (``shift_profile``, ``R``: :data:`PROFILE_RADIUS`, less on a small grid): the
+    layer's convolution-likeness at that epoch."""
     params = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if any(k in n for k in SNAPSHOT_NAMES)}
     params = {n: (p.half() if p.numel() > 4096 else p.float()) for n, p in params.items()}
     out = {"params": params, "centre_probs": [], "shift_profile": []}
@@ -45,16 +47,9 @@ def attention_snapshot(model: nn.Module, image: torch.Tensor | None = None) -> d
         for p in probs:
             side = _grid(p.shape[-1])
             out["centre_probs"].append(p[0, :, _query_pixels(*side, 1)[0]].half().cpu())  # (heads, N)
-            profile, _ = shift_profile(p[0], *side, profile_radius(side))
+            profile, _ = shift_profile(p[0], *side, fitting_radius(*side, PROFILE_RADIUS))
             out["shift_profile"].append(torch.from_numpy(profile).float())  # (heads, 2R+1, 2R+1)
     return out
-
-
-def profile_radius(grid: tuple[int, int], radius: int = 2) -> int:
-    """The radius of the shift profiles an atlas or snapshot stores for a layer's ``(h, w)`` grid: ``radius``
-    (2: :func:`satconv.analysis.conv_likeness`'s for ``K = 3``), less on a grid too small for it (the largest
-    with an interior query)."""
-    return min(radius, (min(grid) - 1) // 2)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -88,7 +83,7 @@ def _atlas_images(labels: torch.Tensor, count: int) -> list[int]:
 
 @torch.no_grad()
 def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, queries: int, device,
-                average_over: int = 100, chunk: int = 10, profile_radius_max: int = 2) -> dict | None:
+                average_over: int = 100, chunk: int = 10, profile_radius_max: int = PROFILE_RADIUS) -> dict | None:
     """Attention probabilities of every layer and head for fixed test images and query pixels.
 
     Returns ``None`` for networks without attention, else a dict of:
@@ -99,8 +94,8 @@ def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, quer
         ``average_over`` test images (the paper's Fig. 6 protocol);
         ``query_mean``: per layer ``(I, heads, N)`` float16, the map averaged over all queries ([Re] ``viz``);
         ``input_independent``: per layer bool;
-        ``shift_profile``: per layer ``(A, heads, 2R+1, 2R+1)`` float32 (``R``: :func:`profile_radius` of
-        ``profile_radius_max``), :func:`satconv.analysis.shift_profile`
+        ``shift_profile``: per layer ``(A, heads, 2R+1, 2R+1)`` float32 (``R``:
+        :func:`satconv.analysis.fitting_radius` of ``profile_radius_max``), :func:`satconv.analysis.shift_profile`
         over *all* interior queries of each of the first ``average_over`` test images (``A`` of them; 1 for an
         input-independent layer): the convolution-likeness of every head, per image and, averaged, of the
         Fig. 6 protocol (the profile is linear in the probabilities).
@@ -137,7 +132,7 @@ def build_atlas(model: nn.Module, data: DataBundle, mean, std, images: int, quer
         for layer, p in enumerate(probs):
             if not (atlas["input_independent"][layer] and profiles[layer]):  # an input-independent layer once
                 grid = _grid(p.shape[-1])
-                radius = profile_radius(grid, profile_radius_max)
+                radius = fitting_radius(*grid, profile_radius_max)
                 profiles[layer] += [torch.from_numpy(shift_profile(one, *grid, radius)[0]) for one in p]
     atlas["centre_mean"] = [(s / n_avg).half().cpu() for s in sums]
     atlas["shift_profile"] = [torch.stack(layer).float() for layer in profiles]
@@ -152,5 +147,5 @@ def load_atlas(run_dir: str | Path) -> dict:
     return atlas
 
 
-__all__ = ["SNAPSHOT_NAMES", "ATLAS_MAX_BYTES", "attention_snapshot", "build_atlas", "load_atlas",
-           "profile_radius"]
+__all__ = ["SNAPSHOT_NAMES", "ATLAS_MAX_BYTES", "PROFILE_RADIUS", "attention_snapshot", "build_atlas",
+           "load_atlas"]

@@ -217,8 +217,13 @@ class DeviceLoader:
 
     def __iter__(self):
         """Sequential, unaugmented batches (evaluation)."""
+        return self.batches()
+
+    def batches(self, first: int = 0, every: int = 1):
+        """The sequential, unaugmented batches ``first, first + every, ...`` (one rank's share of an evaluation
+        split over ``every`` processes); the others are never gathered."""
         n = len(self.split)
-        for start in range(0, n, self.batch_size):
+        for start in range(first * self.batch_size, n, every * self.batch_size):
             yield self.batch(torch.arange(start, min(start + self.batch_size, n), device=self.split.images.device))
 
 

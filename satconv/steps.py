@@ -190,9 +190,7 @@ def evaluate_model(model: nn.Module, loader: DeviceLoader, bf16: bool = False,
     correct = torch.zeros((), dtype=torch.int64, device=device)
     # no autograd graph: without this the running sums would keep every batch's graph alive (B5)
     with torch.inference_mode():
-        for i, (x, y) in enumerate(loader):
-            if i % world.size != world.rank:
-                continue
+        for x, y in loader.batches(world.rank, world.size):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
