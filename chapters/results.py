@@ -50,7 +50,7 @@ from myst_nb import glue
 from satconv.config import REPO_ROOT, from_dict, load, to_dict
 from satconv.models import build_model, count_parameters
 from satconv.report import html_table
-from satconv.evaluation import find_runs, read_metrics
+from satconv.evaluation import find_runs, read_metrics, training_set_note
 from satconv.viz.runs import QUICK_OVERRIDES
 from satconv.train import train
 
@@ -202,14 +202,14 @@ def summarise(run_dir: Path) -> dict:
         best = max((m for m in metrics if m.get("val_acc") is not None), key=lambda m: m["val_acc"])
     data = info.get("data") or {}
     sizes = data.get("sizes", {})
-    # a run without a validation split (data.val_size=0, the paper's protocol) is its own data set here:
-    # grouped, and compared with ResNet18, only with runs trained on the same images
-    whole = f", all {sizes['train']:,} training images" if sizes.get("val") == 0 and "train" in sizes else ""
     devices = [info.get("device", "unknown")] + [r["device"] for r in info.get("resumes", [])]
     return {"dir": run_dir, "name": name, "raw": raw, "info": info, "metrics": metrics,
             # what the run recorded (a pruned run has fewer heads than its config builds), else counted here
             "params": info.get("parameters") or count_params(raw, str(run_dir / "config.yaml")),
-            "data": data.get("description", raw["data"]["source"]) + whole, "jpeg": bool(data.get("is_jpeg_copy")),
+            # a run without a validation split (data.val_size=0, the paper's protocol) is its own data set
+            # here: grouped, and compared with ResNet18, only with runs trained on the same images
+            "data": data.get("description", raw["data"]["source"]) + training_set_note(sizes),
+            "jpeg": bool(data.get("is_jpeg_copy")),
             "sizes": sizes, "synthetic": raw["data"]["source"] == "synthetic",
             "shrunk": full is not None and full["model"] != raw["model"],
             "epochs_run": metrics[-1]["epoch"] if metrics else 0, "epochs_planned": t["epochs"],

@@ -45,6 +45,13 @@ def read_run_info(run_dir: str | Path) -> dict:
     return read_json(Path(run_dir) / "run.json") or {}
 
 
+def training_set_note(sizes: dict) -> str:
+    """What a run's title and data set add for a run without a validation split (``data.val_size=0``, the
+    paper's protocol): ``", all 50,000 training images"`` from ``run.json``'s ``data.sizes``
+    (``{"train": 50000, "val": 0, "test": 10000}``); ``""`` for a run with one, or with no sizes recorded."""
+    return f", all {sizes['train']:,} training images" if sizes.get("val") == 0 and "train" in sizes else ""
+
+
 def find_runs(root: str | Path, name: str | None = None) -> list[Path]:
     """The run directories directly under ``root`` (folders holding :data:`RUN_FILES`), of config ``name``
     when given (its ``config.yaml`` says ``name: <name>``, whatever the folder is called).

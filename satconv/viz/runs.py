@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ..config import REPO_ROOT, from_dict, load, override
-from ..evaluation import find_runs, read_metrics, read_run_info
+from ..evaluation import find_runs, read_metrics, read_run_info, training_set_note
 from .common import to_numpy
 
 
@@ -143,9 +143,7 @@ def run_title(run_dir) -> str:
     """The title of a run's page: ``"paper_quadratic, seed 42, 30 epochs (config: 300)"``, read by :func:`run_info`;
     a run without a validation split adds ``", all 50,000 training images"``."""
     info = run_info(run_dir, "gpu")
-    sizes = info["sizes"]
-    whole = f", all {sizes['train']:,} training images" if sizes.get("val") == 0 and "train" in sizes else ""
-    return f"{info['name']}, seed {info['seed']}, {_epochs_text(info)}{whole}"
+    return f"{info['name']}, seed {info['seed']}, {_epochs_text(info)}{training_set_note(info['sizes'])}"
 
 
 def retitle_run_page(notebook, run_dir) -> str:
