@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,12 +185,12 @@ def test_torchrun_refuses_what_it_cannot_do(tmp_path):
 
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the torchrun child (of ``parent``) whose environment says RANK=``rank``."""
-    for stat in __import__("pathlib").Path("/proc").glob("[0-9]*/stat"):
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        if _parent_of(stat) != parent:
+            continue
         try:
-            if int(stat.read_text().rpartition(")")[2].split()[1]) != parent:
-                continue
             env = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
         if f"RANK={rank}".encode() in env:
             return int(stat.parent.name)
@@ -283,3 +284,61 @@ def test_a_short_last_batch_must_split_too():
     with pytest.raises(DistributedError, match=r"last batch holds 9 images \(41 training images, "
                                                r"train.batch_size=16\), which do not split evenly over 2"):
         check_last_batch(41, 16, World(1, 2))
+
+
+#: a Python process that trains through satconv.torchrun.train_processes and exits 128 + signum when stopped
+_NOTEBOOK_ROUTE = """
+import sys
+from satconv.rundir import Interrupted
+from satconv.torchrun import train_processes
+try:
+    result = train_processes(sys.argv[1], sys.argv[3:], "quick", sys.argv[2], processes=2, device="cpu")
+except Interrupted as exc:
+    print(f"INTERRUPTED {exc.signum}: {exc}", flush=True)
+    sys.exit(128 + exc.signum)
+print(f"COMPLETED {result.completed} {len(result.metrics)}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_notebook_route_reaches_every_rank_and_the_same_call_resumes(tmp_path):
+    """SIGTERM to the process running train_processes (papermill's kernel, a batch scheduler's job) is passed on to
+    the torchrun job: the ranks checkpoint mid-run and stop, the caller gets Interrupted (exit 143 here), no rank is
+    left running, and the same call resumes from the checkpoint and completes every epoch once."""
+    import signal
+    import time
+
+    sets = [RUN[i + 1] for i, flag in enumerate(RUN) if flag == "--set"] + ["train.epochs=40",
+                                                                             "data.synthetic_train=32"]
+    out, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    cmd = [sys.executable, "-c", _NOTEBOOK_ROUTE, str(REPO_ROOT / "configs" / "paper_quadratic.yaml"), str(out), *sets]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    job = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    torchrun = next((int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                     if _parent_of(p) == job.pid), None)
+    ranks = [_rank_pid(torchrun, r) for r in (0, 1)] if torchrun else []
+    assert job.poll() is None and len(ranks) == 2 and None not in ranks, job.stdout.read() if job.poll() else ranks
+    job.send_signal(signal.SIGTERM)
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode == 143, output
+    assert f"INTERRUPTED {int(signal.SIGTERM)}: the torchrun job was stopped" in output
+    for pid in ranks:  # every rank has ended (a zombie reaped by torchrun or gone)
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    stopped = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert 0 < stopped < 40 and json.loads((out / "run.json").read_text())["status"] != "completed"
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "COMPLETED True 40" in again.stdout, again.stdout + again.stderr
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
+
+
+def _parent_of(stat: Path) -> int | None:
+    """The parent pid in a ``/proc/<pid>/stat`` file, ``None`` when it is gone or unreadable."""
+    try:
+        return int(stat.read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
