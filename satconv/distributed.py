@@ -161,11 +161,17 @@ def sum_over_ranks(values: Sequence[float], world: World, device: torch.device |
 
 def any_rank(flag: bool, world: World, device: torch.device | str = "cpu") -> bool:
     """Whether ``flag`` is true on any rank (an all-reduce of one number); ``flag`` itself in one process."""
+    return any_ranks([flag], world, device)[0]
+
+
+def any_ranks(flags: Sequence[bool], world: World, device: torch.device | str = "cpu") -> list[bool]:
+    """For each of ``flags``, whether it is true on any rank, in one all-reduce of ``len(flags)`` numbers (every
+    rank passes as many, in the same order); the flags themselves in one process."""
     if not world.parallel:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def gather_objects(obj, world: World) -> list:
@@ -251,5 +257,5 @@ def barrier(world: World) -> None:
 
 
 __all__ = ["World", "SINGLE", "DistributedError", "world_from_env", "start", "stop", "check_divisible",
-           "check_last_batch", "batch_rows", "sum_over_ranks", "any_rank", "gather_objects", "wrap_model",
+           "check_last_batch", "batch_rows", "sum_over_ranks", "any_rank", "any_ranks", "gather_objects", "wrap_model",
            "main_rank_opens", "barrier"]

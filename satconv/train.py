@@ -46,7 +46,7 @@ from .augmentation import DeviceLoader
 from .checkpoints import RESUME_KEYS, Checkpoints, config_diff
 from .data import load_data
 from . import distributed
-from .distributed import (SINGLE, World, any_rank, barrier, batch_rows, check_divisible, check_last_batch,
+from .distributed import (SINGLE, World, any_rank, any_ranks, barrier, batch_rows, check_divisible, check_last_batch,
                           gather_objects, sum_over_ranks, wrap_model)
 from .records import MutedRecords, RunRecords, RunResult
 from .rundir import (CorruptFile, DiskFull, Interrupted, RunLock, StopSignals, prepare_run_dir, remove_temp_files,
@@ -244,8 +244,8 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         return self._step_body(x, y)
 
-    def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
-        if bool(bad):
+    def _check_finite(self, bad: bool, epoch: int) -> None:
+        if bad:
             advice = ("a lower train.lr, a longer warm-up (train.warmup_ratio) or train.precision=fp32" if self.bf16
                       else "a lower train.lr or a longer warm-up (train.warmup_ratio)")
             raise NonFiniteLoss(f"the training loss became NaN or Inf in epoch {epoch + 1} (by step {self.step}, "
@@ -288,8 +288,10 @@ class _Run:
             stop = stop_after_steps is not None and self.step == stop_after_steps
             halt = False  # every rank decides at the same steps
             if self.step % sync_every == 0 or last_step or stop or (self.interrupted and not self.world.parallel):
-                halt = self.halting()
-                self._check_finite(any_rank(bool(bad), self.world, dev) if self.world.parallel else bad, epoch)
+                # one collective asks every rank both questions: a signal, a non-finite loss
+                halt, nonfinite = (any_ranks([self.interrupted, bool(bad)], self.world, dev) if self.world.parallel
+                                   else (self.interrupted, bool(bad)))
+                self._check_finite(nonfinite, epoch)
                 if bar is not None:
                     elapsed = self.sums["time"] + time.perf_counter() - start
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",

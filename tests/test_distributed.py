@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from satconv.config import REPO_ROOT
-from satconv.distributed import (SINGLE, DistributedError, World, any_rank, barrier, batch_rows, check_divisible,
-                                 gather_objects, start, stop, sum_over_ranks, world_from_env)
+from satconv.distributed import (SINGLE, DistributedError, World, any_rank, any_ranks, barrier, batch_rows,
+                                 check_divisible, gather_objects, start, stop, sum_over_ranks, world_from_env)
 
 
 def test_world_from_env():
@@ -48,6 +48,7 @@ def test_the_ranks_split_a_global_batch_into_its_rows_in_order():
 def test_one_process_needs_no_group():
     assert start(SINGLE, torch.device("cpu")) is False
     assert sum_over_ranks([1, 2.5], SINGLE) == [1.0, 2.5] and any_rank(True, SINGLE) and not any_rank(0, SINGLE)
+    assert any_ranks([True, 0, False], SINGLE) == [True, False, False]
     assert gather_objects({"a": 1}, SINGLE) == [{"a": 1}]
     barrier(SINGLE)
     stop()  # no group: nothing to leave
@@ -89,7 +90,7 @@ def _worker(rank: int, port: int, queue) -> None:
     try:
         assert start(world, torch.device("cpu"))
         sums = sum_over_ranks([rank + 1, 0.5], world)
-        anyone = (any_rank(rank == 1, world), any_rank(False, world))
+        anyone = (any_rank(rank == 1, world), any_rank(False, world), *any_ranks([rank == 0, False, True], world))
         gathered = gather_objects({"rank": rank}, world)
         barrier(world)
         model = DistributedDataParallel(_model())  # averages the ranks' gradients
@@ -116,7 +117,7 @@ def test_two_gloo_processes_train_the_weights_of_one_at_the_same_global_batch():
         assert p.exitcode == 0
     single = _sgd_steps(_model(), SINGLE)
     for rank, sums, anyone, gathered, weights in results:
-        assert sums == [3.0, 1.0] and anyone == (True, False)
+        assert sums == [3.0, 1.0] and anyone == (True, False, True, False, True)
         assert gathered == [{"rank": 0}, {"rank": 1}]
         for k, v in single.items():
             torch.testing.assert_close(torch.tensor(weights[k], dtype=torch.float64), v, rtol=0, atol=1e-12)
