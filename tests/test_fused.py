@@ -320,3 +320,50 @@ def test_compiled_training_gradients_with_and_without_the_fused_kernels_gpu(name
     ref = grads[False, False]
     for key in ((False, True), (True, True)):
         assert ((grads[key] - ref).norm() / ref.norm()).item() < 1e-2, key
+
+
+def test_first_calls_records_each_ops_first_arguments_forward_and_backward():
+    """The launch sweep's recorder (a torch function mode, no patching): the first call of each op, the forward
+    one and the one a custom autograd function makes in its backward, with its arguments cloned; results unchanged,
+    later calls and other ops not recorded, nothing recorded once the mode is left; trailing arguments equal to
+    their defaults are not passed on by the dispatcher, so not recorded either."""
+    from satconv.bench.fused_launch import FirstCalls
+
+    @torch.library.custom_op("satconv_test::scaled", mutates_args=())
+    def scaled(x: torch.Tensor, k: float, launch: list[int] | None = None) -> torch.Tensor:
+        return x * k
+
+    @scaled.register_fake
+    def _(x, k, launch=None):
+        return torch.empty_like(x)
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.ops.satconv_test.scaled(x, 2.0, None)
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.ops.satconv_test.scaled(g, 2.0, [1, 4]) + 0  # the op again, from the backward
+
+    ops = {"op": torch.ops.satconv_test.scaled}
+    x = torch.arange(3.0, requires_grad=True)
+    with FirstCalls(ops) as recorder:
+        y = Twice.apply(x)
+        assert recorder.calls["op"][1:] == (2.0,) and recorder.calls["op"][0] is not x  # launch=None: the default
+        torch.testing.assert_close(recorder.calls["op"][0], x.detach(), rtol=0, atol=0)
+        first = recorder.calls["op"]
+        seen = {}
+        with FirstCalls({"backward": torch.ops.satconv_test.scaled}) as inner:
+            (y * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+            seen = dict(inner.calls)
+        torch.ops.satconv_test.scaled(torch.ones(2), 5.0, None)  # a later call: not recorded
+    assert recorder.calls["op"] is first and torch.equal(y.detach(), 2 * x.detach())
+    assert seen["backward"][1:] == (2.0, [1, 4])
+    torch.testing.assert_close(seen["backward"][0], torch.tensor([1.0, 10.0, 100.0]), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, torch.tensor([2.0, 20.0, 200.0]), rtol=0, atol=0)
+    with FirstCalls(ops) as idle:
+        torch.ones(2) * 3  # no op of ops
+    assert idle.calls == {}
+    torch.ops.satconv_test.scaled(torch.ones(2), 1.0, None)
+    assert idle.calls == {}  # outside the mode

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # the documented home of dispatch modes
 
 from .. import config as cfgmod
 from ..attention import fused
@@ -59,35 +60,25 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
     x, y = random_batch(cfg, batch, device, False)
     plain = cfgmod.override(cfg, ["train.step_graph=false"], source=cfg.name).train  # eager: the calls are seen
     set_routes(model, replace(routes_of(model) or Routes(), fused_forward=True, fused_backward=True))
-    calls = {}
-
-    def recording(kernel, original):
-        def call(*args):
-            calls.setdefault(kernel, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
-            return original(*args)
-        return call
-
-    originals = fused.softmax_dropout_forward, fused.softmax_dropout_backward
-    fused.softmax_dropout_forward = recording("forward", originals[0])
-    fused.softmax_dropout_backward = recording("backward", originals[1])
-    try:
+    ops = {"forward": torch.ops.satconv.softmax_dropout_forward,
+           "backward": torch.ops.satconv.softmax_dropout_backward}
+    with FirstCalls(ops) as recorder:  # the kernels' arguments in one step, seen on their way in
         make_train_step(run, opt, x, y, device, precision, plain)()
-    finally:
-        fused.softmax_dropout_forward, fused.softmax_dropout_backward = originals
+    calls = recorder.calls
     if not calls:
         raise RuntimeError(f"{cfg.name}: the model calls neither fused kernel (no folded content attention)")
     common = {"config": cfg.name, "device": device_name(device), "precision": precision, "batch": batch,
               "torch": torch.__version__, "date": utc_now(), "satconv_source": source_digest()}
     rows = []
     for kernel, args in sorted(calls.items()):
-        scores = args[0] if kernel == "forward" else args[1]
+        scores = args[0] if kernel == "forward" else args[1]  # the (B, R, Nk) logits or probabilities
         block = fused.row_block(scores.shape[-1])
-        fn = dict(forward=originals[0], backward=originals[1])[kernel]
         current = fused.launch_shape(kernel, block)
+        fixed = args[:-1] if isinstance(args[-1], list) else args  # all but ``launch``, the last (absent: None)
         found = []
         for per in rows_per_program:
-            for w in warps:  # each pair through the kernels' launch argument: fused.LAUNCH is only read
-                us = statistics.median(time_repeats(lambda: fn(*args, launch=(per, w)), device, warmup,
+            for w in warps:  # each pair as the op's last argument, ``launch``: fused.LAUNCH is only read
+                us = statistics.median(time_repeats(lambda: ops[kernel](*fixed, [per, w]), device, warmup,
                                                     repeats)) * 1e6
                 found.append({"kernel": kernel, "block": block, "shape": list(scores.shape),
                               "rows_per_program": per, "warps": w, "us": us, "current": (per, w) == current})
@@ -96,4 +87,28 @@ def fused_launch_sweep(cfg: ExperimentConfig, batch: int = 100, device=None, pre
     return rows
 
 
-__all__ = ["fused_launch_sweep"]
+class FirstCalls(TorchDispatchMode):
+    """Within ``with FirstCalls(ops) as r:``, the positional arguments of the first call of each op of ``ops``
+    (``{name: torch.ops packet}``, e.g. a :func:`torch.library.custom_op`) land in ``r.calls[name]``, tensors
+    detached and cloned; every call, recorded or not, runs unchanged.
+
+    A dispatch mode (below autograd): it sees the ops of this thread and those the autograd engine runs for it,
+    the backward of a custom autograd function included (a torch *function* mode would not: ``backward()``
+    itself goes through it, which turns the mode off for everything the engine runs).  Nothing is patched, so
+    other code and threads are untouched.  The arguments are those the dispatcher gets: trailing ones equal
+    to their defaults are left out.  Keyword arguments are not recorded: call the ops positionally.
+    """
+
+    def __init__(self, ops: dict):
+        super().__init__()
+        self.ops, self.calls = dict(ops), {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket  # func: an overload such as torch.ops.ns.op.default
+        for name, op in self.ops.items():
+            if packet is op and name not in self.calls:
+                self.calls[name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+__all__ = ["fused_launch_sweep", "FirstCalls"]
