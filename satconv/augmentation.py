@@ -66,7 +66,18 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.float() / 255 - channel_stats(mean, x.device)) / channel_stats(std, x.device)
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+def _share(x: torch.Tensor, whole: int | None, rows: slice | None) -> tuple[int, slice]:
+    """The number of images to draw random numbers for and the rows of them that ``x`` holds."""
+    if whole is None:
+        return x.shape[0], slice(None)
+    share = range(whole)[rows]
+    if len(share) != x.shape[0] or share.step != 1:
+        raise ValueError(f"x holds {x.shape[0]} images, not the {len(share)} contiguous rows {rows} of {whole}")
+    return whole, rows
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator, whole: int | None = None,
+                     rows: slice | None = None) -> torch.Tensor:
     """torchvision ``RandomCrop(size, padding, fill=0)`` + ``RandomHorizontalFlip()``, batched.
 
     Args:
@@ -74,28 +85,34 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generat
         padding: zero padding on each side before the crop (0: no crop).
         flip: flip each image horizontally with probability 1/2.
         g: CPU generator for the offsets and coins.
+        whole, rows: ``x`` is rows ``rows`` of a batch of ``whole`` images (one rank's share): the random
+            numbers of all ``whole`` are drawn and those of ``rows`` used, so the share is augmented as it is
+            in the whole batch.  ``None``: ``x`` is the whole batch.
 
     Returns:
         ``(B, C, H, W)``, same dtype.
     """
+    n, share = _share(x, whole, rows)
     b, c, h, w = x.shape
     if padding > 0:
-        off = host_to_device(torch.randint(0, 2 * padding + 1, (b, 2), generator=g), x.device)
+        off = host_to_device(torch.randint(0, 2 * padding + 1, (n, 2), generator=g)[share], x.device)
         xp = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
         rows = off[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
         cols = off[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
         bi = torch.arange(b, device=x.device).view(b, 1, 1)
         x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
     if flip:
-        coin = host_to_device(torch.rand(b, generator=g) < 0.5, x.device).view(b, 1, 1, 1)
+        coin = host_to_device(torch.rand(n, generator=g)[share] < 0.5, x.device).view(b, 1, 1, 1)
         x = torch.where(coin, x.flip(-1), x)
     return x.contiguous()
 
 
-def random_rotation(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
-    """torchvision ``RandomRotation(degrees)`` (nearest, fill 0), batched; ``x: (B, C, H, W)`` float."""
-    b = x.shape[0]
-    angle = host_to_device((torch.rand(b, generator=g) * 2 - 1) * math.radians(degrees), x.device)
+def random_rotation(x: torch.Tensor, degrees: float, g: torch.Generator, whole: int | None = None,
+                    rows: slice | None = None) -> torch.Tensor:
+    """torchvision ``RandomRotation(degrees)`` (nearest, fill 0), batched; ``x: (B, C, H, W)`` float; ``whole``,
+    ``rows``: as in :func:`random_crop_flip`."""
+    n, share = _share(x, whole, rows)
+    angle = host_to_device((torch.rand(n, generator=g)[share] * 2 - 1) * math.radians(degrees), x.device)
     cos, sin = angle.cos(), angle.sin()
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
@@ -131,20 +148,23 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1))[0]
 
 
-def color_jitter(x: torch.Tensor, jitter, p: float, g: torch.Generator) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, jitter, p: float, g: torch.Generator, whole: int | None = None,
+                 rows: slice | None = None) -> torch.Tensor:
     """``RandomApply([ColorJitter(b, c, s, h)], p)``, batched, in a fixed order (brightness, contrast,
     saturation, hue; torchvision shuffles the order per image).
 
     Args:
         x: ``(B, 3, H, W)`` float RGB in [0, 1].
         jitter: ``(brightness, contrast, saturation, hue)`` as in torchvision.
+        whole, rows: as in :func:`random_crop_flip`.
     """
+    n, share = _share(x, whole, rows)
     b = x.shape[0]
     bright, contrast, sat, hue = jitter
-    apply = host_to_device(torch.rand(b, generator=g) < p, x.device).view(b, 1, 1, 1)
+    apply = host_to_device(torch.rand(n, generator=g)[share] < p, x.device).view(b, 1, 1, 1)
 
     def factor(amount):
-        return host_to_device((1 - amount + 2 * amount * torch.rand(b, generator=g)).clamp_min(0),
+        return host_to_device((1 - amount + 2 * amount * torch.rand(n, generator=g)[share]).clamp_min(0),
                               x.device).view(b, 1, 1, 1)
 
     y = x
@@ -157,13 +177,14 @@ def color_jitter(x: torch.Tensor, jitter, p: float, g: torch.Generator) -> torch
         f = factor(sat)
         y = (f * y + (1 - f) * _gray(y)).clamp(0, 1)
     if hue > 0:
-        shift = host_to_device((torch.rand(b, generator=g) * 2 - 1) * hue, x.device).view(b, 1, 1)
+        shift = host_to_device((torch.rand(n, generator=g)[share] * 2 - 1) * hue, x.device).view(b, 1, 1)
         hsv = rgb_to_hsv(y)
         y = hsv_to_rgb(torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1))
     return torch.where(apply, y, x)
 
 
-def augment(x: torch.Tensor, aug: AugmentConfig, mean, std, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, aug: AugmentConfig, mean, std, g: torch.Generator, whole: int | None = None,
+            rows: slice | None = None) -> torch.Tensor:
     """The training transform: crop + flip (uint8), rotation, colour jitter, then normalisation.
 
     Args:
@@ -171,18 +192,20 @@ def augment(x: torch.Tensor, aug: AugmentConfig, mean, std, g: torch.Generator) 
         aug: the augmentation config.
         mean, std: per-channel normalisation (of pixel values in [0, 1]).
         g: CPU generator; all randomness comes from it.
+        whole, rows: ``x`` is rows ``rows`` of a batch of ``whole`` (:func:`random_crop_flip`); it is then
+            augmented exactly as those rows of the whole batch, and ``g`` ends in the same state.
 
     Returns:
         ``(B, 3, H, W)`` float32, normalised.
     """
-    x = random_crop_flip(x, aug.crop_padding, aug.flip, g)
+    x = random_crop_flip(x, aug.crop_padding, aug.flip, g, whole, rows)
     if aug.rotation == 0 and aug.color_jitter is None:
         return normalize(x, mean, std)
     y = x.float() / 255
     if aug.rotation > 0:
-        y = random_rotation(y, aug.rotation, g)
+        y = random_rotation(y, aug.rotation, g, whole, rows)
     if aug.color_jitter is not None:
-        y = color_jitter(y, aug.color_jitter, aug.color_jitter_p, g)
+        y = color_jitter(y, aug.color_jitter, aug.color_jitter_p, g, whole, rows)
     return normalize(y * 255, mean, std)
 
 
@@ -206,14 +229,18 @@ class DeviceLoader:
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
 
-    def batch(self, idx: torch.Tensor, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``(b, 3, H, W)`` float (augmented when configured, needs ``g``) and labels ``(b,)``."""
-        idx = host_to_device(idx, self.split.images.device)
+    def batch(self, idx: torch.Tensor, g: torch.Generator | None = None, rows: slice | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(b, 3, H, W)`` float (augmented when configured, needs ``g``) and labels ``(b,)`` of the
+        images ``idx``, or only of its rows ``rows`` (a rank's contiguous share of a global batch: those images
+        alone are gathered and augmented, as they are in the whole batch; ``g`` ends as after the whole)."""
+        whole = None if rows is None else len(idx)
+        idx = host_to_device(idx if rows is None else idx[rows], self.split.images.device)
         x = host_to_device(self.split.images[idx], self.device)
         y = host_to_device(self.split.labels[idx], self.device)
         if self.augment is None:
             return normalize(x, *self._stats), y
-        return augment(x, self.augment, *self._stats, g), y
+        return augment(x, self.augment, *self._stats, g, whole, rows), y
 
     def __iter__(self):
         """Sequential, unaugmented batches (evaluation)."""

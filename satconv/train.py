@@ -272,10 +272,8 @@ class _Run:
         self.model.train()
         for b in range(self.step_in_epoch, self.steps_per_epoch):
             idx = perm[b * t.batch_size:(b + 1) * t.batch_size]
-            x, y = self.train_loader.batch(idx, g)  # the global batch, augmentation included, on every rank
-            if self.world.parallel:
-                rows = batch_rows(len(idx), self.world)
-                x, y = x[rows], y[rows]
+            # this rank's rows of the global batch, augmented as in one process (the whole batch's draws)
+            x, y = self.train_loader.batch(idx, g, batch_rows(len(idx), self.world) if self.world.parallel else None)
             lr = lr_at(self.step, self.steps_per_epoch, t)
             loss, hits = self._train_step(x, y, lr)
             self.step += 1

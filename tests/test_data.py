@@ -170,6 +170,29 @@ def test_augment_normalises_and_extras_keep_shape():
     assert extras.shape == x.shape and extras.dtype == torch.float32 and torch.isfinite(extras).all()
 
 
+def test_a_share_of_a_batch_is_augmented_as_in_the_whole_batch():
+    """A data-parallel rank gathers and augments only its rows of the global batch (DeviceLoader.batch's ``rows``):
+    with every augmentation on ([Re] ResNet: crop, flip, rotation, colour jitter), each share equals those rows of the
+    whole batch augmented at once, bit for bit, and the generator ends in the same state; a share that does not
+    match its rows is refused."""
+    aug = AugmentConfig(crop_padding=4, flip=True, rotation=5.0, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_p=0.8)
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    loader = A.DeviceLoader(D.Split(images, torch.arange(20), torch.arange(20)), 12, "cpu", MEAN, STD, aug)
+    idx = torch.tensor([3, 17, 0, 9, 12, 5, 8, 1, 19, 4, 11, 6])
+    g = torch.Generator().manual_seed(7)
+    whole_x, whole_y = loader.batch(idx, g)
+    after = g.get_state()
+    for rows in (slice(0, 4), slice(4, 8), slice(8, 12), slice(0, 6), slice(6, 12)):
+        g = torch.Generator().manual_seed(7)
+        x, y = loader.batch(idx, g, rows)
+        assert torch.equal(x, whole_x[rows]) and torch.equal(y, whole_y[rows]) and torch.equal(y, idx[rows])
+        assert torch.equal(g.get_state(), after)
+    alone, _ = loader.batch(idx[4:8], torch.Generator().manual_seed(7))  # the share drawn as a batch of its own
+    assert not torch.equal(alone, whole_x[4:8])
+    with pytest.raises(ValueError, match="not the 4 contiguous rows"):
+        A.augment(images[:3], aug, MEAN, STD, torch.Generator(), 12, slice(0, 4))
+
+
 def test_hsv_matches_colorsys():
     rgb = torch.rand(1, 3, 4, 4, dtype=torch.float32)
     hsv = A.rgb_to_hsv(rgb)
