@@ -97,10 +97,10 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generat
     if padding > 0:
         off = host_to_device(torch.randint(0, 2 * padding + 1, (n, 2), generator=g)[share], x.device)
         xp = F.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
-        rows = off[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
-        cols = off[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
+        row_idx = off[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
+        col_idx = off[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
         bi = torch.arange(b, device=x.device).view(b, 1, 1)
-        x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
+        x = xp.permute(0, 2, 3, 1)[bi, row_idx[:, :, None], col_idx[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
     if flip:
         coin = host_to_device(torch.rand(n, generator=g)[share] < 0.5, x.device).view(b, 1, 1, 1)
         x = torch.where(coin, x.flip(-1), x)

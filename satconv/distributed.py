@@ -257,5 +257,5 @@ def barrier(world: World) -> None:
 
 
 __all__ = ["World", "SINGLE", "DistributedError", "world_from_env", "start", "stop", "check_divisible",
-           "check_last_batch", "batch_rows", "sum_over_ranks", "any_rank", "any_ranks", "gather_objects", "wrap_model",
-           "main_rank_opens", "barrier"]
+           "check_last_batch", "batch_rows", "sum_over_ranks", "any_rank", "any_ranks", "gather_objects",
+           "wrap_model", "main_rank_opens", "barrier"]

@@ -46,8 +46,8 @@ from .augmentation import DeviceLoader
 from .checkpoints import RESUME_KEYS, Checkpoints, config_diff
 from .data import load_data
 from . import distributed
-from .distributed import (SINGLE, World, any_rank, any_ranks, barrier, batch_rows, check_divisible, check_last_batch,
-                          gather_objects, sum_over_ranks, wrap_model)
+from .distributed import (SINGLE, World, any_rank, any_ranks, barrier, batch_rows, check_divisible,
+                          check_last_batch, gather_objects, sum_over_ranks, wrap_model)
 from .records import MutedRecords, RunRecords, RunResult
 from .rundir import (CorruptFile, DiskFull, Interrupted, RunLock, StopSignals, prepare_run_dir, remove_temp_files,
                      signal_name)  # CorruptFile: re-exported (train() raises it; tests catch it here)
