@@ -5,13 +5,16 @@ collective operations a run needs (issue 21).
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), where it stands.  A data-parallel
 run is meant to be the *same experiment* as one process at the same global batch:
 
-* the global batch stays ``train.batch_size``: every rank draws the same batch indices and augmentation
-  (a function of the seed and the epoch, not of N) and trains on its own contiguous slice of the rows,
-  :func:`batch_rows`; a batch that does not divide by N is refused (:func:`check_divisible`);
+* the global batch stays ``train.batch_size``: every rank draws the same batch indices and the same random
+  numbers of the augmentation (a function of the seed and the epoch, not of N), then gathers, augments and
+  trains on its own contiguous slice of the rows only, :func:`batch_rows`
+  (:meth:`satconv.augmentation.DeviceLoader.batch`'s ``rows``); a batch that does not divide by N is refused
+  (:func:`check_divisible`);
 * the gradients are averaged over the ranks (each rank's loss is the mean over its equal slice, so the
   average of the ranks' gradients is the gradient of the global batch's mean loss);
 * the epoch's sums (loss, correct predictions, images) are added over the ranks (:func:`sum_over_ranks`);
-* a stop asked of any rank stops all of them at the same step (:func:`any_rank`).
+* a stop asked of any rank stops all of them at the same step, and so does a non-finite loss on any rank
+  (:func:`any_ranks`: one all-reduce for both).
 
 One process (``WORLD_SIZE`` unset or 1) is :data:`SINGLE`, and every function here is then the identity or
 a no-op: the single-process path stays exactly what it was.
