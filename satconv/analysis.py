@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["fitting_radius", "shift_profile", "score_profile", "conv_likeness", "conv_likeness_per_image",
-           "atlas_conv_likeness",
-           "snapshot_conv_likeness", "max_assignment", "quadratic_snapshot_scores"]
+           "atlas_conv_likeness", "snapshot_conv_likeness", "max_assignment", "quadratic_snapshot_scores"]
 
 
 def max_assignment(mass: np.ndarray) -> np.ndarray:

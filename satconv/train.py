@@ -189,7 +189,7 @@ class _Run:
 
     def halting(self) -> bool:
         """A SIGINT or SIGTERM reached this process or, in a data-parallel run, any rank (a collective call)."""
-        return any_rank(self.interrupted, self.world, self.device) if self.world.parallel else self.interrupted
+        return any_rank(self.interrupted, self.world, self.device)
 
     def _interrupt(self, epoch: int) -> None:
         """Checkpoint where the run stands and raise :class:`Interrupted` naming the signal."""
@@ -287,8 +287,7 @@ class _Run:
             halt = False  # every rank decides at the same steps
             if self.step % sync_every == 0 or last_step or stop or (self.interrupted and not self.world.parallel):
                 # one collective asks every rank both questions: a signal, a non-finite loss
-                halt, nonfinite = (any_ranks([self.interrupted, bool(bad)], self.world, dev) if self.world.parallel
-                                   else (self.interrupted, bool(bad)))
+                halt, nonfinite = any_ranks([self.interrupted, bool(bad)], self.world, dev)
                 self._check_finite(nonfinite, epoch)
                 if bar is not None:
                     elapsed = self.sums["time"] + time.perf_counter() - start

@@ -4,8 +4,10 @@ weights as one process at the same global batch."""
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,19 +204,12 @@ def _rank_pid(parent: int, rank: int) -> int | None:
 def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path):
     """SIGKILL one rank mid-run: torchrun ends the job (non-zero); the same command then resumes from the last
     checkpoint rank 0 wrote and completes every epoch, with the metrics of an uninterrupted run."""
-    import signal
-    import time
-
     out, epochs = tmp_path / "run", ["--set", "train.epochs=40", "--set", "data.synthetic_train=32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "satconv", "train", "--out", str(out), *RUN, *epochs]
     job = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
+    _wait_for_epochs(job, metrics, 3)
     victim = _rank_pid(job.pid, 1)
     assert victim is not None and job.poll() is None, job.stdout.read() if job.poll() is not None else "no rank 1"
     os.kill(victim, signal.SIGKILL)
@@ -306,20 +301,13 @@ def test_sigterm_to_the_notebook_route_reaches_every_rank_and_the_same_call_resu
     """SIGTERM to the process running train_processes (papermill's kernel, a batch scheduler's job) is passed on to
     the torchrun job: the ranks checkpoint mid-run and stop, the caller gets Interrupted (exit 143 here), no rank is
     left running, and the same call resumes from the checkpoint and completes every epoch once."""
-    import signal
-    import time
-
     sets = [RUN[i + 1] for i, flag in enumerate(RUN) if flag == "--set"] + ["train.epochs=40",
                                                                              "data.synthetic_train=32"]
     out, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
     cmd = [sys.executable, "-c", _NOTEBOOK_ROUTE, str(REPO_ROOT / "configs" / "paper_quadratic.yaml"), str(out), *sets]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     job = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.1)
+    _wait_for_epochs(job, metrics, 2)
     torchrun = next((int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
                      if _parent_of(p) == job.pid), None)
     ranks = [_rank_pid(torchrun, r) for r in (0, 1)] if torchrun else []
@@ -335,6 +323,15 @@ def test_sigterm_to_the_notebook_route_reaches_every_rank_and_the_same_call_resu
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "COMPLETED True 40" in again.stdout, again.stdout + again.stderr
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
+
+
+def _wait_for_epochs(job: subprocess.Popen, metrics: Path, epochs: int, timeout: float = 120) -> None:
+    """Return once ``metrics`` holds ``epochs`` rows, ``job`` has ended, or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs:
+            return
+        time.sleep(0.1)
 
 
 def _parent_of(stat: Path) -> int | None:
