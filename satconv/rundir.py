@@ -403,20 +403,39 @@ class StopSignals:
     second one raises :class:`Interrupted` at once.  The previous handlers are restored on exit.  In
     another thread (signal handlers can only be set in the main one) nothing is installed.
 
+    The same signal again within :attr:`repeat_window` seconds of the first is one request delivered twice,
+    not a second one: ``timeout -s TERM`` signals its command and then the command's process group, and so
+    does ``kill`` of a group that the process also hears about directly.  Without this, every run stopped by
+    ``timeout`` would skip its checkpoint.
+
+    Args:
+        repeat_window: seconds after the first signal during which the same signal is ignored.
+
     Attributes:
         signum: the first signal received in the block, or ``None``.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    #: default seconds within which the first signal's twin is a duplicate delivery (a person's second
+    #: Ctrl-C comes later; GNU timeout's two deliveries come microseconds apart)
+    REPEAT_WINDOW = 0.5
 
-    def __init__(self):
+    def __init__(self, repeat_window: float = REPEAT_WINDOW):
+        if repeat_window < 0:
+            raise ValueError(f"repeat_window must be >= 0 seconds, got {repeat_window}")
+        self.repeat_window = float(repeat_window)
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise Interrupted(signum, f"stopped at once by a second {signal_name(signum)}")
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+            return
+        if signum == self.signum and now - self._first_at < self.repeat_window:
+            return  # the first request delivered again (timeout, process-group kill)
+        raise Interrupted(signum, f"stopped at once by a second {signal_name(signum)}")
 
     def __enter__(self) -> "StopSignals":
         self.signum = None
