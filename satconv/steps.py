@@ -2,6 +2,7 @@
 
 - :func:`make_optimizer`: the paper's SGD (momentum, weight decay except on the Gaussian centres and
   spreads, bug B3), one fused kernel on CUDA; :func:`set_group_lr` sets its learning rate.
+- :func:`parameter_health`: which parameters a diverged run left non-finite, or its largest ones.
 - :func:`training_step`: the one step body (forward under autocast, cross-entropy with label smoothing
   on float32 logits, backward, SGD step) that :mod:`satconv.train` trains with and :mod:`satconv.bench`
   times, so a benchmark's step is a training step.
@@ -53,6 +54,36 @@ def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device | 
     :class:`CapturedStep`)."""
     return torch.optim.SGD(param_groups(model, train.weight_decay), lr=train.lr, momentum=train.momentum,
                            nesterov=train.nesterov, fused=torch.device(device).type == "cuda")
+
+
+def parameter_health(model: nn.Module, show: int = 3) -> str:
+    """A one-line account of a model's parameters, for the error of a run whose loss became NaN or Inf.
+
+    Args:
+        model: the module being trained (a data-parallel wrapper's names start with ``module.``).
+        show: how many parameter names to list.
+
+    Returns:
+        ``"non-finite parameters (k of n): a, b, c, ..."`` when some parameter holds a NaN or an Inf (the step
+        that met the bad loss has usually spread it), else ``"every parameter is finite; largest |value|:
+        a 12.3, b 4.56, c 1.2"``, names in :meth:`~torch.nn.Module.named_parameters` order among equals.
+    """
+    if show < 1:
+        raise ValueError(f"show must be at least 1, got {show}")
+    bad, sizes = [], []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() == 0:
+                continue
+            if not bool(torch.isfinite(p).all()):
+                bad.append(name)
+            else:
+                sizes.append((float(p.abs().max()), name))
+    if bad:
+        more = ", ..." if len(bad) > show else ""
+        return f"non-finite parameters ({len(bad)} of {len(bad) + len(sizes)}): {', '.join(bad[:show])}{more}"
+    top = sorted(sizes, key=lambda t: -t[0])[:show]
+    return "every parameter is finite; largest |value|: " + ", ".join(f"{name} {v:.3g}" for v, name in top)
 
 
 def training_step(forward: Callable, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,

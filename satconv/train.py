@@ -56,8 +56,8 @@ from .warmstart import initialise, read_init_weights
 from .evaluation import evaluate, load_model, read_metrics, read_run_config  # noqa: F401 (the book imports them here)
 from .experiment import resolve_config, run_dir_for
 from .provenance import device_name
-from .steps import (OOM_ERRORS, CapturedStep, compiled, evaluate_model, make_optimizer, set_group_lr,
-                    training_step)
+from .steps import (OOM_ERRORS, CapturedStep, compiled, evaluate_model, make_optimizer, parameter_health,
+                    set_group_lr, training_step)
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,8 @@ class _Run:
             advice = ("a lower train.lr, a longer warm-up (train.warmup_ratio) or train.precision=fp32" if self.bf16
                       else "a lower train.lr or a longer warm-up (train.warmup_ratio)")
             raise NonFiniteLoss(f"the training loss became NaN or Inf in epoch {epoch + 1} (by step {self.step}, "
-                                f"lr {self.sums['lr']:.4g}); the run stopped and {self._kept()}. Try {advice}")
+                                f"lr {self.sums['lr']:.4g}); {parameter_health(self.model)}; the run stopped and "
+                                f"{self._kept()}. Try {advice}")
 
     def _epoch(self, epoch: int, bar, stop_after_steps, save_on_stop) -> bool:
         """Train one epoch from ``self.step_in_epoch``; returns False when stopped early."""

@@ -210,6 +210,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                                               r"\(epoch 1, step 8\)") as caught:
         run(tmp_path, factory=NaNNet)
     assert "fp32" not in str(caught.value)  # the run is fp32 already (bf16 is CUDA only)
+    # the NaN loss's gradients reached every parameter through the SGD step, and the message says so
+    n = sum(1 for _ in TinyNet(tiny_config().model).parameters())
+    assert f"; non-finite parameters ({n} of {n}): " in str(caught.value)
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     info = json.loads((tmp_path / "run.json").read_text())
@@ -591,3 +594,21 @@ def test_find_runs_lists_whole_run_directories_of_a_config_best_first(tmp_path):
     (partial / "config.yaml").write_text("name: q\n")
     assert find_runs(tmp_path, "q") == [b, a, c, d]
     assert len(find_runs(tmp_path)) == 5
+
+
+def test_parameter_health_names_the_non_finite_parameters_or_the_largest():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.5)
+        net[0].bias[1] = -7.0
+        net[1].weight[0, 2] = 2.0
+    assert S.parameter_health(net, show=2) == "every parameter is finite; largest |value|: 0.bias 7, 1.weight 2"
+    assert S.parameter_health(net).endswith("1.weight 2, 0.weight 0.5")  # ties keep named_parameters order
+    with torch.no_grad():
+        net[1].bias[0] = float("inf")
+        net[0].weight[1, 0] = float("nan")
+    assert S.parameter_health(net, show=1) == "non-finite parameters (2 of 4): 0.weight, ..."
+    assert S.parameter_health(net) == "non-finite parameters (2 of 4): 0.weight, 1.bias"
+    with pytest.raises(ValueError, match="show"):
+        S.parameter_health(net, show=0)
