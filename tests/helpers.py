@@ -4,6 +4,9 @@ Nothing here comes from CIFAR: image folders are drawn with PIL from seeded nois
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +99,28 @@ def tiny_config(*overrides: str) -> ExperimentConfig:
             "train.eval_batch_size=64", "train.checkpoint_every=1", "train.test_every=2", "train.atlas_images=3",
             "train.atlas_queries=2", "train.lr=0.2", "train.warmup_ratio=0.1"]
     return override(ExperimentConfig(), base + list(overrides))
+
+
+def epochs_written(out: Path) -> list[int]:
+    """The epochs of the complete lines of ``out/metrics.jsonl``."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line)["epoch"])
+        except ValueError:  # a line being written
+            pass
+    return rows
+
+
+def wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float | None = None) -> bool:
+    """Poll until ``out/metrics.jsonl`` shows ``epoch``, the process ends or ``timeout`` seconds pass (``None``:
+    no limit); True when the epoch appeared first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while proc.poll() is None and (deadline is None or time.monotonic() < deadline):
+        if epoch in epochs_written(out):
+            return True
+        time.sleep(0.005)
+    return False

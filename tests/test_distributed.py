@@ -7,7 +7,6 @@ import socket
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from satconv.config import REPO_ROOT
 from satconv.distributed import (SINGLE, DistributedError, World, any_rank, any_ranks, barrier, batch_rows,
                                  check_divisible, gather_objects, start, stop, sum_over_ranks, world_from_env)
+from tests.helpers import wait_for_epoch
 
 
 def test_world_from_env():
@@ -209,7 +209,7 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes(tmp_path):
            "-m", "satconv", "train", "--out", str(out), *RUN, *epochs]
     job = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
-    _wait_for_epochs(job, metrics, 3)
+    wait_for_epoch(job, out, 3, timeout=120)
     victim = _rank_pid(job.pid, 1)
     assert victim is not None and job.poll() is None, job.stdout.read() if job.poll() is not None else "no rank 1"
     os.kill(victim, signal.SIGKILL)
@@ -307,7 +307,7 @@ def test_sigterm_to_the_notebook_route_reaches_every_rank_and_the_same_call_resu
     cmd = [sys.executable, "-c", _NOTEBOOK_ROUTE, str(REPO_ROOT / "configs" / "paper_quadratic.yaml"), str(out), *sets]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     job = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    _wait_for_epochs(job, metrics, 2)
+    wait_for_epoch(job, out, 2, timeout=120)
     torchrun = next((int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
                      if _parent_of(p) == job.pid), None)
     ranks = [_rank_pid(torchrun, r) for r in (0, 1)] if torchrun else []
@@ -323,15 +323,6 @@ def test_sigterm_to_the_notebook_route_reaches_every_rank_and_the_same_call_resu
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "COMPLETED True 40" in again.stdout, again.stdout + again.stderr
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
-
-
-def _wait_for_epochs(job: subprocess.Popen, metrics: Path, epochs: int, timeout: float = 120) -> None:
-    """Return once ``metrics`` holds ``epochs`` rows, ``job`` has ended, or ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and job.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs:
-            return
-        time.sleep(0.1)
 
 
 def _parent_of(stat: Path) -> int | None:

@@ -23,6 +23,7 @@ from satconv import rundir as R
 from satconv import train as T
 from satconv.__main__ import main
 from satconv.config import REPO_ROOT
+from tests.helpers import epochs_written, wait_for_epoch
 
 #: the quadratic model under the quick profile on 8x8 synthetic images: 5 steps an epoch, 6 epochs
 CLI_ARGS = ["--config", str(REPO_ROOT / "configs" / "paper_quadratic.yaml"), "--profile", "quick", "--no-progress",
@@ -54,29 +55,6 @@ def cli(argv, capsys):
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def epochs_written(out: Path) -> list[int]:
-    """The epochs of the complete lines of ``out/metrics.jsonl``."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line)["epoch"])
-        except ValueError:  # a line being written
-            pass
-    return rows
-
-
-def wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int) -> bool:
-    """Poll until metrics.jsonl shows ``epoch`` or the process ends; True when the epoch appeared first."""
-    while proc.poll() is None:
-        if epoch in epochs_written(out):
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def numbers(run_dir: Path) -> list[dict]:
