@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 #: config keys that may change between a run and its resumption (they do not affect the numbers)
 RESUME_FREE_KEYS = {"name", "description", "train.out_dir", "train.checkpoint_every", "train.test_every",
                     "train.compile", "train.compile_mode", "train.channels_last", "train.step_graph",
-                    "train.fused_forward", "train.fused_backward", "train.snapshot_attention", "train.atlas_images",
-                    "train.atlas_queries", "train.eval_batch_size", "data.root", "data.cache_dir",
+                    "train.fused_forward", "train.fused_backward", "train.snapshot_attention", "train.snapshot_every",
+                    "train.atlas_images", "train.atlas_queries", "train.eval_batch_size", "data.root", "data.cache_dir",
                     "data.device_resident"}
 #: keys a resumable checkpoint (last.pt) must have
 RESUME_KEYS = ("format", "config", "model", "optimizer", "epoch", "step", "rng")

@@ -200,6 +200,10 @@ class TrainConfig:
     checkpoint_every: int = positive(default=10)  # epochs between checkpoints (and one at the end)
     test_every: int = positive(default=10)  # epochs between test evaluations (for curves)
     snapshot_attention: bool = True  # per-epoch snapshots of the attention parameters
+    # which epochs get a snapshot: each of the first snapshot_every, then every snapshot_every-th, and the last
+    # (records.snapshot_due). 10: 40 snapshots over 300 epochs; 1, every epoch, would give a 300-epoch learned-
+    # embedding run about 100 MB of snapshots (331 kB each), over what a GPU call returns (64 MiB)
+    snapshot_every: int = positive(default=10)
     atlas_images: int = non_negative(default=8)  # test images in the final attention atlas
     atlas_queries: int = non_negative(default=5)  # query pixels per image in the atlas
     out_dir: Optional[str] = None  # null: runs/<name>

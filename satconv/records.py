@@ -40,6 +40,16 @@ log = logging.getLogger(__name__)
 STALE_FILES = ("metrics.jsonl", "best.pt", "atlas.pt", "run.json")
 
 
+def snapshot_due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether the snapshot after ``epoch`` (0: the initial model) is written under ``train.snapshot_every``:
+    each of the first ``every`` epochs, every ``every``-th after them, and the last (``epochs``).
+
+    >>> [e for e in range(13) if snapshot_due(e, 5, 12)]
+    [0, 1, 2, 3, 4, 5, 10, 12]
+    """
+    return epoch <= every or epoch % every == 0 or epoch == epochs
+
+
 @dataclass
 class RunResult:
     """What :func:`train` returns.
@@ -192,7 +202,7 @@ class RunRecords:
             log.warning("could not record status %r in %s: %s", status, self.run_json, exc)
 
 
-__all__ = ["RunRecords", "MutedRecords", "RunResult", "STALE_FILES"]
+__all__ = ["RunRecords", "MutedRecords", "RunResult", "STALE_FILES", "snapshot_due"]
 
 
 class MutedRecords(RunRecords):

@@ -48,7 +48,7 @@ from .data import load_data
 from . import distributed
 from .distributed import (SINGLE, World, any_rank, any_ranks, barrier, batch_rows, check_divisible,
                           check_last_batch, gather_objects, sum_over_ranks, wrap_model)
-from .records import MutedRecords, RunRecords, RunResult
+from .records import MutedRecords, RunRecords, RunResult, snapshot_due
 from .rundir import (CorruptFile, DiskFull, Interrupted, RunLock, StopSignals, prepare_run_dir, remove_temp_files,
                      signal_name)  # CorruptFile: re-exported (train() raises it; tests catch it here)
 from .schedule import default_device, derived_seed, lr_at, rng_state, seed_all, set_rng_state
@@ -339,7 +339,7 @@ class _Run:
             self.best = {"epoch": epoch + 1, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.records.save_best(self.best_state, self.best)
-        if t.snapshot_attention:
+        if t.snapshot_attention and snapshot_due(epoch + 1, t.snapshot_every, t.epochs):
             self.records.save_snapshot(self.model, epoch + 1)
         self.records.append_metrics(row)
         self.epoch, self.step_in_epoch, self.aug_state = epoch + 1, 0, None

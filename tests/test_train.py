@@ -194,6 +194,19 @@ def test_snapshots_and_atlas(reference):
     assert torch.allclose(atlas["centre_mean"][0].float(), probs[0, :, 0].float(), atol=1e-3)
 
 
+def test_snapshot_every_thins_the_snapshots_and_keeps_the_last(reference, tmp_path):
+    """train.snapshot_every=2 over 5 epochs: the initial model, epochs 1 and 2, every second epoch after them,
+    and the last (5); the default (10) keeps every epoch of a short run (the 3-epoch reference's 0 to 3)."""
+    from satconv.records import snapshot_due
+
+    assert [e for e in range(13) if snapshot_due(e, 5, 12)] == [0, 1, 2, 3, 4, 5, 10, 12]
+    assert [e for e in range(4) if snapshot_due(e, 1, 3)] == [0, 1, 2, 3]
+    result = run(tmp_path, "train.epochs=5", "train.snapshot_every=2")
+    names = sorted(p.name for p in (result.run_dir / "snapshots").glob("epoch_*.pt"))
+    assert names == [f"epoch_{e:04d}.pt" for e in (0, 1, 2, 4, 5)]
+    assert len(list((reference.run_dir / "snapshots").glob("epoch_*.pt"))) == 4
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     class NaNNet(TinyNet):
         calls = 0
