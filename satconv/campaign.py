@@ -2,8 +2,12 @@
 
     python -m satconv.campaign run --data DIR --out runs/gpu [--overrides "..."] [--dry-run] SPEC [SPEC ...]
     python -m satconv.campaign status --out runs/gpu
-    python -m satconv.campaign pack --out runs/gpu [--max-mib 60] ARCHIVE.tar.gz
+    python -m satconv.campaign pack --out runs/gpu [--max-mib 60] [--part-mib 15] ARCHIVE.tar.gz
     python -m satconv.campaign install [--out book/runs] [--replace] ARCHIVE.tar.gz   (on the laptop)
+
+``pack`` cuts an archive over ``--part-mib`` into ``ARCHIVE.tar.gz.partNN`` plus the manifest
+``ARCHIVE.tar.gz.parts`` (a GPU call returns files of at most 16 MiB); ``install`` takes ``ARCHIVE.tar.gz``
+either way, with its parts and manifest beside it.
 
 A SPEC is ``config:seed:epochs[:key=value,key=value]`` (``configs/<config>.yaml``), the run
 ``<config>_e<epochs>_s<seed>``, with the spec's own overrides appended (:func:`override_slug`): papermill
@@ -365,10 +369,13 @@ def _packed(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info
 
 
-def pack(out: Path, archive: Path, max_mib: float = 60.0) -> tuple[list[str], int]:
+def pack(out: Path, archive: Path, max_mib: float = 60.0, part_mib: float = 15.0) -> tuple[list[str], int, list[Path]]:
     """Write every completed run of ``out`` (notebook, log and run directory without checkpoints, lock or
-    temporary files) to the gzip tar ``archive``, members relative to ``out``; returns (run names, bytes).
-    Raises :class:`CampaignError`, writing nothing, without a completed run or over ``max_mib``."""
+    temporary files) to the gzip tar ``archive``, members relative to ``out``; over ``part_mib`` it is cut into
+    ``<archive>.partNN`` and the manifest ``<archive>.parts`` (:mod:`satconv.parts`: a GPU call returns files
+    of at most 16 MiB).  Returns (run names, bytes, files written).  Raises :class:`CampaignError`, writing
+    nothing, without a completed run or over ``max_mib``."""
+    from .parts import manifest_path, split
     from .rundir import CorruptFile, lock_holder, run_status
 
     names = []
@@ -390,21 +397,45 @@ def pack(out: Path, archive: Path, max_mib: float = 60.0) -> tuple[list[str], in
         if size > max_mib * 2**20:
             raise CampaignError(f"the archive would be {size / 2**20:.2f} MiB, over --max-mib {max_mib:g}; "
                                 f"nothing written")
-        os.replace(tmp, archive)
+        if size > part_mib * 2**20:
+            files = split(tmp, archive, int(part_mib * 2**20))
+            archive.unlink(missing_ok=True)  # one form only: install reads the archive, else its manifest
+        else:
+            os.replace(tmp, archive)
+            manifest_path(archive).unlink(missing_ok=True)
+            files = [archive]
     finally:
         tmp.unlink(missing_ok=True)
-    return names, size
+    return names, size, files
 
 
 def install(archive: Path, dest: Path, replace: bool = False) -> list[str]:
-    """Unpack a :func:`pack` archive into ``dest``; returns the ``_toc.yml`` lines of its pages.  Raises
-    :class:`CampaignError`, writing nothing, at an unsafe member or, unless ``replace``, a run already there."""
-    with tarfile.open(archive, "r:gz") as tar:
+    """Unpack a :func:`pack` archive into ``dest``; returns the ``_toc.yml`` lines of its pages.  ``archive`` may
+    also have been cut into parts: then its manifest ``<archive>.parts`` (or the manifest itself) is given, and
+    the parts are joined and checked first.  Raises :class:`CampaignError`, writing nothing, at a missing or
+    altered part, an unsafe member or, unless ``replace``, a run already there."""
+    from .parts import PartsError, joined, manifest_path
+
+    manifest = archive if archive.name.endswith(".parts") else manifest_path(archive)
+    if archive.is_file() and archive != manifest:
+        return _install(archive, archive, dest, replace)
+    if not manifest.is_file():
+        raise CampaignError(f"{archive}: no such file, and no manifest {manifest.name} of its parts")
+    try:
+        with joined(manifest) as whole:
+            return _install(whole, manifest, dest, replace)
+    except PartsError as exc:
+        raise CampaignError(str(exc)) from None
+
+
+def _install(path: Path, shown: Path, dest: Path, replace: bool) -> list[str]:
+    """:func:`install` of the whole archive at ``path`` (``shown`` in messages)."""
+    with tarfile.open(path, "r:gz") as tar:
         members = tar.getmembers()
         for m in members:
             parts = PurePosixPath(m.name).parts
             if not parts or m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-                raise CampaignError(f"{archive}: refusing its member {m.name!r}")
+                raise CampaignError(f"{shown}: refusing its member {m.name!r}")
         tops = {PurePosixPath(m.name).parts[0] for m in members}
         runs = sorted({PurePosixPath(m.name).parts[0] for m in members if m.isdir() or "/" in m.name})
         clash = sorted(t for t in tops if (dest / t).exists() or (dest / t).is_symlink())
@@ -437,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="one line per run directory")
     k = sub.add_parser("pack", help="archive the completed runs without checkpoints")
     k.add_argument("--max-mib", type=float, default=60.0)
+    k.add_argument("--part-mib", type=float, default=15.0,
+                   help="cut a larger archive into parts of this size, plus a manifest (default: 15)")
     i = sub.add_parser("install", help="unpack an archive into the book")
     i.add_argument("--replace", action="store_true", help="overwrite runs already there")
     for q in (r, s, k):
@@ -463,13 +496,12 @@ def main(argv: list[str] | None = None) -> int:
                     signal.signal(sig, handler)
         if a.cmd != "install" and not a.out.is_dir():
             raise CampaignError(f"--out {a.out}: no such directory")
-        if a.cmd == "install" and not a.archive.is_file():
-            raise CampaignError(f"{a.archive}: no such file")
         if a.cmd == "status":
             print("\n".join(status_lines(a.out)))
         elif a.cmd == "pack":
-            names, size = pack(a.out, a.archive, a.max_mib)
-            print(f"{a.archive}: {size / 2**20:.2f} MiB, {len(names)} runs: {', '.join(names)}")
+            names, size, files = pack(a.out, a.archive, a.max_mib, a.part_mib)
+            print(f"{a.archive}: {size / 2**20:.2f} MiB, {len(names)} runs: {', '.join(names)}"
+                  + ("" if files == [a.archive] else f"; in {len(files) - 1} parts: {', '.join(f.name for f in files)}"))
         else:
             print(f"installed into {a.out}; add to _toc.yml:\n" + "\n".join(install(a.archive, a.out, a.replace)))
         return 0

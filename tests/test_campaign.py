@@ -338,6 +338,36 @@ def test_install_round_trip_and_refusals(tmp_path, capsys):
         shutil.rmtree(book.parent, ignore_errors=True)
 
 
+def test_pack_cuts_a_large_archive_into_parts_that_install_joins(tmp_path, capsys):
+    """Over --part-mib: parts of at most that size and a manifest, and no whole archive (a GPU call returns files
+    of at most 16 MiB); install takes the archive's name and joins them; a missing part installs nothing."""
+    out = tmp_path / "runs"
+    fake_run(out, "a_e3_s1", planned=3)
+    (out / "a_e3_s1" / "atlas.pt").write_bytes(os.urandom(int(2.5 * 2**20)))  # incompressible
+    archive = tmp_path / "campaign.tar.gz"
+    archive.write_bytes(b"an older whole archive")
+    assert main(["pack", "--out", str(out), "--part-mib", "1", str(archive)]) == 0
+    assert "in 3 parts: campaign.tar.gz.part00, campaign.tar.gz.part01, campaign.tar.gz.part02, " \
+           "campaign.tar.gz.parts" in capsys.readouterr().out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["campaign.tar.gz.part00", "campaign.tar.gz.part01", "campaign.tar.gz.part02",
+                     "campaign.tar.gz.parts", "runs"]
+    assert all((tmp_path / n).stat().st_size <= 2**20 for n in names[:3])
+    book = tmp_path / "book"
+    assert main(["install", "--out", str(book), str(archive)]) == 0
+    assert (book / "a_e3_s1" / "atlas.pt").read_bytes() == (out / "a_e3_s1" / "atlas.pt").read_bytes()
+    (tmp_path / "campaign.tar.gz.part01").unlink()
+    assert main(["install", "--out", str(tmp_path / "book2"), str(archive)]) == 2
+    assert "its part campaign.tar.gz.part01 is missing" in capsys.readouterr().err
+    assert not (tmp_path / "book2").exists()
+    # a small archive is one file again, and the old manifest goes
+    (out / "a_e3_s1" / "atlas.pt").write_bytes(b"x")
+    assert main(["pack", "--out", str(out), "--part-mib", "1", str(archive)]) == 0
+    assert archive.is_file() and not (tmp_path / "campaign.tar.gz.parts").exists()
+    assert main(["install", "--out", str(tmp_path / "nowhere-else"), str(tmp_path / "none.tar.gz")]) == 2
+    assert "no such file, and no manifest none.tar.gz.parts" in capsys.readouterr().err
+
+
 def test_install_refuses_unsafe_members(tmp_path, capsys):
     evil = tmp_path / "evil.tar.gz"
     with tarfile.open(evil, "w:gz") as tar:
