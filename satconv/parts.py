@@ -94,7 +94,7 @@ def joined(manifest: Path):
         size, digest = int(spec["size"]), spec["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PartsError(f"{manifest}: not a parts manifest ({exc})") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{spec.get('name', 'joined')}.", dir=manifest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(str(spec.get('name') or 'joined')).name}.", dir=manifest.parent)
     try:
         whole = hashlib.sha256()
         with os.fdopen(fd, "wb") as out:
