@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-CHUNK = 1 << 20
+from .rundir import atomic_write
 
 
 class PartsError(ValueError):
@@ -25,23 +25,6 @@ class PartsError(ValueError):
 def manifest_path(path: Path) -> Path:
     """``<path>.parts``: the manifest of ``path`` cut into parts."""
     return path.with_name(path.name + ".parts")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def split(source: Path, dest: Path, part_bytes: int) -> list[Path]:
@@ -62,16 +45,17 @@ def split(source: Path, dest: Path, part_bytes: int) -> list[Path]:
     count = max(1, -(-size // part_bytes))
     if count > 100:
         raise ValueError(f"{source}: {count} parts of {part_bytes} bytes; at most 100")
-    parts, entries = [], []
+    parts, entries, whole = [], [], hashlib.sha256()
     with open(source, "rb") as f:
         for i in range(count):
             data = f.read(part_bytes)
             part = dest.with_name(f"{dest.name}.part{i:02d}")
-            _write_atomic(part, data)
+            atomic_write(part, data)
             parts.append(part)
+            whole.update(data)
             entries.append({"name": part.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"name": dest.name, "size": size, "sha256": _sha256(source), "parts": entries}
-    _write_atomic(manifest_path(dest), (json.dumps(manifest, indent=1) + "\n").encode())
+    manifest = {"name": dest.name, "size": size, "sha256": whole.hexdigest(), "parts": entries}
+    atomic_write(manifest_path(dest), (json.dumps(manifest, indent=1) + "\n").encode())
     return [*parts, manifest_path(dest)]
 
 
