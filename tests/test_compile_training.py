@@ -46,7 +46,8 @@ def _gradients(model) -> dict[str, torch.Tensor]:
 
 
 def compiled_against_eager(name: str, device: str, layers: int | None = None, steps: int = 20,
-                           lr: float = 0.02, batch: int = 16, dropout: bool = False, precision: str = "fp32") -> dict:
+                           lr: float = 0.02, batch: int = 16, dropout: bool = False, precision: str = "fp32",
+                           mode: str | None = None) -> dict:
     """Train the config's model eager and compiled from the same weights on the same batches.
 
     Args:
@@ -56,6 +57,8 @@ def compiled_against_eager(name: str, device: str, layers: int | None = None, st
         steps: SGD steps at constant ``lr`` on ``(batch, 3, 32, 32)`` Gaussian images.
         dropout: keep the config's dropout (each side then draws its own masks).
         precision: ``"fp32"``, or ``"bf16"`` (autocast on CUDA, as ``train.precision``; the fused kernels' case).
+        mode: a ``train.compile_mode`` in place of the config's (``None``: the config's on CUDA, ``"default"``
+            on the CPU), to tell CUDA graphs from inductor's kernels.
 
     Returns:
         ``{"worst": [(relative difference, parameter)] * 5, "ratios": {parameter: |g_compiled| / |g_eager|},
@@ -64,7 +67,8 @@ def compiled_against_eager(name: str, device: str, layers: int | None = None, st
     """
     cfg, eager, twin = _pair(name, device, layers, dropout, precision)
     bf16 = precision == "bf16" and device == "cuda"
-    mode = cfg.train.compile_mode if device == "cuda" else "default"
+    if mode is None:
+        mode = cfg.train.compile_mode if device == "cuda" else "default"
     forward = compiled(twin, mode)
     opts = [make_optimizer(m, cfg.train, device) for m in (eager, twin)]
     gen = torch.Generator().manual_seed(1)
