@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dropout import Dropout
+from ..dropout import Dropout, keep_mask
 from .precision import softmax_keys, wide
 from .routes import Routes
 from .shared import SharedProbabilityProduct
+from .shared_dropout import shared_softmax_dropout
 
 
 def fold_following(proj: nn.Linear, then: nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -348,6 +349,29 @@ class InputIndependentAttention(AttentionBase):
         self._probs_cache[key] = (version, probs)
         return probs
 
+    def dropped_probs(self, height: int, width: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training's probabilities and their dropout: one mask for the batch (:attr:`attn_drop`'s ``p``).
+
+        The softmax, the mask and the backward pass run as opaque operators
+        (:func:`satconv.attention.shared_dropout.shared_softmax_dropout`: inductor of torch 2.11 compiled the
+        plain expressions wrong on the GPU).  The mask is :func:`satconv.dropout.keep_mask`'s, the law of
+        :attr:`attn_drop`.
+
+        Args:
+            height, width: grid size, ``N = height * width``.
+            dtype: of the dropped probabilities (the activations'); ``None``: float32 at least.
+
+        Returns:
+            ``(probs, dropped)``, both ``(1, num_heads, N, N)``: the probabilities (float32 at least, rows sum
+            to 1) and ``probs * keep / (1 - p)`` in ``dtype``.
+        """
+        device_type = self.proj.weight.device.type
+        with torch.autocast(device_type=device_type, enabled=False):  # logits need full precision
+            logits = self.position_scores(height, width)
+        p = self.attn_drop.p
+        keep = keep_mask(logits.shape, p, logits, self.attn_drop.salt)  # (1, H, N, N)
+        return shared_softmax_dropout(logits, keep, p, dtype)
+
     def scores(self, x: torch.Tensor, height: int, width: int, key_source: torch.Tensor | None = None) -> torch.Tensor:
         """Position-only logits ``(1, num_heads, N, N)``; ``x`` and ``key_source`` are not used."""
         return self.position_scores(height, width)
@@ -368,8 +392,11 @@ class InputIndependentAttention(AttentionBase):
         self.check_input(x, key_source)
         b, height, width, d = x.shape
         tokens = x.reshape(b, height * width, d)  # (B, N, D)
-        probs = self.attention_probs(height, width, device=x.device, dtype=x.dtype)  # (1, H, N, N)
-        out = self.combine(self.attn_drop(probs), self.values(tokens), then)  # (B, N, out_dim or E)
+        if self.training and self.attn_drop.p > 0:
+            probs, dropped = self.dropped_probs(height, width, x.dtype)  # (1, H, N, N) each
+        else:
+            probs = dropped = self.attention_probs(height, width, device=x.device, dtype=x.dtype)  # (1, H, N, N)
+        out = self.combine(dropped, self.values(tokens), then)  # (B, N, out_dim or E)
         out = out.reshape(b, height, width, -1)
         return (out, probs) if return_attention else out
 
