@@ -199,3 +199,13 @@ def test_compiled_training_follows_eager_on_gpu(name, dropout, precision):
     in gradient norms and loss."""
     result = compiled_against_eager(name, "cuda", batch=100, dropout=dropout, precision=precision, steps=30)
     _verdict(name, "cuda", result, loose=dropout or precision == "bf16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA unavailable")
+@pytest.mark.parametrize("name", ["paper_quadratic_anisotropic", "sasa", "fcvit", "re_gaussian_hier",
+                                  "re_learned2d_withcontent_9heads_hier", "re_san_pairwise", "re_san_patchwise"])
+def test_compiled_bf16_training_follows_eager_on_gpu(name):
+    """The other configs of the campaign's runs, as the campaign trains them (bf16, dropout on), on the GPU."""
+    result = compiled_against_eager(name, "cuda", batch=100, dropout=True, precision="bf16", steps=30)
+    _verdict(name, "cuda", result, loose=True)
+
