@@ -158,6 +158,12 @@ glue("dw_backward_ratio", f"{ratio:.0f}", display=False)  # a ratio of integer c
 # - **Compiled steps.** `torch.compile` with inductor's mixed-order LayerNorm reduction and its
 #   comprehensive padding off (`satconv.steps.INDUCTOR_OPTIONS`), LayerNorm in the autocast dtype, and
 #   for ResNet18 the whole step in one CUDA graph (`train.step_graph`, `satconv.steps.CapturedStep`).
+# - **Compiled against eager.** `tests/test_compile_training.py` trains every attention config of the
+#   campaign compiled and eager, from the same weights on the same batches, on a GPU. It caught a
+#   compiler fault: with the attention dropout on, inductor (torch 2.11, H100) computed the first block's
+#   gradients of the Gaussian centres and spreads far larger than eager did, and the 16-head model went
+#   NaN early in training. The batch-shared softmax and its dropout now run as two operators that the
+#   compiler calls without looking inside (`satconv.attention.shared_dropout`); the test passes with them.
 # - **The `sdpa` route** (`train.attention_route: sdpa`) sends the folded content attention through
 #   `scaled_dot_product_attention`, which never stores the probabilities: a memory-lean option, not the
 #   default.

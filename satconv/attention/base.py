@@ -312,14 +312,16 @@ class InputIndependentAttention(AttentionBase):
         self.clear_cache()
         return super().train(mode)
 
-    def _compute_probs(self, height: int, width: int, device, dtype) -> torch.Tensor:
-        device_type = torch.device(device).type if device is not None else self.proj.weight.device.type
+    def _full_precision_scores(self, height: int, width: int) -> torch.Tensor:
+        """:meth:`position_scores` with autocast off (the logits need full precision)."""
+        device_type = self.proj.weight.device.type
         if device_type in ("cuda", "cpu"):
-            with torch.autocast(device_type=device_type, enabled=False):  # logits need full precision
-                logits = self.position_scores(height, width)
-        else:  # e.g. the meta device (shape-only FLOP counting): no autocast there
-            logits = self.position_scores(height, width)
-        probs = softmax_keys(logits)
+            with torch.autocast(device_type=device_type, enabled=False):
+                return self.position_scores(height, width)
+        return self.position_scores(height, width)  # e.g. the meta device (shape-only FLOP counting): no autocast
+
+    def _compute_probs(self, height: int, width: int, device, dtype) -> torch.Tensor:
+        probs = softmax_keys(self._full_precision_scores(height, width))
         return probs.to(device=device, dtype=dtype or probs.dtype)
 
     def attention_probs(self, height: int, width: int, device=None, dtype=None) -> torch.Tensor:
@@ -365,9 +367,7 @@ class InputIndependentAttention(AttentionBase):
             ``(probs, dropped)``, both ``(1, num_heads, N, N)``: the probabilities (float32 at least, rows sum
             to 1) and ``probs * keep / (1 - p)`` in ``dtype``.
         """
-        device_type = self.proj.weight.device.type
-        with torch.autocast(device_type=device_type, enabled=False):  # logits need full precision
-            logits = self.position_scores(height, width)
+        logits = self._full_precision_scores(height, width)
         p = self.attn_drop.p
         keep = keep_mask(logits.shape, p, logits, self.attn_drop.salt)  # (1, H, N, N)
         return shared_softmax_dropout(logits, keep, p, dtype)
