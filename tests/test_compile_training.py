@@ -138,9 +138,13 @@ def _verdict(name: str, device: str, result: dict, loose: bool = False):
         assert all(abs(c - e) <= LOSS_REL * abs(e) for e, c in zip(result["eager"], result["compiled"])), report
 
 
+@pytest.mark.slow
 def test_compiled_training_follows_eager_on_cpu():
-    """The comparison itself, where inductor is known to agree: the 16-head model, one block, on the CPU."""
+    """The comparison itself, where inductor is known to agree: the 16-head model, one block, on the CPU; and
+    with dropout on, which runs the batch-shared softmax and dropout operators inside the compiled graph."""
     _verdict("paper_quadratic_16heads", "cpu", compiled_against_eager("paper_quadratic_16heads", "cpu", 1, 3))
+    result = compiled_against_eager("paper_quadratic_16heads", "cpu", 1, 3, dropout=True)
+    _verdict("paper_quadratic_16heads", "cpu", result, loose=True)
 
 
 def test_the_comparison_sees_a_wrong_gradient(monkeypatch):
