@@ -7,7 +7,7 @@
 
 ``pack`` cuts an archive over ``--part-mib`` into ``ARCHIVE.tar.gz.partNN`` plus the manifest
 ``ARCHIVE.tar.gz.parts`` (a GPU call returns files of at most 16 MiB); ``install`` takes ``ARCHIVE.tar.gz``
-either way, with its parts and manifest beside it.
+either way, with its parts and manifest beside it (both in :mod:`satconv.transfer`).
 
 A SPEC is ``config:seed:epochs[:key=value,key=value]`` (``configs/<config>.yaml``), the run
 ``<config>_e<epochs>_s<seed>``, with the spec's own overrides appended (:func:`override_slug`): papermill
@@ -27,13 +27,11 @@ Exit codes: 0 done; 1 a run failed (the later specs still ran); 2 bad arguments 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,12 +39,12 @@ import tarfile
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .config import REPO_ROOT
+from .transfer import KEPT_PT, TransferError, install, pack
 
 DEFAULT_OVERRIDES = "train.precision=bf16 train.compile=true train.eval_batch_size=100"
-KEPT_PT = "atlas.pt"  # the one top-level *.pt a finished run keeps (snapshots/*.pt stay too)
 KILL_AFTER = 10.0  # seconds between SIGTERM and SIGKILL when a stopped run outlives its grace
 _KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -359,96 +357,6 @@ def status_lines(out: Path) -> list[str]:
     return lines
 
 
-def _packed(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    """A run directory's member as packed: no lock, temporary file, link or checkpoint."""
-    parts = PurePosixPath(info.name).parts
-    if parts[-1] == ".lock" or fnmatch.fnmatch(parts[-1], ".*.tmp-*") or not (info.isfile() or info.isdir()):
-        return None
-    if parts[-1].endswith(".pt") and parts[1:] != (KEPT_PT,) and not (len(parts) == 3 and parts[1] == "snapshots"):
-        return None
-    return info
-
-
-def pack(out: Path, archive: Path, max_mib: float = 60.0, part_mib: float = 15.0) -> tuple[list[str], int, list[Path]]:
-    """Write every completed run of ``out`` (notebook, log and run directory without checkpoints, lock or
-    temporary files) to the gzip tar ``archive``, members relative to ``out``; over ``part_mib`` it is cut into
-    ``<archive>.partNN`` and the manifest ``<archive>.parts`` (:mod:`satconv.parts`: a GPU call returns files
-    of at most 16 MiB).  Returns (run names, bytes, files written).  Raises :class:`CampaignError`, writing
-    nothing, without a completed run or over ``max_mib``."""
-    from .parts import manifest_path, split
-    from .rundir import CorruptFile, lock_holder, run_status
-
-    names = []
-    for d in sorted(p for p in out.iterdir() if p.is_dir()):
-        with suppress(CorruptFile):
-            if lock_holder(d) is None and run_status(d) == "completed":
-                names.append(d.name)
-    if not names:
-        raise CampaignError(f"no completed run in {out}")
-    tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for name in names:
-                for f in (f"{name}.ipynb", f"{name}.log"):
-                    if (out / f).is_file():
-                        tar.add(out / f, arcname=f)
-                tar.add(out / name, arcname=name, filter=_packed)
-        size = tmp.stat().st_size
-        if size > max_mib * 2**20:
-            raise CampaignError(f"the archive would be {size / 2**20:.2f} MiB, over --max-mib {max_mib:g}; "
-                                f"nothing written")
-        if size > part_mib * 2**20:
-            files = split(tmp, archive, int(part_mib * 2**20))
-            archive.unlink(missing_ok=True)  # one form only: install reads the archive, else its manifest
-        else:
-            os.replace(tmp, archive)
-            manifest_path(archive).unlink(missing_ok=True)
-            files = [archive]
-    finally:
-        tmp.unlink(missing_ok=True)
-    return names, size, files
-
-
-def install(archive: Path, dest: Path, replace: bool = False) -> list[str]:
-    """Unpack a :func:`pack` archive into ``dest``; returns the ``_toc.yml`` lines of its pages.  ``archive`` may
-    also have been cut into parts: then its manifest ``<archive>.parts`` (or the manifest itself) is given, and
-    the parts are joined and checked first.  Raises :class:`CampaignError`, writing nothing, at a missing or
-    altered part, an unsafe member or, unless ``replace``, a run already there."""
-    from .parts import PartsError, joined, manifest_path
-
-    manifest = archive if archive.name.endswith(".parts") else manifest_path(archive)
-    if archive.is_file() and archive != manifest:
-        return _install(archive, archive, dest, replace)
-    if not manifest.is_file():
-        raise CampaignError(f"{archive}: no such file, and no manifest {manifest.name} of its parts")
-    try:
-        with joined(manifest) as whole:
-            return _install(whole, manifest, dest, replace)
-    except PartsError as exc:
-        raise CampaignError(str(exc)) from None
-
-
-def _install(path: Path, shown: Path, dest: Path, replace: bool) -> list[str]:
-    """:func:`install` of the whole archive at ``path`` (``shown`` in messages)."""
-    with tarfile.open(path, "r:gz") as tar:
-        members = tar.getmembers()
-        for m in members:
-            parts = PurePosixPath(m.name).parts
-            if not parts or m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-                raise CampaignError(f"{shown}: refusing its member {m.name!r}")
-        tops = {PurePosixPath(m.name).parts[0] for m in members}
-        runs = sorted({PurePosixPath(m.name).parts[0] for m in members if m.isdir() or "/" in m.name})
-        clash = sorted(t for t in tops if (dest / t).exists() or (dest / t).is_symlink())
-        if clash and not replace:
-            raise CampaignError(f"{dest} already holds {', '.join(clash)}; pass --replace to overwrite")
-        for t in clash:
-            shutil.rmtree(dest / t) if (dest / t).is_dir() and not (dest / t).is_symlink() else (dest / t).unlink()
-        dest.mkdir(parents=True, exist_ok=True)
-        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    base = os.path.relpath(dest.resolve(), REPO_ROOT) if dest.resolve().is_relative_to(REPO_ROOT) else str(dest)
-    return [f"      - file: {PurePosixPath(base, n)}" for n in runs if f"{n}.ipynb" in tops]
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line (module docstring); returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m satconv.campaign", description=__doc__,
@@ -505,13 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"installed into {a.out}; add to _toc.yml:\n" + "\n".join(install(a.archive, a.out, a.replace)))
         return 0
-    except (CampaignError, tarfile.TarError) as exc:
+    except (CampaignError, TransferError, tarfile.TarError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 __all__ = ["CampaignError", "Spec", "parse_spec", "validate", "papermill_command", "run_state", "finish_run",
-           "stop_child", "run_campaign", "status_lines", "pack", "install", "main", "DEFAULT_OVERRIDES"]
+           "stop_child", "run_campaign", "status_lines", "main", "DEFAULT_OVERRIDES"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """A file cut into parts of at most a given size, and put back together with its checksum verified.
 
-A GPU machine returns files of at most 16 MiB each (the device README), so :func:`satconv.campaign.pack`
+A GPU machine returns files of at most 16 MiB each (the device README), so :func:`satconv.transfer.pack`
 cuts a larger archive ``runs.tar.gz`` into ``runs.tar.gz.part00``, ``runs.tar.gz.part01``, ... and writes
 the manifest ``runs.tar.gz.parts`` (JSON: the whole file's size and SHA-256, each part's name, size and
 SHA-256) last, so that a manifest means every part was written.  :func:`joined` gives back the whole file,
