@@ -79,7 +79,8 @@ def compiled_against_eager(name: str, device: str, layers: int | None = None, st
         "norms": {parameter: (|g_eager|, |g_compiled|)}, "total": |g_eager| of the whole model,
         "negligible": [parameter], "eager": [loss] * steps, "compiled": [loss] * steps}``: the parameters whose
         first-step gradients differ most and the gradient-norm ratios, both over the parameters not
-        ``negligible`` (:data:`NEGLIGIBLE`), every parameter's norms, and each side's loss per step.
+        ``negligible`` (:data:`NEGLIGIBLE`, :data:`ANALYTICALLY_ZERO`), every parameter's norms, and each side's
+        loss per step.
     """
     cfg, eager, twin = _pair(name, device, layers, dropout, precision)
     bf16 = precision == "bf16" and device == "cuda"
@@ -126,7 +127,7 @@ def _verdict(name: str, device: str, result: dict, loose: bool = False):
     report = (f"{name} on {device}{' (dropout or bf16)' if loose else ''}: worst first-step gradients (relative "
               f"difference, parameter) {result['worst']}; gradient-norm ratios compiled/eager furthest from 1 "
               f"{ratios}; the worst three's norms (eager, compiled) {norms}, the whole model's {result['total']:.3g}; not "
-              f"compared (below {NEGLIGIBLE:g} of it on both sides) {result['negligible']}; losses eager "
+              f"compared (below {NEGLIGIBLE:g} of it on both sides, or exactly 0) {result['negligible']}; losses eager "
               f"{[round(v, 4) for v in result['eager']]} compiled {[round(v, 4) for v in result['compiled']]}")
     assert all(math.isfinite(v) for v in result["compiled"]), report
     if loose:

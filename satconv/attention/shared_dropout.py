@@ -26,10 +26,6 @@ import torch
 from .precision import softmax_keys
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
-
-
 @torch.library.custom_op("satconv::shared_softmax_dropout", mutates_args=())
 def _forward(logits: torch.Tensor, keep: torch.Tensor, scale: float,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,16 +35,16 @@ def _forward(logits: torch.Tensor, keep: torch.Tensor, scale: float,
 
 @_forward.register_fake
 def _(logits, keep, scale, dtype):
-    wide = logits.dtype if logits.dtype == torch.float64 else torch.float32
-    return torch.empty_like(logits, dtype=wide), torch.empty_like(logits, dtype=dtype)
+    return (torch.empty_like(logits, dtype=torch.promote_types(logits.dtype, torch.float32)),
+            torch.empty_like(logits, dtype=dtype))
 
 
 @torch.library.custom_op("satconv::shared_softmax_dropout_backward", mutates_args=())
 def _backward(probs: torch.Tensor, keep: torch.Tensor, scale: float, g_dropped: torch.Tensor | None,
               g_probs: torch.Tensor | None, logits_dtype: torch.dtype) -> torch.Tensor:
-    d = torch.zeros_like(probs) if g_probs is None else _wide(g_probs).to(probs.dtype)
+    d = torch.zeros_like(probs) if g_probs is None else g_probs.to(probs.dtype)  # probs: float32 at least
     if g_dropped is not None:
-        d = d + _wide(g_dropped).to(probs.dtype) * keep * scale
+        d = d + g_dropped.to(probs.dtype) * keep * scale
     return (probs * (d - (probs * d).sum(-1, keepdim=True))).to(logits_dtype)
 
 
@@ -104,7 +100,7 @@ def shared_softmax_dropout(logits: torch.Tensor, keep: torch.Tensor, p: float,
         raise ValueError(f"keep must be a bool mask of the logits' shape {tuple(logits.shape)}, "
                          f"got {keep.dtype} {tuple(keep.shape)}")
     if dtype is None:
-        dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
+        dtype = torch.promote_types(logits.dtype, torch.float32)
     return SharedSoftmaxDropout.apply(logits, keep, float(p), dtype)
 
 
