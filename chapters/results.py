@@ -49,6 +49,7 @@ from myst_nb import glue
 
 from satconv.config import REPO_ROOT, from_dict, load, to_dict
 from satconv.models import build_model, count_parameters
+from satconv.plan import PLAN_FILE, load_plan, progress
 from satconv.report import html_table
 from satconv.evaluation import find_runs, read_metrics, training_set_note
 from satconv.viz.runs import QUICK_OVERRIDES
@@ -153,6 +154,27 @@ if smoke:
         "exist; its accuracies say nothing about the paper.</p></div>"))
 else:
     print(f"{len(dirs)} run directories found")
+
+
+# %% [markdown]
+# ### The campaign: done and to come
+#
+# `book/campaign.yaml` lists the runs this page is built for, in the order they are trained: the
+# paper's three models at its full 300 epochs on three seeds, its protocol without a validation
+# split, and the other models on a common 100-epoch schedule. The table reads that plan against
+# `book/runs/` (`satconv.plan`; `python -m satconv.plan` prints the same, with the specs still to
+# run). Until a row is complete, the tables and curves below show what exists and say what is
+# missing.
+
+# %% tags=["hide-input"]
+plan_rows = progress(load_plan(PLAN_FILE), RUNS_DIR)
+display(html_table(
+    ["run", "config", "epochs", "seeds done", "seeds to run", "note"],
+    [[r["run"].id, r["run"].config, f"{r['run'].epochs} epochs", ", ".join(map(str, r["done"])) or "none",
+      ", ".join(map(str, r["todo"])) or "none", r["run"].note] for r in plan_rows],
+    [f"{sum(len(r['done']) for r in plan_rows)} of {sum(len(r['run'].seeds) for r in plan_rows)} planned runs "
+     "are in the book. Data: CIFAR-10 (JPEG q75 copy). Run = the run's number in the plan; a seed is done when "
+     "its run completed and its executed notebook is committed."]))
 
 
 # %% tags=["hide-input"]

@@ -71,6 +71,12 @@ class Spec:
         """
         return f"{self.config}_e{self.epochs}_s{self.seed}" + (f"_{override_slug(self.extra)}" if self.extra else "")
 
+    @property
+    def text(self) -> str:
+        """The spec as written on the command line, ``config:seed:epochs[:key=value,...]`` (:func:`parse_spec`'s
+        input)."""
+        return f"{self.config}:{self.seed}:{self.epochs}" + (":" + ",".join(self.extra) if self.extra else "")
+
     def overrides(self, common: str = "") -> list[str]:
         """The run's dotted overrides: ``common``, then seed and epochs, then the spec's own."""
         return [*common.split(), f"train.seed={self.seed}", f"train.epochs={self.epochs}", *self.extra]

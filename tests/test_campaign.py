@@ -31,6 +31,8 @@ def test_parse_spec():
                                                       "train.compile_mode=reduce-overhead", "train.lr=0.2"]
     assert parse_spec("paper_resnet18:0:1") == Spec("paper_resnet18", 0, 1)
     assert parse_spec("paper_resnet18:0:1").name == "paper_resnet18_e1_s0"
+    assert spec.text == "paper_quadratic:42:300:train.compile_mode=reduce-overhead,train.lr=0.2"  # parse's input
+    assert parse_spec("paper_resnet18:0:1").text == "paper_resnet18:0:1"
 
 
 def test_a_variant_never_shares_the_plain_runs_folder():
