@@ -10,8 +10,8 @@ trained.  Each entry is one config on one schedule, for one or more seeds::
 
 An entry expands into one :class:`satconv.campaign.Spec` per seed (``config:seed:epochs[:overrides]``), and a
 spec is *done* when ``book/runs/<spec name>/`` holds a completed run beside its executed notebook
-(:func:`satconv.campaign.run_state`).  ``python -m satconv.plan [--plan FILE] [--runs DIR]`` prints the progress and the specs
-still to run, in order, ready for ``campaign run``; the results chapter shows the same table.
+(:func:`satconv.campaign.run_state`).  ``python -m satconv.plan [--plan FILE] [--runs DIR]`` prints the progress
+and the specs still to run, in order, ready for ``campaign run``; the results chapter shows the same table.
 """
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ class PlannedRun:
         seeds: the seeds, in order.
         overrides: dotted ``key=value`` overrides of every run of the entry (part of the run's name).
         note: why the entry waits, or anything a reader of the plan should know (empty: none).
+        specs: one :class:`satconv.campaign.Spec` per seed, in order (derived; the constructor checks them).
+
+    Raises:
+        CampaignError: an unknown config, a non-positive ``epochs`` or a bad override (:func:`parse_spec`).
     """
 
     id: str

@@ -89,7 +89,8 @@ def test_load_plan_errors(tmp_path):
 
 def test_progress_counts_a_seed_done_exactly_when_campaign_run_would_skip_it(tmp_path):
     runs = tmp_path / "runs"
-    plan = parse_plan({"runs": [entry(seeds=[42, 43, 44, 45, 46]), entry(id="6", seeds=[42], overrides=["data.val_size=0"])]})
+    plan = parse_plan({"runs": [entry(seeds=[42, 43, 44, 45, 46]),
+                                entry(id="6", seeds=[42], overrides=["data.val_size=0"])]})
     finished(runs, "paper_resnet18_e300_s42")
     finished(runs, "paper_resnet18_e300_s43", exception=True)  # the notebook failed after training: not done
     finished(runs, "paper_resnet18_e300_s44", status="interrupted", checkpoint=True)  # resumable
