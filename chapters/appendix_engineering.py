@@ -164,6 +164,11 @@ glue("dw_backward_ratio", f"{ratio:.0f}", display=False)  # a ratio of integer c
 #   gradients of the Gaussian centres and spreads far larger than eager did, and the 16-head model went
 #   NaN early in training. The batch-shared softmax and its dropout now run as two operators that the
 #   compiler calls without looking inside (`satconv.attention.shared_dropout`); the test passes with them.
+#   The two 30-epoch attention runs under *GPU results* were compiled before this mend, with an older
+#   dropout (`nn.Dropout` on the shared probabilities) that the test never ran; the 300-epoch runs of the
+#   campaign replace them. Training the learned + content model *eagerly*, on all three of its attention
+#   routes, stayed as near chance in its first epochs as its compiled run did, so that model's trouble
+#   is not this fault.
 # - **The `sdpa` route** (`train.attention_route: sdpa`) sends the folded content attention through
 #   `scaled_dot_product_attention`, which never stores the probabilities: a memory-lean option, not the
 #   default.
