@@ -168,7 +168,8 @@ glue("dw_backward_ratio", f"{ratio:.0f}", display=False)  # a ratio of integer c
 #   dropout (`nn.Dropout` on the shared probabilities) that the test never ran; the 300-epoch runs of the
 #   campaign replace them. Training the learned + content model *eagerly*, on all three of its attention
 #   routes, stayed as near chance in its first epochs as its compiled run did, so that model's trouble
-#   is not this fault.
+#   is not this fault: it came from the per-epoch learning-rate steps of its short warm-up (results
+#   chapter, "Per-epoch learning-rate steps on short schedules").
 # - **The `sdpa` route** (`train.attention_route: sdpa`) sends the folded content attention through
 #   `scaled_dot_product_attention`, which never stores the probabilities: a memory-lean option, not the
 #   default.

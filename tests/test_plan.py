@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from satconv.campaign import CampaignError, Spec, parse_spec, run_state
+from satconv.config import REPO_ROOT, load
 from satconv.plan import PLAN_FILE, PlannedRun, load_plan, main, parse_plan, progress, progress_lines
 from satconv.rundir import RunLock
 
@@ -40,6 +41,18 @@ def test_the_books_plan_loads_and_names_issue_18s_runs():
                                                              "sasa", "fcvit", "re_gaussian_hier",
                                                              "re_learned2d_withcontent_9heads_hier"}
     assert [r.id for r in plan] == sorted((r.id for r in plan), key=int)  # in the issue's order
+
+
+def test_the_books_comparison_runs_share_one_rate_setting():
+    """Runs 7-11 compare models on one common schedule (issue 18), and the results chapter says they all
+    set the rate per batch: per-epoch steps over their short warm-up sent runs 7 and 9 to chance."""
+    comparison = [r for r in load_plan(PLAN_FILE) if int(r.id) >= 7]
+    assert {r.id for r in comparison} == {"7", "8", "9", "10", "11"}
+    steps = {r.config: load(REPO_ROOT / "configs" / f"{r.config}.yaml", list(r.overrides)).train.lr_step
+             for r in comparison}
+    assert set(steps.values()) == {"step"}, steps
+    # the paper configs among them set per-epoch steps themselves: the plan's override is what changes them
+    assert load(REPO_ROOT / "configs" / "paper_quadratic_16heads.yaml").train.lr_step == "epoch"
 
 
 def test_an_entry_expands_into_one_spec_per_seed_named_as_the_campaign_names_runs():
