@@ -52,7 +52,7 @@ from satconv.models import build_model, count_parameters
 from satconv.plan import PLAN_FILE, load_plan, progress
 from satconv.report import html_table
 from satconv.evaluation import find_runs, read_metrics, training_set_note
-from satconv.viz.runs import QUICK_OVERRIDES
+from satconv.viz.runs import QUICK_OVERRIDES, run_info
 from satconv.train import train
 
 torch.set_num_threads(2)
@@ -193,9 +193,10 @@ def model_label(m: dict) -> str:
     return f"{m['arch']}: {kind}"
 
 
-def schedule_label(t: dict) -> str:
-    """Optimiser schedule of a config's ``train`` section."""
-    label = f"{t['schedule']}, warm-up {t['warmup_ratio']:.0%}, lr {t['lr']:g}, batch {t['batch_size']}"
+def schedule_label(t: dict, lr_step: str) -> str:
+    """Optimiser schedule of a config's ``train`` section; ``lr_step`` as :func:`satconv.viz.runs.run_info` reads it."""
+    label = (f"{t['schedule']}, warm-up {t['warmup_ratio']:.0%}, lr {t['lr']:g} set per "
+             f"{'batch' if lr_step == 'step' else 'epoch'}, batch {t['batch_size']}")
     if t["schedule"] == "multistep":
         steps = [str(m) for m in t["milestones"] if m < t["epochs"]]
         label += f", x{t['gamma']:g} at epochs {'/'.join(steps)}" if steps else ", no step within the run"
@@ -237,7 +238,7 @@ def summarise(run_dir: Path) -> dict:
             "sizes": sizes, "synthetic": raw["data"]["source"] == "synthetic",
             "shrunk": full is not None and full["model"] != raw["model"],
             "epochs_run": metrics[-1]["epoch"] if metrics else 0, "epochs_planned": t["epochs"],
-            "epochs_full": full["train"]["epochs"] if full else None, "schedule": schedule_label(t),
+            "epochs_full": full["train"]["epochs"] if full else None, "schedule": schedule_label(t, run_info(run_dir, "gpu")["lr_step"]),
             "seed": info.get("seed", t["seed"]), "device": " then ".join(dict.fromkeys(devices)),
             "status": info.get("status", "unknown"), "best_val": best.get("val_acc"),
             "best_epoch": best.get("epoch"), "test_best": best.get("test_acc"),

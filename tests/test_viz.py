@@ -374,11 +374,12 @@ def test_find_run_prefers_committed_gpu_runs_and_reuses_a_finished_stand_in(tmp_
     assert table.count("\n") == 3 and "CPU stand-in" in table and "GPU run" in table
 
 
-def _fake_run(run_dir, name, seed, epochs_run, planned, status="completed"):
+def _fake_run(run_dir, name, seed, epochs_run, planned, status="completed", lr_step="epoch"):
     import json
 
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(f"name: {name}\ntrain: {{epochs: {planned}, seed: {seed}}}\n")
+    rate = "" if lr_step is None else f", lr_step: {lr_step}"
+    (run_dir / "config.yaml").write_text(f"name: {name}\ntrain: {{epochs: {planned}, seed: {seed}{rate}}}\n")
     (run_dir / "run.json").write_text(json.dumps({"status": status, "seed": seed, "device": "NVIDIA H100",
                                                   "data": {"description": "CIFAR-10 (JPEG q75 copy)"}}))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epochs_run + 1)))
@@ -414,6 +415,19 @@ def test_retitle_run_page_names_config_seed_and_schedule(tmp_path):
     page.write_text(json.dumps({**nb, "cells": nb["cells"][1:]}))
     with pytest.raises(ValueError, match="heading"):
         viz.retitle_run_page(page, run)
+
+
+def test_run_title_says_when_a_run_set_its_rate_otherwise_than_its_config(tmp_path):
+    """paper_quadratic's file sets the rate per epoch; a run that set it per batch says so, and so does a run
+    written before train.lr_step existed (it stepped per batch, the key's default); a matching run says nothing."""
+    per_batch = _fake_run(tmp_path / "a", "paper_quadratic", 42, 100, 100, lr_step="step")
+    older = _fake_run(tmp_path / "b", "paper_quadratic", 42, 30, 30, lr_step=None)
+    same = _fake_run(tmp_path / "c", "paper_quadratic", 42, 300, 300, lr_step="epoch")
+    assert viz.run_title(per_batch) == ("paper_quadratic, seed 42, 100 epochs (config: 300), "
+                                        "rate set per batch (config: per epoch)")
+    assert viz.run_info(older, "gpu")["lr_step"] == "step" and "rate set per batch" in viz.run_title(older)
+    assert viz.run_title(same) == "paper_quadratic, seed 42, 300 epochs"
+    assert "rate" not in viz.run_label(per_batch, "quick")  # a CPU stand-in is not compared with its config
 
 
 def test_run_label_reads_data_schedule_seed_and_device_from_the_run(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import REPO_ROOT, from_dict, load, override
+from ..config import REPO_ROOT, TrainConfig, from_dict, load, override
 from ..evaluation import find_runs, read_metrics, read_run_info, training_set_note
 from .common import to_numpy
 
@@ -95,7 +95,9 @@ def run_info(run_dir, kind: str) -> dict:
     Returns:
         ``kind``; ``name`` (the config); ``data`` (``run.json``'s data description); ``epochs_run``
         (the last epoch in ``metrics.jsonl``); ``epochs_planned`` (the run's ``train.epochs``);
-        ``epochs_full`` (``train.epochs`` of ``configs/<name>.yaml``, ``None`` without it);
+        ``epochs_full`` (``train.epochs`` of ``configs/<name>.yaml``, ``None`` without it); ``lr_step``
+        (``"step"`` or ``"epoch"``: when the run set its learning rate; ``"step"`` for runs from before the
+        key existed, as the config's default) and ``lr_step_full`` (the config file's, ``None`` without it);
         ``seed``; ``device``; ``status``; ``test_acc`` (final weights, ``None`` when absent); ``sizes``
         (images per split, ``{"train": 45000, "val": 5000, "test": 10000}``; ``{}`` when not recorded).
         Values a run does not record are ``None``.
@@ -107,22 +109,30 @@ def run_info(run_dir, kind: str) -> dict:
     train = raw.get("train", {})
     name = raw.get("name", run_dir.name)
     full = REPO_ROOT / "configs" / f"{name}.yaml"
+    full_train = load(full).train if full.is_file() else None
     return {"kind": kind, "name": name, "data": info.get("data", {}).get("description"),
             "epochs_run": metrics[-1].get("epoch") if metrics else None, "epochs_planned": train.get("epochs"),
-            "epochs_full": load(full).train.epochs if full.is_file() else None,
+            "epochs_full": full_train.epochs if full_train else None,
+            "lr_step": train.get("lr_step", TrainConfig.lr_step),
+            "lr_step_full": full_train.lr_step if full_train else None,
             "seed": info.get("seed", train.get("seed")), "device": info.get("device"), "status": info.get("status"),
             "test_acc": info.get("results", {}).get("final", {}).get("test_acc"),
             "sizes": info.get("data", {}).get("sizes", {})}
 
 
-def _epochs_text(info: dict) -> str:
-    """``"30 epochs (config: 300)"``: epochs run, of how many planned, and the config file's schedule."""
+def _schedule_text(info: dict) -> str:
+    """``"30 epochs (config: 300)"``: epochs run, of how many planned, and the config file's schedule; for a
+    GPU run whose learning rate was set otherwise than its config file says, also that:
+    ``"100 epochs (config: 300), rate set per batch (config: per epoch)"``."""
     run, planned, full = info["epochs_run"], info["epochs_planned"], info["epochs_full"]
     text = f"{'?' if run is None else run} epochs"
     if planned is not None and run != planned:
         text += f" of {planned}"
     if info["kind"] == "gpu" and full is not None and full != (planned if planned is not None else run):
         text += f" (config: {full})"
+    per = {"step": "batch", "epoch": "epoch"}
+    if info["kind"] == "gpu" and info["lr_step_full"] is not None and info["lr_step"] != info["lr_step_full"]:
+        text += f", rate set per {per[info['lr_step']]} (config: per {per[info['lr_step_full']]})"
     return text
 
 
@@ -134,16 +144,16 @@ def run_label(run_dir, kind: str) -> str:
     """
     info = run_info(run_dir, kind)
     if kind == "gpu":
-        return (f"GPU run: {info['data'] or '?'}, {_epochs_text(info)}, seed {info['seed']}, "
+        return (f"GPU run: {info['data'] or '?'}, {_schedule_text(info)}, seed {info['seed']}, "
                 f"{info['device'] or '?'}")
-    return f"CPU stand-in, not a result: 'quick' profile, {info['data'] or '?'}, {_epochs_text(info)}"
+    return f"CPU stand-in, not a result: 'quick' profile, {info['data'] or '?'}, {_schedule_text(info)}"
 
 
 def run_title(run_dir) -> str:
     """The title of a run's page: ``"paper_quadratic, seed 42, 30 epochs (config: 300)"``, read by :func:`run_info`;
     a run without a validation split adds ``", all 50,000 training images"``."""
     info = run_info(run_dir, "gpu")
-    return f"{info['name']}, seed {info['seed']}, {_epochs_text(info)}{training_set_note(info['sizes'])}"
+    return f"{info['name']}, seed {info['seed']}, {_schedule_text(info)}{training_set_note(info['sizes'])}"
 
 
 def retitle_run_page(notebook, run_dir) -> str:
@@ -193,7 +203,7 @@ def runs_table(runs: dict) -> str:
             run, acc = f"GPU run ({info['device'] or '?'})", "?" if acc is None else f"{100 * acc:.2f}%"
         else:
             run, acc = "CPU stand-in (`quick` profile)", "not shown"
-        lines.append(f"| {label} | {run} | {info['data'] or '?'} | {_epochs_text(info)} | {info['seed']} | {acc} |")
+        lines.append(f"| {label} | {run} | {info['data'] or '?'} | {_schedule_text(info)} | {info['seed']} | {acc} |")
     return "\n".join(lines)
 
 
