@@ -2,12 +2,17 @@
 autocast dtype.
 
 :func:`autocast_dtype` is the dtype autocast runs matrix products in (``None`` outside autocast),
-:func:`wide` upcasts half-precision tensors to float32, and :func:`softmax_keys` takes eq. (2)'s softmax over
+:func:`wide_dtype` and :func:`wide` name and apply the upcast of half precision to float32, and :func:`softmax_keys` takes eq. (2)'s softmax over
 keys in float32 at least, whatever the logits' dtype.
 """
 from __future__ import annotations
 
 import torch
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` widened to float32 at least: float16/bfloat16/float32 give float32, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def wide(p: torch.Tensor) -> torch.Tensor:
@@ -19,7 +24,7 @@ def wide(p: torch.Tensor) -> torch.Tensor:
     cores (``sm80_xmma_gemm_f32f32..._ffma``, among the fifteen costliest kernels of a position-only step in
     ``book/bench/h200_kernels.jsonl``) for a product whose size does not grow with the batch.
     """
-    return p.to(torch.promote_types(p.dtype, torch.float32))
+    return p.to(wide_dtype(p.dtype))
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .precision import softmax_keys
+from .precision import softmax_keys, wide_dtype
 
 
 @torch.library.custom_op("satconv::shared_softmax_dropout", mutates_args=())
@@ -35,7 +35,7 @@ def _forward(logits: torch.Tensor, keep: torch.Tensor, scale: float,
 
 @_forward.register_fake
 def _(logits, keep, scale, dtype):
-    return (torch.empty_like(logits, dtype=torch.promote_types(logits.dtype, torch.float32)),
+    return (torch.empty_like(logits, dtype=wide_dtype(logits.dtype)),
             torch.empty_like(logits, dtype=dtype))
 
 
@@ -100,7 +100,7 @@ def shared_softmax_dropout(logits: torch.Tensor, keep: torch.Tensor, p: float,
         raise ValueError(f"keep must be a bool mask of the logits' shape {tuple(logits.shape)}, "
                          f"got {keep.dtype} {tuple(keep.shape)}")
     if dtype is None:
-        dtype = torch.promote_types(logits.dtype, torch.float32)
+        dtype = wide_dtype(logits.dtype)
     return SharedSoftmaxDropout.apply(logits, keep, float(p), dtype)
 
 
