@@ -2,8 +2,8 @@
 autocast dtype.
 
 :func:`autocast_dtype` is the dtype autocast runs matrix products in (``None`` outside autocast),
-:func:`wide_dtype` and :func:`wide` name and apply the upcast of half precision to float32, and :func:`softmax_keys` takes eq. (2)'s softmax over
-keys in float32 at least, whatever the logits' dtype.
+:func:`wide_dtype` and :func:`wide` name and apply the upcast of half precision to float32, and
+:func:`softmax_keys` takes eq. (2)'s softmax over keys in float32 at least, whatever the logits' dtype.
 """
 from __future__ import annotations
 
