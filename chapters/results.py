@@ -51,8 +51,9 @@ from satconv.config import REPO_ROOT, from_dict, load, to_dict
 from satconv.models import build_model, count_parameters
 from satconv.plan import PLAN_FILE, load_plan, progress
 from satconv.report import html_table
-from satconv.evaluation import find_runs, read_metrics, training_set_note
-from satconv.viz.runs import QUICK_OVERRIDES, run_info
+from satconv.evaluation import find_runs, read_metrics, recorded_lr_step, training_set_note
+from satconv.schedule import lr_step_words
+from satconv.viz.runs import QUICK_OVERRIDES
 from satconv.train import train
 
 torch.set_num_threads(2)
@@ -193,10 +194,10 @@ def model_label(m: dict) -> str:
     return f"{m['arch']}: {kind}"
 
 
-def schedule_label(t: dict, lr_step: str) -> str:
-    """Optimiser schedule of a config's ``train`` section; ``lr_step`` as :func:`satconv.viz.runs.run_info` reads it."""
-    label = (f"{t['schedule']}, warm-up {t['warmup_ratio']:.0%}, lr {t['lr']:g} set per "
-             f"{'batch' if lr_step == 'step' else 'epoch'}, batch {t['batch_size']}")
+def schedule_label(t: dict) -> str:
+    """Optimiser schedule of a run's recorded ``train`` section."""
+    label = (f"{t['schedule']}, warm-up {t['warmup_ratio']:.0%}, lr {t['lr']:g} set "
+             f"{lr_step_words(recorded_lr_step(t))}, batch {t['batch_size']}")
     if t["schedule"] == "multistep":
         steps = [str(m) for m in t["milestones"] if m < t["epochs"]]
         label += f", x{t['gamma']:g} at epochs {'/'.join(steps)}" if steps else ", no step within the run"
@@ -238,8 +239,7 @@ def summarise(run_dir: Path) -> dict:
             "sizes": sizes, "synthetic": raw["data"]["source"] == "synthetic",
             "shrunk": full is not None and full["model"] != raw["model"],
             "epochs_run": metrics[-1]["epoch"] if metrics else 0, "epochs_planned": t["epochs"],
-            "epochs_full": full["train"]["epochs"] if full else None,
-            "schedule": schedule_label(t, run_info(run_dir, "gpu")["lr_step"]),
+            "epochs_full": full["train"]["epochs"] if full else None, "schedule": schedule_label(t),
             "seed": info.get("seed", t["seed"]), "device": " then ".join(dict.fromkeys(devices)),
             "status": info.get("status", "unknown"), "best_val": best.get("val_acc"),
             "best_epoch": best.get("epoch"), "test_best": best.get("test_acc"),
@@ -430,7 +430,7 @@ def diagnostic_run(entry: dict) -> dict:
     t, info = raw["train"], json.loads((run_dir / "run.json").read_text())
     if raw["name"] != entry["config"]:
         raise ValueError(f"{run_dir}: config {raw['name']!r}, the manifest says {entry['config']!r}")
-    schedule = (f"{t['epochs']}-epoch schedule, rate per {'batch' if t['lr_step'] == 'step' else 'epoch'}, "
+    schedule = (f"{t['epochs']}-epoch schedule, rate {lr_step_words(t['lr_step'])}, "
                 f"warm-up {t['warmup_ratio'] * t['epochs']:g} epochs, {'compiled' if t['compile'] else 'eager'}")
     metrics = read_metrics(run_dir)
     return {"dir": entry["dir"], "panel": entry["panel"], "config": raw["name"], "schedule": schedule,

@@ -21,7 +21,7 @@ from torch import nn
 from .attention.routes import Routes, set_routes
 from .augmentation import DeviceLoader
 from .checkpoints import load_checkpoint
-from .config import ConfigError, ExperimentConfig, from_dict
+from .config import ConfigError, ExperimentConfig, TrainConfig, from_dict
 from .data import load_data
 from .experiment import resolve_config
 from .prune import fit_heads_to_state
@@ -50,6 +50,12 @@ def training_set_note(sizes: dict) -> str:
     paper's protocol): ``", all 50,000 training images"`` from ``run.json``'s ``data.sizes``
     (``{"train": 50000, "val": 0, "test": 10000}``); ``""`` for a run with one, or with no sizes recorded."""
     return f", all {sizes['train']:,} training images" if sizes.get("val") == 0 and "train" in sizes else ""
+
+
+def recorded_lr_step(train: dict) -> str:
+    """When a run set its learning rate, from the ``train`` section of its ``config.yaml``: its ``lr_step``, or
+    :class:`satconv.config.TrainConfig`'s default (``"step"``, per batch) for runs written before the key existed."""
+    return train.get("lr_step", TrainConfig.lr_step)
 
 
 def find_runs(root: str | Path, name: str | None = None) -> list[Path]:

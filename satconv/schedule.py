@@ -17,6 +17,18 @@ import torch
 from .config import TrainConfig
 
 
+def lr_step_words(lr_step: str) -> str:
+    """``train.lr_step`` in words: ``"step"`` -> ``"per batch"``, ``"epoch"`` -> ``"per epoch"``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    words = {"step": "per batch", "epoch": "per epoch"}
+    if lr_step not in words:
+        raise ValueError(f"train.lr_step must be 'step' or 'epoch', got {lr_step!r}")
+    return words[lr_step]
+
+
 def lr_at(step: int, steps_per_epoch: int, t: TrainConfig) -> float:
     """Learning rate of optimisation step ``step`` (0-based).
 

@@ -165,6 +165,17 @@ def test_epoch_lr_steps_match_the_original_scheduler_calls(config):
     assert len(set(got[steps:2 * steps])) == 1
 
 
+def test_lr_step_words_and_the_setting_of_runs_before_the_key():
+    from satconv.evaluation import recorded_lr_step
+    from satconv.schedule import lr_step_words
+
+    assert (lr_step_words("step"), lr_step_words("epoch")) == ("per batch", "per epoch")
+    with pytest.raises(ValueError, match="lr_step"):
+        lr_step_words("batch")
+    # a run's config.yaml from before train.lr_step existed stepped per batch, the key's default
+    assert recorded_lr_step({"epochs": 30}) == "step" and recorded_lr_step({"lr_step": "epoch"}) == "epoch"
+
+
 def test_tiny_run_lowers_the_loss(reference):
     # the synthetic classes differ in colour: 3 epochs take the validation loss well below chance, ln(10)
     rows = T.read_metrics(reference.run_dir)

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import REPO_ROOT, TrainConfig, from_dict, load, override
-from ..evaluation import find_runs, read_metrics, read_run_info, training_set_note
+from ..config import REPO_ROOT, from_dict, load, override
+from ..evaluation import find_runs, read_metrics, read_run_info, recorded_lr_step, training_set_note
+from ..schedule import lr_step_words
 from .common import to_numpy
 
 
@@ -113,7 +114,7 @@ def run_info(run_dir, kind: str) -> dict:
     return {"kind": kind, "name": name, "data": info.get("data", {}).get("description"),
             "epochs_run": metrics[-1].get("epoch") if metrics else None, "epochs_planned": train.get("epochs"),
             "epochs_full": full_train.epochs if full_train else None,
-            "lr_step": train.get("lr_step", TrainConfig.lr_step),
+            "lr_step": recorded_lr_step(train),
             "lr_step_full": full_train.lr_step if full_train else None,
             "seed": info.get("seed", train.get("seed")), "device": info.get("device"), "status": info.get("status"),
             "test_acc": info.get("results", {}).get("final", {}).get("test_acc"),
@@ -130,9 +131,8 @@ def _schedule_text(info: dict) -> str:
         text += f" of {planned}"
     if info["kind"] == "gpu" and full is not None and full != (planned if planned is not None else run):
         text += f" (config: {full})"
-    per = {"step": "batch", "epoch": "epoch"}
     if info["kind"] == "gpu" and info["lr_step_full"] is not None and info["lr_step"] != info["lr_step_full"]:
-        text += f", rate set per {per[info['lr_step']]} (config: per {per[info['lr_step_full']]})"
+        text += f", rate set {lr_step_words(info['lr_step'])} (config: {lr_step_words(info['lr_step_full'])})"
     return text
 
 
