@@ -163,7 +163,12 @@ glue("dw_backward_ratio", f"{ratio:.0f}", display=False)  # a ratio of integer c
 #   compiler fault: with the attention dropout on, inductor (torch 2.11, H100) computed the first block's
 #   gradients of the Gaussian centres and spreads far larger than eager did, and the 16-head model went
 #   NaN early in training. The batch-shared softmax and its dropout now run as two operators that the
-#   compiler calls without looking inside (`satconv.attention.shared_dropout`); the test passes with them.
+#   compiler calls without looking inside (`satconv.attention.softmax_dropout`); the test passes with them.
+#   The same test then failed for SASA, trained in bf16 with dropout as the campaign trains it: its
+#   compiled first-step gradients of the query and key weights came out 10 to 14 times eager's (H100).
+#   SASA's windows and SAN's pairwise windows, the same softmax-then-mask expressions per image, now
+#   go through those operators as well; whether that mends SASA on the GPU is for the test to show
+#   before SASA's and SAN's runs start.
 #   The two 30-epoch attention runs under *GPU results* were compiled before this mend, with an older
 #   dropout (`nn.Dropout` on the shared probabilities) that the test never ran; the 300-epoch runs of the
 #   campaign replace them. Training the learned + content model *eagerly*, on all three of its attention

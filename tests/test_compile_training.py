@@ -11,7 +11,7 @@ kernels run), in gradient norms and loss.
 
 What they found (H100, torch 2.11): with the attention dropout on, the compiled gradients of the first block's
 Gaussian centres and spreads were 10^2 to 10^9 times eager's (float32 and bf16, 9 and 16 heads); without it
-compiled and eager agreed to 2e-6.  :mod:`satconv.attention.shared_dropout` mends it (all four quadratic dropout
+compiled and eager agreed to 2e-6.  :mod:`satconv.attention.softmax_dropout` mends it (all four quadratic dropout
 cases then passed on the H100).
 """
 import copy

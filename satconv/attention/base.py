@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dropout import Dropout, keep_mask
+from ..dropout import Dropout
 from .precision import softmax_keys, wide
 from .routes import Routes
 from .shared import SharedProbabilityProduct
-from .shared_dropout import shared_softmax_dropout
+from .softmax_dropout import dropped_softmax
 
 
 def fold_following(proj: nn.Linear, then: nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -355,7 +355,7 @@ class InputIndependentAttention(AttentionBase):
         """Training's probabilities and their dropout: one mask for the batch (:attr:`attn_drop`'s ``p``).
 
         The softmax, the mask and the backward pass run as opaque operators
-        (:func:`satconv.attention.shared_dropout.shared_softmax_dropout`: inductor of torch 2.11 compiled the
+        (:func:`satconv.attention.softmax_dropout.dropped_softmax`: inductor of torch 2.11 compiled the
         plain expressions wrong on the GPU).  The mask is :func:`satconv.dropout.keep_mask`'s, the law of
         :attr:`attn_drop`.
 
@@ -367,10 +367,7 @@ class InputIndependentAttention(AttentionBase):
             ``(probs, dropped)``, both ``(1, num_heads, N, N)``: the probabilities (float32 at least, rows sum
             to 1) and ``probs * keep / (1 - p)`` in ``dtype``.
         """
-        logits = self._full_precision_scores(height, width)
-        p = self.attn_drop.p
-        keep = keep_mask(logits.shape, p, logits, self.attn_drop.salt)  # (1, H, N, N)
-        return shared_softmax_dropout(logits, keep, p, dtype)
+        return dropped_softmax(self._full_precision_scores(height, width), self.attn_drop, dtype=dtype)
 
     def scores(self, x: torch.Tensor, height: int, width: int, key_source: torch.Tensor | None = None) -> torch.Tensor:
         """Position-only logits ``(1, num_heads, N, N)``; ``x`` and ``key_source`` are not used."""

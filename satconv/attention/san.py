@@ -49,6 +49,7 @@ from torch import nn
 
 from ..dropout import Dropout
 from .base import AttentionBase
+from .softmax_dropout import dropped_softmax
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +128,6 @@ def footprint_to_dense(weights: torch.Tensor, fp: Footprint) -> torch.Tensor:
     return dense.scatter_add_(-1, fp.index.expand(b, g, n, k), weights * fp.valid.to(weights.dtype))
 
 
-def softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax in at least float32 (half-precision logits are upcast), returned in the logits' dtype."""
-    low = logits.dtype in (torch.float16, torch.bfloat16)
-    return torch.softmax(logits.float() if low else logits, dim=dim).to(logits.dtype)
-
-
 def grid_coordinates(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Pixel coordinates normalised to ``[-1, 1]`` (hszhao/SAN ``position``).
 
@@ -189,7 +184,7 @@ class _SANAttention(AttentionBase):
         self.attn_drop = Dropout(dropout)
 
     def weights(self, q, k, height, width, fp):
-        """Footprint weights; subclasses implement the relation and gamma.
+        """Footprint weights and their dropout (:attr:`attn_drop`); subclasses implement the relation and gamma.
 
         Args:
             q, k: ``(B, N, rel_dim)`` phi(x) and psi(x).
@@ -197,7 +192,8 @@ class _SANAttention(AttentionBase):
             fp: footprint tables.
 
         Returns:
-            ``(B, N, K, num_heads)``: the weight of footprint slot K for each query and head group.
+            ``(weights, dropped)``, both ``(B, N, K, num_heads)``: the weight of footprint slot K for each query
+            and head group, and the same after dropout (the weights themselves in evaluation).
         """
         raise NotImplementedError
 
@@ -218,10 +214,10 @@ class _SANAttention(AttentionBase):
         tokens = x.reshape(b, n, d)
         ks = tokens if key_source is None else key_source.reshape(b, n, d)
         fp = footprint(height, width, self.kernel_size, x.device)
-        w = self.weights(self.query(tokens), self.key(ks), height, width, fp)  # (B, N, K, G)
+        w, dropped = self.weights(self.query(tokens), self.key(ks), height, width, fp)  # (B, N, K, G) each
         v = gather_footprint(self.value(tokens), fp)  # (B, N, K, C_out)
         v = v.view(b, n, -1, self.out_dim // self.num_heads, self.num_heads)  # (B, N, K, S, G): c = s*G + g
-        out = (self.attn_drop(w)[:, :, :, None] * v).sum(2)  # (B, N, S, G); mul-sum beats einsum's tiny GEMVs
+        out = (dropped[:, :, :, None] * v).sum(2)  # (B, N, S, G); mul-sum beats einsum's tiny GEMVs
         out = out.reshape(b, height, width, self.out_dim)
         if not return_attention:
             return out
@@ -247,8 +243,9 @@ class SANPairwiseAttention(_SANAttention):
                                    nn.BatchNorm1d(r), nn.ReLU(inplace=True), nn.Linear(r, g))  # SAM conv_w
 
     def weights(self, q, k, height, width, fp):
-        """Softmax footprint weights (arguments as :meth:`_SANAttention.weights`): ``(B, N, K, num_heads)``,
-        0 outside the image, each (query, group) summing to 1 over K."""
+        """Softmax footprint weights and their dropout (arguments and returns as :meth:`_SANAttention.weights`),
+        0 outside the image, each (query, group) summing to 1 over K.  Softmax and dropout run as opaque
+        operators (:func:`satconv.attention.softmax_dropout.dropped_softmax`)."""
         b, n, _ = q.shape
         kk = fp.index.shape[1]
         p = self.position(grid_coordinates(height, width, q.device, q.dtype))  # (N, 2)
@@ -258,7 +255,8 @@ class SANPairwiseAttention(_SANAttention):
         logits = self.gamma(feats.flatten(0, 1)).view(b, -1, self.num_heads)  # (B, P, G)
         full = logits.new_full((b, n * kk, self.num_heads), float("-inf"))
         full = full.index_copy(1, fp.pair_slot, logits).view(b, n, kk, self.num_heads)  # (B, N, K, G)
-        return softmax(full, dim=2)  # the query itself is always valid: no NaN
+        probs, dropped = dropped_softmax(full, self.attn_drop, dim=2, dtype=full.dtype)  # query valid: no NaN
+        return probs.to(full.dtype), dropped
 
 
 class SANPatchwiseAttention(_SANAttention):
@@ -279,13 +277,14 @@ class SANPatchwiseAttention(_SANAttention):
                                    nn.ReLU(inplace=True), nn.Linear(g, kk * g))  # SAM conv_w
 
     def weights(self, q, k, height, width, fp):
-        """Patchwise footprint weights (arguments as :meth:`_SANAttention.weights`): ``(B, N, K, num_heads)``,
+        """Patchwise footprint weights and their dropout (arguments and returns as :meth:`_SANAttention.weights`),
         slot ``s`` and group ``g`` being ``gamma`` output ``s*G + g``."""
         b, n, _ = q.shape
         keys = gather_footprint(k, fp).flatten(2)  # (B, N, K*rel), zeros outside the image
         feats = torch.cat([q, keys], dim=-1).flatten(0, 1)  # (B*N, rel*(K+1))
-        return self.gamma(feats).view(b, n, -1, self.num_heads)  # (B, N, K, G)
+        w = self.gamma(feats).view(b, n, -1, self.num_heads)  # (B, N, K, G)
+        return w, self.attn_drop(w)
 
 
 __all__ = ["SANPairwiseAttention", "SANPatchwiseAttention", "Footprint", "footprint", "gather_footprint",
-           "footprint_to_dense", "grid_coordinates", "check_kernel_size", "softmax"]
+           "footprint_to_dense", "grid_coordinates", "check_kernel_size"]

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .base import AttentionBase
-from .san import check_kernel_size, footprint, footprint_to_dense, gather_footprint, softmax
+from .san import check_kernel_size, footprint, footprint_to_dense, gather_footprint
+from .softmax_dropout import dropped_softmax
 
 
 class SASAAttention(AttentionBase):
@@ -93,14 +94,18 @@ class SASAAttention(AttentionBase):
         col = torch.einsum("bnhd,hcd->bnch", q[..., dh // 2:], self.rel_col)  # (B, N, k, H): q . r_{b-j}
         logits = content + (row[:, :, :, None] + col[:, :, None]).flatten(2, 3)  # slot s = a*k + b
         logits = logits.masked_fill(~fp.valid[..., None], float("-inf"))
-        probs = softmax(logits, dim=2)  # (B, N, K, H); the query itself is always valid
+        # (B, N, K, H) each; the query itself is always valid.  Softmax and dropout as opaque operators: inductor
+        # computed the plain expressions' gradients wrong on the GPU (satconv.attention.softmax_dropout)
+        probs, dropped = dropped_softmax(logits, self.attn_drop, dim=2, dtype=logits.dtype)
         if self.value is None:
             v = gather_footprint(tokens, fp)[:, :, :, None]  # (B, N, K, 1, D): every head reads raw x
         else:
             v = gather_footprint(self.value(tokens), fp).view(b, n, k * k, h, dh)  # (B, N, K, H, Dh)
-        out = (self.attn_drop(probs)[..., None] * v).sum(2)  # (B, N, H, Dh)
+        out = (dropped[..., None] * v).sum(2)  # (B, N, H, Dh)
         out = self.proj(out.reshape(b, n, h * dh)).reshape(b, height, width, self.out_dim)
-        return (out, footprint_to_dense(probs.permute(0, 3, 1, 2), fp)) if return_attention else out
+        if not return_attention:
+            return out
+        return out, footprint_to_dense(probs.to(logits.dtype).permute(0, 3, 1, 2), fp)
 
 
 __all__ = ["SASAAttention"]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from satconv.attention.san import SANPairwiseAttention, SANPatchwiseAttention
+from satconv.dropout import keep_mask
 from tests.reference import assert_close, apply_linear as linear
 
 BN_EPS = 1e-5
@@ -60,8 +61,10 @@ def footprint_pairs(height, width, k):
     return out
 
 
-def reference(m, x, key_source=None, train=False, pairwise=True):
-    """Explicit SAN: loops over batch, query pixel and every footprint slot."""
+def reference(m, x, key_source=None, train=False, pairwise=True, keep=None, p_drop=0.0):
+    """Explicit SAN: loops over batch, query pixel and every footprint slot.  ``keep``: a dropout mask of the
+    weights, ``(B, N, G, k*k)`` (pairwise) or ``(B, N, k*k, G)`` (patchwise), the survivors scaled by
+    ``1 / (1 - p_drop)`` in the output (the returned weights are not dropped)."""
     b, height, width, _ = x.shape
     ks = x if key_source is None else key_source
     k, g, c_out = m.kernel_size, m.num_heads, m.out_dim
@@ -92,12 +95,14 @@ def reference(m, x, key_source=None, train=False, pairwise=True):
     if pairwise:
         logits = {}
         for row, (bi, r, c, s, key) in zip(w_all, owners):
-            logits.setdefault((bi, r, c), []).append((key, row))
+            logits.setdefault((bi, r, c), []).append((key, row, s))
         for (bi, r, c), entries in logits.items():
             z = torch.stack([e[1] for e in entries])  # (valid keys, G)
             w = torch.softmax(z, dim=0)
-            for (key, _), wj in zip(entries, w):
+            for (key, _, s), wj in zip(entries, w):
                 probs[bi, :, r * width + c, key[0] * width + key[1]] = wj
+                if keep is not None:
+                    wj = wj * keep[bi, r * width + c, :, s] / (1 - p_drop)
                 out[bi, r, c] += wj[group] * v[bi, key[0], key[1]]  # channel ch uses weight ch % G
     else:
         for row, (bi, r, c) in zip(w_all, owners):
@@ -106,7 +111,8 @@ def reference(m, x, key_source=None, train=False, pairwise=True):
                 if key is None:
                     continue  # zero value: no contribution
                 probs[bi, :, r * width + c, key[0] * width + key[1]] = w[s]
-                out[bi, r, c] += w[s, group] * v[bi, key[0], key[1]]  # channel ch uses weight ch % G
+                ws = w[s] if keep is None else w[s] * keep[bi, r * width + c, s] / (1 - p_drop)
+                out[bi, r, c] += ws[group] * v[bi, key[0], key[1]]  # channel ch uses weight ch % G
     return out, probs
 
 
@@ -132,6 +138,35 @@ def test_matches_explicit_loops(cls, case, train):
         assert_close(probs, ref_probs)
     assert cls.row_stochastic == (cls is SANPairwiseAttention)
 
+
+
+@pytest.mark.parametrize("cls", [SANPairwiseAttention, SANPatchwiseAttention])
+def test_training_dropout_matches_explicit_loops_with_the_drawn_mask(cls):
+    """In training with dropout p, the output is the reference's with the weights kept by the mask keep_mask draws
+    from the seeded generator: per (query, group, slot) after the softmax (pairwise, shape (B, N, G, k*k)), per
+    (query, slot, group) output of gamma (patchwise, (B, N, k*k, G)); the returned weights are not dropped,
+    and every parameter's gradient is the explicit loops' (float64)."""
+    p, height, width = 0.3, 4, 5
+    m = make(cls, kernel_size=3, out_dim=8, rel_dim=3, dropout=p).train()
+    x = torch.randn(2, height, width, 16, dtype=torch.float64)
+    torch.manual_seed(7)
+    out, probs = m(x, return_attention=True)
+    pairwise = cls is SANPairwiseAttention
+    shape = (2, height * width, 4, 9) if pairwise else (2, height * width, 9, 4)
+    torch.manual_seed(7)
+    keep = keep_mask(shape, p, x)
+    ref_out, ref_probs = reference(m, x, train=True, pairwise=pairwise, keep=keep, p_drop=p)
+    assert_close(out, ref_out)
+    assert_close(probs, ref_probs)
+    assert not keep.all() and keep.any()
+    w = torch.randn_like(out)
+    params = [q for q in m.parameters() if q.requires_grad]
+    got = torch.autograd.grad((w * out).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((w * ref_out).sum(), params, allow_unused=True)
+    for g, r in zip(got, want):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert_close(g, r)
 
 def test_weights_are_shared_over_channel_groups():
     """Channel c uses group c % G: with beta = identity-like values, channels c and c + G see the same weights."""

@@ -1,13 +1,18 @@
 """SASA local attention against explicit loops over every query and footprint key (Ramachandran et al. 2019, eq. 3)."""
+import copy
+
 import pytest
 import torch
 
 from satconv.attention.sasa import SASAAttention
+from satconv.dropout import keep_mask
 from tests.reference import assert_close, apply_linear as linear
 
 
-def reference(m, x, key_source=None):
-    """softmax_ab(q_ij.k_ab + q_ij[:Dh/2].r_row[a-i] + q_ij[Dh/2:].r_col[b-j]) v_ab over in-image keys, per head."""
+def reference(m, x, key_source=None, keep=None, p=0.0):
+    """softmax_ab(q_ij.k_ab + q_ij[:Dh/2].r_row[a-i] + q_ij[Dh/2:].r_col[b-j]) v_ab over in-image keys, per head;
+    ``keep``: a ``(B, N, H, k*k)`` dropout mask over the footprint slots (slot ``(a-i+r)*k + (b-j+r)``), the
+    surviving weights scaled by ``1 / (1 - p)`` in the output (the returned probabilities are not dropped)."""
     b, height, width, d = x.shape
     ks = x if key_source is None else key_source
     h, dh, r = m.num_heads, m.head_dim, m.kernel_size // 2
@@ -20,7 +25,7 @@ def reference(m, x, key_source=None):
     for bi in range(b):
         for i in range(height):
             for j in range(width):
-                keys, logits = [], []
+                keys, logits, slots = [], [], []
                 for da in range(-r, r + 1):
                     for db in range(-r, r + 1):
                         a, bb = i + da, j + db
@@ -32,9 +37,12 @@ def reference(m, x, key_source=None):
                         score = score + (qv[:, dh // 2:] * m.rel_col[:, db + r]).sum(-1)
                         keys.append((a, bb))
                         logits.append(score)
+                        slots.append((da + r) * m.kernel_size + db + r)
                 w = torch.softmax(torch.stack(logits), dim=0)  # (keys, H)
-                for (a, bb), wk in zip(keys, w):
+                for (a, bb), wk, slot in zip(keys, w, slots):
                     probs[bi, :, i * width + j, a * width + bb] = wk
+                    if keep is not None:
+                        wk = wk * keep[bi, i * width + j, :, slot] / (1 - p)
                     heads_out[bi, i, j] += wk[:, None] * v[bi, a, bb]
     return linear(heads_out.reshape(b, height, width, h * dh), m.proj), probs
 
@@ -67,3 +75,46 @@ def test_matches_explicit_loops(case):
 def test_default_head_dim_splits_dim_with_value_projection():
     m = SASAAttention(32, 8, kernel_size=3)
     assert m.head_dim == 4 and m.value is not None and m.rel_row.shape == (8, 3, 2)
+
+
+def test_training_dropout_is_eq3_with_the_drawn_mask():
+    """In training, the output is eq. (3) with each (query, head, footprint slot) weight kept by the mask that
+    keep_mask draws from the seeded generator (shape (B, N, H, k*k)) and scaled by 1 / (1 - p); the returned
+    probabilities are not dropped; and every parameter's gradient is the explicit loops' (float64)."""
+    p = 0.3
+    m = make(kernel_size=3, dropout=p).train()
+    x = torch.randn(2, 3, 4, m.dim, dtype=torch.float64)
+    torch.manual_seed(7)
+    out, probs = m(x, return_attention=True)
+    torch.manual_seed(7)
+    keep = keep_mask((2, 12, m.num_heads, 9), p, x)
+    ref_out, ref_probs = reference(m, x, keep=keep, p=p)
+    assert_close(out, ref_out)
+    assert_close(probs, ref_probs)
+    assert not keep.all() and keep.any()
+    w = torch.randn_like(out)
+    params = [q for q in m.parameters() if q.requires_grad]
+    got = torch.autograd.grad((w * out).sum(), params)
+    want = torch.autograd.grad((w * ref_out).sum(), params)
+    for g, r in zip(got, want):
+        assert_close(g, r)
+
+
+@pytest.mark.slow
+def test_compiled_training_with_dropout_equals_eager_on_cpu():
+    """torch.compile (inductor, CPU) of a SASA layer in training with dropout: the opaque softmax-dropout
+    operators inside the graph give eager's output and gradients for the same seeded mask (float32)."""
+    eager = make(kernel_size=3, dropout=0.3).float().train()
+    twin = copy.deepcopy(eager)
+    x = torch.randn(2, 5, 6, eager.dim)
+    w = torch.randn(2, 5, 6, eager.out_dim)
+    results = []
+    for model, forward in ((eager, eager), (twin, torch.compile(twin, fullgraph=True, dynamic=False))):
+        torch.manual_seed(11)
+        out = forward(x)
+        grads = torch.autograd.grad((w * out).sum(), [q for q in model.parameters() if q.requires_grad])
+        results.append((out, grads))
+    (out, grads), (out_c, grads_c) = results
+    assert_close(out_c, out, atol=1e-5)
+    for g, gc in zip(grads, grads_c):
+        assert_close(gc, g, atol=1e-5)
