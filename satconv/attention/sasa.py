@@ -94,8 +94,8 @@ class SASAAttention(AttentionBase):
         col = torch.einsum("bnhd,hcd->bnch", q[..., dh // 2:], self.rel_col)  # (B, N, k, H): q . r_{b-j}
         logits = content + (row[:, :, :, None] + col[:, :, None]).flatten(2, 3)  # slot s = a*k + b
         logits = logits.masked_fill(~fp.valid[..., None], float("-inf"))
-        # (B, N, K, H) each; the query itself is always valid.  Softmax and dropout as opaque operators: inductor
-        # computed the plain expressions' gradients wrong on the GPU (satconv.attention.softmax_dropout)
+        # (B, N, K, H) each; the query itself is always valid.  Softmax and dropout as opaque operators: compiled
+        # on an H100, the plain expressions' gradients came out 10-14x eager's (satconv.attention.softmax_dropout)
         probs, dropped = dropped_softmax(logits, self.attn_drop, dim=2, dtype=logits.dtype)
         if self.value is None:
             v = gather_footprint(tokens, fp)[:, :, :, None]  # (B, N, K, 1, D): every head reads raw x

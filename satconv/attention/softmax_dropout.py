@@ -16,6 +16,8 @@ times eager's on an H100 (same test), so they and SAN's pairwise windows go thro
 :class:`SoftmaxDropout` therefore runs the softmax, the mask and the cast as one custom operator
 (``satconv::opaque_softmax_dropout``) and its backward as another (``..._backward``), each with a fake
 implementation for tracing: a compiled graph calls them as opaque kernels and fuses nothing across them.
+The batch-shared tensors are ``H N^2`` elements per layer (no batch axis), a few small kernel launches;
+SASA's and SAN's are ``B N k^2 H``, their probabilities kept in float32 for the backward pass.
 :func:`dropped_softmax` draws the mask of a :class:`satconv.dropout.Dropout` module and takes the softmax over
 any axis.
 
@@ -87,7 +89,7 @@ class SoftmaxDropout(torch.autograd.Function):
 
 
 def softmax_dropout(logits: torch.Tensor, keep: torch.Tensor, p: float,
-                           dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over keys, then dropout with mask ``keep`` (:class:`SoftmaxDropout`).
 
     Args:
