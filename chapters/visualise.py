@@ -334,10 +334,9 @@ for label in ("quadratic, anisotropic", "quadratic, anisotropic, pruned"):
         print(f"no '{label}' run is committed yet")
 
 # %% [markdown]
-# **Sixteen heads** (claim 14). With more heads than the nine shifts of a $3 \times 3$ grid, the
-# original code's `many-heads` run (the paper's appendix) finds the extra heads settling around the
-# query as well, at larger shifts than the eight neighbours, so that a layer covers a wider
-# neighbourhood. Below: the last snapshot of the 16-head run, every layer, drawn as Fig. 4; its
+# **Sixteen heads** (claim 14). The paper's appendix draws the centres of each layer's sixteen heads
+# from the original code's `many-heads` run: with more heads than the nine shifts of a $3 \times 3$
+# grid, the extra heads also settle around the query. Below: the last snapshot of the 16-head run, every layer, drawn as Fig. 4; its
 # convolution-likeness score per layer over the epochs, as for the 9-head run above; and how
 # many of each layer's heads hold at least half their attention within the $5 \times 5$ window
 # around the query (the snapshot's mass per shift, averaged over the interior queries; uniform
@@ -377,9 +376,9 @@ else:
 # on the query and its neighbours, within two pixels of it, as the paper's appendix has them. The
 # heads left over do not settle around the query: in layer 1 they stay broad (the large, faint
 # contours) and average over much of the image; in the deeper layers many are compact but centred
-# several pixels away, some near the border of the image. So with this schedule the extra heads add
-# distant, sparse offsets and broad averages rather than a wider ring around the query; this part of
-# claim 14 does not reproduce here. The run is a 100-epoch comparison run with the rate set per batch
+# several pixels away, some near the border of the image. So with this schedule most heads beyond
+# nine become distant offsets or broad averages rather than settling around the query: claim 14
+# reproduces at most in part here. The run is a 100-epoch comparison run with the rate set per batch
 # (its title), not the paper's 300-epoch schedule, which may end elsewhere.
 
 # %% [markdown]
