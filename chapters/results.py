@@ -443,6 +443,8 @@ def diagnostic_run(entry: dict) -> dict:
 diag = {e["dir"]: diagnostic_run(e)
         for e in yaml.safe_load((DIAG_DIR / "manifest.yaml").read_text())["runs"]}
 early = next((r for r in runs if r["name"] == "paper_quadratic" and r["epochs_planned"] == 30), None)
+run9 = next((r for r in runs if r["name"] == "paper_quadratic_16heads" and r["epochs_planned"] == 100
+             and recorded_lr_step(r["raw"]["train"]) == "step" and r["status"] == "completed"), None)
 html_table(["config", "schedule", "epochs trained", "validation accuracy after the last (%)", "train loss",
             "verdict"],
            [[d["config"], d["schedule"], d["last"]["epoch"], pct(d["last"]["val_acc"], 1),
@@ -452,7 +454,7 @@ html_table(["config", "schedule", "epochs trained", "validation accuracy after t
             f"{', '.join(sorted({d['device'] for d in diag.values()}))}; runs stopped early, several side by side on "
             f"one GPU. 'At chance': validation accuracy at most {100 * CHANCE:.0f} %."])
 
-# %% mystnb={"figure": {"caption": "Validation accuracy per epoch of the diagnostic runs. Left: the paper's quadratic model on a 30-epoch schedule with the rate set per epoch and per batch, beside the 30-epoch run under GPU results (grey) and on the 100-epoch schedule. Right: the 16-head model and the learned + content model on 100-epoch schedules. Dashed: rate set per epoch; solid: per batch; dotted: chance.", "name": "fig-results-lr-step"}} tags=["hide-input"]
+# %% mystnb={"figure": {"caption": "Validation accuracy per epoch of the diagnostic runs. Left: the paper's quadratic model on a 30-epoch schedule with the rate set per epoch and per batch, beside the 30-epoch run under GPU results (grey) and on the 100-epoch schedule. Right: the 16-head model and the learned + content model on 100-epoch schedules, beside the first epochs of run 9 (grey). Dashed: rate set per epoch; solid: per batch; dotted: chance.", "name": "fig-results-lr-step"}} tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained", sharey=True)
 for ax, panel in zip(axes, ("quadratic", "other")):
     for d in (d for d in diag.values() if d["panel"] == panel):
@@ -465,6 +467,10 @@ if early:
     m = early["metrics"][:max(len(d["metrics"]) for d in diag.values() if d["panel"] == "quadratic")]
     axes[0].plot([x["epoch"] for x in m], [100 * x["val_acc"] for x in m], "-", color="0.6", lw=3, alpha=0.5,
                  label="30-epoch run under GPU results (older code)", zorder=0)
+if run9:
+    m = run9["metrics"][:max(len(d["metrics"]) for d in diag.values() if d["panel"] == "other")]
+    axes[1].plot([x["epoch"] for x in m], [100 * x["val_acc"] for x in m], "-", color="0.6", lw=3, alpha=0.5,
+                 label="paper_quadratic_16heads: run 9, rate set per batch (its first epochs)", zorder=0)
 for ax in axes:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
 axes[0].set_ylabel("validation accuracy (%)")
@@ -487,8 +493,6 @@ else:
     glue("lr_diag_early_epoch", 0, display=False)
 
 # run 9 (the 16-head model, rate set per batch over 100 epochs): did it stay away from chance at the full rate?
-run9 = next((r for r in runs if r["name"] == "paper_quadratic_16heads" and r["epochs_planned"] == 100
-             and recorded_lr_step(r["raw"]["train"]) == "step" and r["status"] == "completed"), None)
 if run9:
     # the largest fall of validation accuracy below its best so far, over the whole run
     running = [max(m["val_acc"] for m in run9["metrics"][:i + 1]) for i in range(len(run9["metrics"]))]
