@@ -33,6 +33,7 @@
 
 # %% tags=["hide-input"]
 import datetime
+import itertools
 import json
 import os
 import shutil
@@ -463,14 +464,13 @@ for ax, panel in zip(axes, ("quadratic", "other")):
     ax.axhline(10, color="k", ls=":", lw=1)
     ax.set(xlabel="epoch", title="paper_quadratic" if panel == "quadratic" else "other paper models")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-if early:
-    m = early["metrics"][:max(len(d["metrics"]) for d in diag.values() if d["panel"] == "quadratic")]
-    axes[0].plot([x["epoch"] for x in m], [100 * x["val_acc"] for x in m], "-", color="0.6", lw=3, alpha=0.5,
-                 label="30-epoch run under GPU results (older code)", zorder=0)
-if run9:
-    m = run9["metrics"][:max(len(d["metrics"]) for d in diag.values() if d["panel"] == "other")]
-    axes[1].plot([x["epoch"] for x in m], [100 * x["val_acc"] for x in m], "-", color="0.6", lw=3, alpha=0.5,
-                 label="paper_quadratic_16heads: run 9, rate set per batch (its first epochs)", zorder=0)
+for ax, panel, run, label in ((axes[0], "quadratic", early, "30-epoch run under GPU results (older code)"),
+                              (axes[1], "other", run9,
+                               "paper_quadratic_16heads: run 9, rate set per batch (its first epochs)")):
+    if run:  # a campaign run in grey beneath the panel's diagnostic runs, over as many epochs as they ran
+        m = run["metrics"][:max(len(d["metrics"]) for d in diag.values() if d["panel"] == panel)]
+        ax.plot([x["epoch"] for x in m], [100 * x["val_acc"] for x in m], "-", color="0.6", lw=3, alpha=0.5,
+                label=label, zorder=0)
 for ax in axes:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
 axes[0].set_ylabel("validation accuracy (%)")
@@ -495,7 +495,7 @@ else:
 # run 9 (the 16-head model, rate set per batch over 100 epochs): did it stay away from chance at the full rate?
 if run9:
     # the largest fall of validation accuracy below its best so far, over the whole run
-    running = [max(m["val_acc"] for m in run9["metrics"][:i + 1]) for i in range(len(run9["metrics"]))]
+    running = itertools.accumulate((m["val_acc"] for m in run9["metrics"]), max)
     best, where = max(zip(running, run9["metrics"]), key=lambda bm: bm[0] - bm[1]["val_acc"])
     fall = best - where["val_acc"]
     run9_text = (f"Run 9 answers that: on the 100-epoch schedule with the rate set per batch the 16-head model "
